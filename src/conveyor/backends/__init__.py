@@ -1,0 +1,1 @@
+"""Storage and transport: the only code that touches SQL, Redis keys or HTTP."""

@@ -1,0 +1,334 @@
+"""The database backend's storage: one row a job, and every state change in this module."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any, ClassVar
+
+from django.db import connections, models, transaction
+from django.db.models import Count, F, Q, Value
+from django.db.models.functions import Coalesce
+from django.db.utils import NotSupportedError
+from django.tasks import TaskResultStatus
+from django.tasks.base import TaskError
+from django.utils.translation import gettext_lazy as _
+
+from conveyor.records import Job as JobRecord
+from conveyor.records import QueueSelector, QueueStats
+
+Status = TaskResultStatus
+CLAIM_ORDER = ("-priority", "available_at", "id")
+
+
+class JSONAppendText(models.Func):
+    """Append one string to a JSON array column, in each engine's dialect."""
+
+    output_field = models.JSONField()
+
+    def __init__(self, array: Any, text: str) -> None:
+        super().__init__(array, Value(text, output_field=models.TextField()))
+
+    def _parts(self, compiler: Any) -> tuple[str, str, tuple[Any, ...]]:
+        array_sql, array_params = compiler.compile(self.source_expressions[0])
+        text_sql, text_params = compiler.compile(self.source_expressions[1])
+        return array_sql, text_sql, (*array_params, *text_params)
+
+    def as_sql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        raise NotSupportedError(f"Conveyor does not support the {connection.vendor} database.")
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        array, text, params = self._parts(compiler)
+        return f"json_insert({array}, '$[#]', {text})", params
+
+    def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        array, text, params = self._parts(compiler)
+        return f"({array} || to_jsonb(({text})::text))", params
+
+    def as_mysql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        array, text, params = self._parts(compiler)
+        return f"JSON_ARRAY_APPEND({array}, '$', {text})", params
+
+
+@contextmanager
+def write_transaction(using: str) -> Iterator[None]:
+    """Open a transaction that holds the write lock from its first statement.
+
+    SQLite lets a deferred transaction read and then fail to upgrade to a write when
+    another connection wrote meanwhile ("database is locked", with no waiting). Starting
+    with BEGIN IMMEDIATE makes writers queue on the busy timeout instead.
+    """
+    conn = connections[using]
+    if conn.vendor != "sqlite" or conn.in_atomic_block:
+        with transaction.atomic(using=using):
+            yield
+        return
+    conn.ensure_connection()
+    previous = conn.transaction_mode
+    conn.transaction_mode = "IMMEDIATE"
+    try:
+        atomic = transaction.atomic(using=using)
+        atomic.__enter__()
+    finally:
+        conn.transaction_mode = previous
+    try:
+        yield
+    except BaseException as e:
+        if not atomic.__exit__(type(e), e, e.__traceback__):
+            raise
+    else:
+        atomic.__exit__(None, None, None)
+
+
+class JobQuerySet(models.QuerySet["Job"]):
+    """Selections of jobs; the transitions below act on what they select."""
+
+    def for_backend(self, alias: str) -> JobQuerySet:
+        return self.filter(backend_name=alias)
+
+    def for_queues(self, queues: QueueSelector | None) -> JobQuerySet:
+        qs = self
+        if queues is not None and queues.include is not None:
+            qs = qs.filter(queue_name__in=sorted(queues.include))
+        if queues is not None and queues.exclude:
+            qs = qs.exclude(queue_name__in=sorted(queues.exclude))
+        return qs
+
+    def ready(self, now: datetime) -> JobQuerySet:
+        return self.filter(status=Status.READY, available_at__lte=now)
+
+    def held_by(self, worker_id: str) -> JobQuerySet:
+        return self.filter(status=Status.RUNNING, lease_owner=worker_id)
+
+    def expired(self, now: datetime) -> JobQuerySet:
+        return self.filter(status=Status.RUNNING, lease_expires_at__lt=now)
+
+    def finished(self) -> JobQuerySet:
+        return self.filter(status__in=(Status.SUCCESSFUL, Status.FAILED))
+
+    # --- transitions ---------------------------------------------------------------
+
+    def claim(self, worker_id: str, limit: int, lease: float, now: datetime) -> list[JobRecord]:
+        """Lease up to ``limit`` of the selected ready jobs to ``worker_id``."""
+        token = uuid.uuid4().hex
+        with write_transaction(self.db):
+            target = self._claim_target(now, limit)
+            if target is None:
+                return []
+            claimed = target.update(
+                status=Status.RUNNING,
+                lease_owner=worker_id,
+                claim_token=token,
+                lease_expires_at=now + timedelta(seconds=lease),
+                attempts=F("attempts") + 1,
+                started_at=Coalesce(F("started_at"), Value(now)),
+                last_attempted_at=now,
+                worker_ids=JSONAppendText(F("worker_ids"), worker_id),
+            )
+            if not claimed:
+                return []
+            rows = self.model.objects.using(self.db).filter(
+                lease_owner=worker_id, claim_token=token
+            )
+            return [row.to_record() for row in rows.order_by(*CLAIM_ORDER)]
+
+    def _claim_target(self, now: datetime, limit: int) -> JobQuerySet | None:
+        candidates = self.ready(now).order_by(*CLAIM_ORDER)
+        base = self.model.objects.using(self.db).filter(status=Status.READY)
+        if connections[self.db].vendor == "mysql":
+            # MySQL cannot LIMIT inside IN (...), so the locked ids are read first.
+            ids = list(
+                candidates.select_for_update(skip_locked=True).values_list("pk", flat=True)[
+                    :limit
+                ]
+            )
+            return base.filter(pk__in=ids) if ids else None
+        if connections[self.db].features.has_select_for_update_skip_locked:
+            candidates = candidates.select_for_update(skip_locked=True)
+        return base.filter(pk__in=candidates.values("pk")[:limit])
+
+    def heartbeat(self, worker_ids: Sequence[str], lease: float, now: datetime) -> int:
+        """Extend the lease of every job the given workers hold."""
+        return self.filter(status=Status.RUNNING, lease_owner__in=list(worker_ids)).update(
+            lease_expires_at=now + timedelta(seconds=lease)
+        )
+
+    def complete(self, pk: int, return_value: Any, finished_at: datetime) -> bool:
+        """Record success unless the job already ended; a late duplicate's success counts."""
+        return bool(
+            self.filter(pk=pk, status__in=(Status.READY, Status.RUNNING)).update(
+                status=Status.SUCCESSFUL,
+                return_value=Value(return_value, output_field=models.JSONField()),
+                finished_at=finished_at,
+                lease_owner=None,
+                claim_token="",
+                lease_expires_at=None,
+            )
+        )
+
+    def fail(self, pk: int, worker_id: str, error: TaskError, finished_at: datetime) -> bool:
+        """Record a final failure if ``worker_id`` still holds the job."""
+        return self._end_attempt(pk, worker_id, error, status=Status.FAILED,
+                                 finished_at=finished_at)
+
+    def retry(self, pk: int, worker_id: str, error: TaskError, run_after: datetime) -> bool:
+        """Record a failed attempt and make the job ready again at ``run_after``."""
+        return self._end_attempt(pk, worker_id, error, status=Status.READY,
+                                 available_at=run_after)
+
+    def unclaim(self, pk: int, worker_id: str) -> bool:
+        """Give a claimed, never-started job back, as if it had not been delivered."""
+        with write_transaction(self.db):
+            row = self.select_for_update().filter(pk=pk).held_by(worker_id).first()
+            if row is None:
+                return False
+            row.give_back()
+            return True
+
+    def _end_attempt(self, pk: int, worker_id: str, error: TaskError, **changes: Any) -> bool:
+        with write_transaction(self.db):
+            row = self.select_for_update().filter(pk=pk).held_by(worker_id).first()
+            if row is None:
+                return False
+            row.end_attempt(error, **changes)
+            return True
+
+    def requeue_lost(self, reason: str, max_attempts: int, now: datetime) -> int:
+        """Put the selected running jobs back, or fail those out of attempts."""
+        with write_transaction(self.db):
+            rows = list(self.filter(status=Status.RUNNING).select_for_update(skip_locked=True))
+            for row in rows:
+                row.requeue_lost(reason, max_attempts, now)
+        return len(rows)
+
+    def stats(self, now: datetime) -> QueueStats:
+        """Count the selected jobs by state and queue."""
+        counts = self.values("queue_name").annotate(
+            ready=Count("pk", filter=Q(status=Status.READY, available_at__lte=now)),
+            scheduled=Count("pk", filter=Q(status=Status.READY, available_at__gt=now)),
+            running=Count("pk", filter=Q(status=Status.RUNNING)),
+            successful=Count("pk", filter=Q(status=Status.SUCCESSFUL)),
+            failed=Count("pk", filter=Q(status=Status.FAILED)),
+        )
+        by_queue = {row.pop("queue_name"): row for row in counts.order_by()}
+        totals = {name: sum(q[name] for q in by_queue.values()) for name in STAT_NAMES}
+        return QueueStats(**totals, by_queue=by_queue)
+
+
+STAT_NAMES = ("ready", "scheduled", "running", "successful", "failed")
+
+
+class Job(models.Model):
+    """One enqueued call of a task, and everything that happened to it."""
+
+    id = models.BigAutoField(primary_key=True)
+    uuid = models.UUIDField(_("result id"), unique=True, default=uuid.uuid4, editable=False)
+    backend_name = models.CharField(_("backend"), max_length=100)
+    queue_name = models.CharField(_("queue"), max_length=100)
+    task_path = models.CharField(_("task"), max_length=255)
+    priority = models.SmallIntegerField(_("priority"), default=0)
+    status = models.CharField(
+        _("status"), max_length=10, choices=Status.choices, default=Status.READY
+    )
+    args = models.JSONField(_("positional arguments"), default=list)
+    kwargs = models.JSONField(_("keyword arguments"), default=dict)
+    return_value = models.JSONField(_("return value"), null=True, default=None)
+    errors = models.JSONField(_("errors"), default=list)
+    worker_ids = models.JSONField(_("worker ids"), default=list)
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    enqueued_at = models.DateTimeField(_("enqueued at"))
+    run_after = models.DateTimeField(_("run after"), null=True, blank=True)
+    # When the job may next be claimed: run_after, the enqueue time, or a retry's due time.
+    available_at = models.DateTimeField(_("available at"))
+    started_at = models.DateTimeField(_("started at"), null=True, blank=True)
+    last_attempted_at = models.DateTimeField(_("last attempted at"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+    lease_owner = models.CharField(_("held by"), max_length=100, null=True, blank=True)
+    lease_expires_at = models.DateTimeField(_("lease expires at"), null=True, blank=True)
+    claim_token = models.CharField(max_length=32, blank=True, default="", editable=False)
+
+    objects: ClassVar[JobQuerySet] = JobQuerySet.as_manager()  # type: ignore[assignment]
+
+    class Meta:
+        verbose_name = _("job")
+        verbose_name_plural = _("jobs")
+        indexes = [
+            models.Index(
+                fields=["status", "backend_name", "-priority", "available_at", "id"],
+                name="conveyor_job_claim_idx",
+            ),
+            models.Index(fields=["status", "lease_expires_at"], name="conveyor_job_lease_idx"),
+            models.Index(fields=["lease_owner"], name="conveyor_job_owner_idx"),
+            models.Index(fields=["status", "finished_at"], name="conveyor_job_finished_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(priority__gte=-100, priority__lte=100),
+                name="conveyor_job_priority_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_path} [{self.status}] {self.uuid}"
+
+    def to_record(self) -> JobRecord:
+        """Return the frozen value the runtime works with."""
+        return JobRecord(
+            id=str(self.uuid),
+            task_path=self.task_path,
+            backend=self.backend_name,
+            queue_name=self.queue_name,
+            priority=self.priority,
+            args=self.args,
+            kwargs=self.kwargs,
+            attempt=self.attempts,
+            enqueued_at=self.enqueued_at,
+            run_after=self.run_after,
+            started_at=self.started_at,
+            last_attempted_at=self.last_attempted_at,
+            worker_ids=tuple(self.worker_ids),
+            errors=tuple(TaskError(**error) for error in self.errors),
+            key=self.pk,
+        )
+
+    def end_attempt(self, error: TaskError, **changes: Any) -> None:
+        """Close the current attempt with ``error`` and apply ``changes``; save."""
+        self.errors = [*self.errors, {"exception_class_path": error.exception_class_path,
+                                      "traceback": error.traceback}]
+        self.lease_owner = None
+        self.lease_expires_at = None
+        self.claim_token = ""
+        for name, value in changes.items():
+            setattr(self, name, value)
+        self.save(update_fields=["errors", "lease_owner", "lease_expires_at", "claim_token",
+                                 *changes])
+
+    def give_back(self) -> None:
+        """Undo the current delivery of a job that never started; save."""
+        self.attempts = max(0, self.attempts - 1)
+        self.worker_ids = self.worker_ids[:-1]
+        self.status = Status.READY
+        self.lease_owner = None
+        self.lease_expires_at = None
+        self.claim_token = ""
+        if not self.attempts:
+            self.started_at = self.last_attempted_at = None
+        self.save(update_fields=["attempts", "worker_ids", "status", "lease_owner",
+                                 "lease_expires_at", "claim_token", "started_at",
+                                 "last_attempted_at"])
+
+    def requeue_lost(self, reason: str, max_attempts: int, now: datetime) -> None:
+        """The worker running this job is gone: queue it again, or fail it for good."""
+        error = TaskError(exception_class_path="conveyor.exceptions.WorkerLost",
+                          traceback=f"conveyor.exceptions.WorkerLost: {reason}\n")
+        if self.attempts >= max_attempts:
+            error = TaskError(
+                exception_class_path=error.exception_class_path,
+                traceback=f"conveyor.exceptions.WorkerLost: {reason}; the job was delivered "
+                f"{self.attempts} times (the most allowed is {max_attempts}) and is given up.\n",
+            )
+            self.end_attempt(error, status=Status.FAILED, finished_at=now)
+        else:
+            self.end_attempt(error, status=Status.READY, available_at=now)

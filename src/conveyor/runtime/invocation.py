@@ -1,0 +1,36 @@
+"""Call one task and capture what happened; no I/O of its own."""
+
+from __future__ import annotations
+
+import json
+import traceback
+from typing import Any
+
+from django.tasks import Task, TaskContext, TaskResult
+from django.utils import timezone
+
+from conveyor.backends.base import error_from_exception
+from conveyor.records import Outcome
+
+
+def invoke(task: Task, result: TaskResult) -> Outcome:
+    """Run ``task`` with the arguments in ``result``; never raises for a task's own error."""
+    started_at = timezone.now()
+    try:
+        value = _call(task, result)
+        value = json.loads(json.dumps(value, allow_nan=False))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        text = "".join(traceback.format_exception(e))
+        if isinstance(e, TypeError | ValueError) and "JSON" in str(e):
+            text += f"\nThe return value of {task.module_path!r} must be JSON-serialisable.\n"
+        return Outcome(started_at=started_at, finished_at=timezone.now(),
+                       error=error_from_exception(e, text))
+    return Outcome(started_at=started_at, finished_at=timezone.now(), return_value=value)
+
+
+def _call(task: Task, result: TaskResult) -> Any:
+    if task.takes_context:
+        return task.call(TaskContext(task_result=result), *result.args, **result.kwargs)
+    return task.call(*result.args, **result.kwargs)

@@ -1,0 +1,48 @@
+"""Behaviour around each invocation, as small middleware with named hooks."""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import connections
+from django.tasks import Task
+
+from conveyor.records import Job, Outcome
+
+logger = logging.getLogger(__name__)
+
+
+class Middleware:
+    """A hook set the executor calls around every job; override what you need."""
+
+    def before_invoke(self, job: Job, task: Task) -> None:
+        """Run just before the task is called."""
+
+    def after_invoke(self, job: Job, task: Task, outcome: Outcome) -> None:
+        """Run just after the task returned or raised, before the outcome is saved."""
+
+
+class ConnectionHygiene(Middleware):
+    """Keep each thread's database connections open across tasks, but never broken.
+
+    Closing after every task (what ``CONN_MAX_AGE=0`` does for requests) would make each
+    task pay for a new connection. Instead a transaction a task left open is rolled back,
+    and a connection that errored and no longer answers is closed, to reconnect on use.
+    """
+
+    def after_invoke(self, job: Job, task: Task, outcome: Outcome) -> None:
+        for conn in connections.all(initialized_only=True):
+            if conn.connection is None:
+                continue
+            if not conn.in_atomic_block and not conn.get_autocommit():
+                logger.warning("Task %s left a transaction open on %r; rolling it back.",
+                               job.task_path, conn.alias)
+                conn.rollback()
+                conn.set_autocommit(True)
+            if conn.errors_occurred:
+                conn.errors_occurred = False
+                if not conn.is_usable():
+                    conn.close()
+
+
+DEFAULT_MIDDLEWARE: tuple[type[Middleware], ...] = (ConnectionHygiene,)

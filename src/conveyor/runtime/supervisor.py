@@ -1,0 +1,237 @@
+"""The parent process: starts worker processes, watches them, renews their leases."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import random
+import secrets
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for_sentinels
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from django.db import connections
+from django.tasks import task_backends
+
+from conveyor.backends.base import ConveyorBackend
+from conveyor.exceptions import ConveyorImproperlyConfigured
+from conveyor.records import QueueSelector
+from conveyor.runtime.executor import (
+    EXIT_DONE,
+    EXIT_RECYCLE,
+    EXIT_STOPPED,
+    Executor,
+    ExecutorConfig,
+)
+from conveyor.runtime.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FORCED = 1  # a forced stop interrupted running tasks
+TICK = 0.2  # longest the supervisor sleeps between looks at its children
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSettings:
+    """What ``manage.py conveyor worker`` was asked to do."""
+
+    backend: str = "default"
+    queues: QueueSelector = field(default_factory=QueueSelector)
+    processes: int = 1
+    threads: int = 1
+    max_tasks_per_child: int | None = None
+    until_done: bool = False
+    grace: float = 30.0
+    progress: bool = False
+
+
+@dataclass(slots=True)
+class Child:
+    """One running worker process and the id its jobs are leased under."""
+
+    process: BaseProcess
+    worker_id: str
+
+
+class Supervisor:
+    """Keep ``processes`` workers running; the only process that handles signals."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        backend = task_backends[settings.backend]
+        if not isinstance(backend, ConveyorBackend):
+            raise ConveyorImproperlyConfigured(
+                f"TASKS[{settings.backend!r}] uses {type(backend).__name__}, which a Conveyor "
+                "worker cannot drive; use a conveyor.backends backend."
+            )
+        self.backend: ConveyorBackend = backend
+        self.settings = settings
+        self.children: list[Child] = []
+        self.spawned = 0
+        self.signals = 0
+        self.stop_deadline: float | None = None
+        self.forced = False
+        self.context = multiprocessing.get_context("fork")
+        self.host = f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(2)}"
+        self.progress = Progress(self.backend, settings.queues) if settings.progress else None
+
+    def run(self) -> int:
+        """Supervise until stopped (or, with ``until_done``, until the queue is empty)."""
+        self._install_signals()
+        opts = self.backend.conveyor_options
+        logger.info("Conveyor supervisor %s: %d process(es) x %d thread(s) on backend %r",
+                    self.host, self.settings.processes, self.settings.threads,
+                    self.backend.alias)
+        self._recover()
+        for _ in range(self.settings.processes):
+            self._spawn()
+        next_beat = next_recover = time.monotonic()
+        while self.children:
+            self._sleep()
+            self._reap()
+            self._handle_stop()
+            now = time.monotonic()
+            if now >= next_beat:
+                self._heartbeat()
+                next_beat = now + opts.lease / 3
+            if now >= next_recover:
+                self._recover()
+                next_recover = now + opts.lease / 2 * random.uniform(0.8, 1.2)
+            if self.progress:
+                self.progress.update()
+        if self.progress:
+            self.progress.finish()
+        connections.close_all()
+        return EXIT_FORCED if self.forced else EXIT_OK
+
+    # --- children ------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        self.spawned += 1
+        worker_id = f"{self.host}:{self.spawned}"
+        config = ExecutorConfig(
+            worker_id=worker_id, queues=self.settings.queues, threads=self.settings.threads,
+            max_tasks=self.settings.max_tasks_per_child, until_done=self.settings.until_done,
+            parent_pid=os.getpid(),
+        )
+        # A forked child must not share the parent's database sockets.
+        connections.close_all()
+        process = self.context.Process(
+            target=_child_main, args=(self.backend.alias, config), name=f"conveyor-{worker_id}",
+            daemon=False,
+        )
+        process.start()
+        self.children.append(Child(process=process, worker_id=worker_id))
+        logger.info("Started worker process %s (%s)", process.pid, worker_id)
+
+    def _sleep(self) -> None:
+        sentinels = [child.process.sentinel for child in self.children]
+        try:
+            wait_for_sentinels(sentinels, timeout=TICK)
+        except InterruptedError:
+            pass
+
+    def _reap(self) -> None:
+        for child in [c for c in self.children if not c.process.is_alive()]:
+            child.process.join()
+            self.children.remove(child)
+            code = child.process.exitcode
+            self._release(child, _describe_exit(child.process.pid, code))
+            if self.signals or code == EXIT_DONE:
+                continue
+            if code not in (EXIT_RECYCLE, EXIT_STOPPED):
+                logger.error("Worker process %s died (%s); starting another.",
+                             child.process.pid, _describe_exit(None, code))
+            self._spawn()
+
+    def _release(self, child: Child, reason: str) -> None:
+        try:
+            count = self.backend.release(child.worker_id, reason)
+        except Exception:
+            logger.exception("Could not put back the jobs of %s; their leases will expire.",
+                             child.worker_id)
+            return
+        if count:
+            logger.warning("Put back %d job(s) of worker %s: %s", count, child.worker_id,
+                           reason)
+
+    # --- stopping --------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals += 1
+
+    def _handle_stop(self) -> None:
+        if not self.signals or not self.children:
+            return
+        if self.stop_deadline is None:
+            logger.info("Stopping: running tasks finish (up to %.0fs); send the signal again "
+                        "to stop them now.", self.settings.grace)
+            self.stop_deadline = time.monotonic() + self.settings.grace
+            self._signal_children(signal.SIGTERM)
+        elif self.signals > 1 or time.monotonic() >= self.stop_deadline:
+            self._force_stop()
+
+    def _force_stop(self) -> None:
+        logger.warning("Stopping now: %d worker process(es) are killed and their jobs put "
+                       "back.", len(self.children))
+        self.forced = True
+        self._signal_children(signal.SIGKILL)
+        for child in self.children:
+            child.process.join()
+            self._release(child, "the worker was stopped before the task finished")
+        self.children.clear()
+
+    def _signal_children(self, signum: int) -> None:
+        for child in self.children:
+            if child.process.pid is not None:
+                try:
+                    os.kill(child.process.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    # --- leases ------------------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        try:
+            self.backend.heartbeat([child.worker_id for child in self.children])
+        except Exception:
+            logger.exception("Heartbeat failed; retrying on the next beat.")
+            connections.close_all()
+
+    def _recover(self) -> None:
+        try:
+            count = self.backend.recover_stale()
+        except Exception:
+            logger.exception("Could not look for jobs with expired leases.")
+            connections.close_all()
+            return
+        if count:
+            logger.warning("Recovered %d job(s) whose worker stopped heartbeating.", count)
+
+
+def _describe_exit(pid: int | None, code: int | None) -> str:
+    who = f"worker process {pid}" if pid else "it"
+    if code is not None and code < 0:
+        return f"{who} was killed by signal {signal.Signals(-code).name}"
+    return f"{who} exited with code {code}"
+
+
+def _child_main(alias: str, config: ExecutorConfig) -> None:
+    """Entry point of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides.
+    executor = Executor(task_backends[alias], config)
+    signal.signal(signal.SIGTERM, lambda signum, frame: executor.request_stop())
+    time.sleep(random.uniform(0, 0.02))  # spread the first claims of sibling processes
+    code = executor.run()
+    connections.close_all()
+    sys.exit(code)

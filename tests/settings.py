@@ -1,0 +1,78 @@
+"""Settings for Conveyor's own tests: SQLite always, PostgreSQL and MariaDB when reachable."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from tests.services import available
+
+SECRET_KEY = "conveyor-tests-not-secret"
+USE_TZ = True
+TIME_ZONE = "UTC"
+INSTALLED_APPS = ["django.contrib.contenttypes", "conveyor", "tests.testapp"]
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+SQLITE_DIR = Path(os.environ.get("CONVEYOR_TEST_SQLITE_DIR") or tempfile.mkdtemp("-conveyor"))
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": str(SQLITE_DIR / "conveyor.sqlite3"),
+        "OPTIONS": {"timeout": 20, "init_command": "PRAGMA synchronous=NORMAL"},
+        "TEST": {"NAME": str(SQLITE_DIR / "test_conveyor.sqlite3")},
+    },
+}
+_servers = available()
+if _servers["postgres"]:
+    DATABASES["postgres"] = {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": "postgres",
+        "USER": "postgres",
+        "HOST": "127.0.0.1",
+        "PORT": 5432,
+        "TEST": {"NAME": "test_conveyor"},
+    }
+if _servers["mysql"]:
+    DATABASES["mysql"] = {
+        "ENGINE": "django.db.backends.mysql",
+        "NAME": "test",
+        "USER": "root",
+        "PASSWORD": "",
+        "HOST": "127.0.0.1",
+        "PORT": 3306,
+        "OPTIONS": {"charset": "utf8mb4"},
+        "TEST": {"NAME": "test_conveyor", "CHARSET": "utf8mb4",
+                 "COLLATION": "utf8mb4_unicode_ci"},
+    }
+
+# Worker subprocesses started by the tests point at the databases the test run created.
+for _alias, _name in json.loads(os.environ.get("CONVEYOR_TEST_DB_NAMES", "{}")).items():
+    if _alias in DATABASES:
+        DATABASES[_alias]["NAME"] = _name
+
+_options = json.loads(os.environ.get("CONVEYOR_TEST_OPTIONS", "{}"))
+QUEUES = ["default", "emails", "reports"]
+TASKS = {
+    "default": {
+        "BACKEND": "conveyor.backends.database.DatabaseBackend",
+        "QUEUES": QUEUES,
+        "OPTIONS": {"DATABASE": "default", **_options},
+    },
+}
+for _alias in ("postgres", "mysql"):
+    if _alias in DATABASES:
+        TASKS[_alias] = {
+            "BACKEND": "conveyor.backends.database.DatabaseBackend",
+            "QUEUES": QUEUES,
+            "OPTIONS": {"DATABASE": _alias, **_options},
+        }
+TASKS["immediate"] = {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend",
+                      "QUEUES": QUEUES}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(process)d %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {"conveyor": {"handlers": ["console"], "level": "INFO"}},
+}

@@ -1,0 +1,66 @@
+"""Tasks the tests enqueue and workers run."""
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from django.tasks import TaskContext, task
+
+
+@task(queue_name="default")
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@task()
+def noop() -> None:
+    return None
+
+
+@task(priority=5)
+def important(label: str) -> str:
+    return label
+
+
+@task()
+def explode(message: str) -> None:
+    raise ValueError(message)
+
+
+@task()
+def bad_return() -> object:
+    return object()
+
+
+@task()
+async def async_add(a: int, b: int) -> int:
+    await asyncio.sleep(0.01)
+    return a + b
+
+
+@task(takes_context=True)
+def whoami(context: TaskContext) -> dict:
+    result = context.task_result
+    return {"id": result.id, "attempt": context.attempt, "worker_ids": result.worker_ids}
+
+
+@task()
+def log_line(path: str, text: str, sleep: float = 0.0) -> str:
+    """Append ``text`` to ``path`` (after sleeping); tests count the lines."""
+    with Path(path).open("a") as f:
+        f.write(f"start {text} {os.getpid()}\n")
+        f.flush()
+        time.sleep(sleep)
+        f.write(f"end {text} {os.getpid()}\n")
+    return text
+
+
+@task(queue_name="emails")
+def send_email(to: str) -> str:
+    return f"sent to {to}"
+
+
+def plain_function() -> int:
+    """Not a task: a stored job naming it must never run it."""
+    return 1
