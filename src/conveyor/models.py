@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 from django.db import connections, models, transaction
 from django.db.models import Count, F, Q, Value
-from django.db.models.functions import Coalesce
+from django.db.models.functions import Cast, Coalesce
 from django.db.utils import NotSupportedError
 from django.tasks import TaskResultStatus
 from django.tasks.base import TaskError
@@ -155,18 +155,29 @@ class JobQuerySet(models.QuerySet["Job"]):
             lease_expires_at=now + timedelta(seconds=lease)
         )
 
-    def complete(self, pk: int, return_value: Any, finished_at: datetime) -> bool:
-        """Record success unless the job already ended; a late duplicate's success counts."""
-        return bool(
-            self.filter(pk=pk, status__in=(Status.READY, Status.RUNNING)).update(
-                status=Status.SUCCESSFUL,
-                return_value=Value(return_value, output_field=models.JSONField()),
-                finished_at=finished_at,
-                lease_owner=None,
-                claim_token="",
-                lease_expires_at=None,
-            )
+    def complete_many(self, successes: Sequence[tuple[int, Any, datetime]]) -> set[int]:
+        """Record successes in one statement; return the keys saved.
+
+        A job that already ended is left as it is; one put back or re-claimed after its
+        lease expired still takes a late success, since the work was done.
+        """
+        if not successes:
+            return set()
+        pks = [pk for pk, _, _ in successes]
+        open_jobs = self.filter(pk__in=pks, status__in=(Status.READY, Status.RUNNING))
+        updated = open_jobs.update(
+            status=Status.SUCCESSFUL,
+            return_value=_per_row(successes, 1, models.JSONField()),
+            finished_at=_per_row(successes, 2, models.DateTimeField()),
+            lease_owner=None,
+            claim_token="",
+            lease_expires_at=None,
         )
+        if updated == len(pks):
+            return set(pks)
+        finished = {pk: at for pk, _, at in successes}
+        rows = self.filter(pk__in=pks, status=Status.SUCCESSFUL).values_list("pk", "finished_at")
+        return {pk for pk, at in rows if at == finished[pk]}
 
     def fail(self, pk: int, worker_id: str, error: TaskError, finished_at: datetime) -> bool:
         """Record a final failure if ``worker_id`` still holds the job."""
@@ -215,6 +226,18 @@ class JobQuerySet(models.QuerySet["Job"]):
         by_queue = {row.pop("queue_name"): row for row in counts.order_by()}
         totals = {name: sum(q[name] for q in by_queue.values()) for name in STAT_NAMES}
         return QueueStats(**totals, by_queue=by_queue)
+
+
+def _per_row(rows: Sequence[tuple[Any, ...]], index: int, field: models.Field) -> Any:
+    """A value that differs by row: ``CASE id WHEN ... THEN ...`` (or the one value)."""
+    def value(row: tuple[Any, ...]) -> Any:
+        # A typed parameter inside CASE still needs a cast for PostgreSQL's jsonb.
+        return Cast(Value(row[index], output_field=field), output_field=field)
+
+    if len(rows) == 1:
+        return value(rows[0])
+    return models.Case(*[models.When(pk=row[0], then=value(row)) for row in rows],
+                       output_field=field)
 
 
 STAT_NAMES = ("ready", "scheduled", "running", "successful", "failed")

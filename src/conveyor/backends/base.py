@@ -24,6 +24,7 @@ from conveyor.exceptions import InvalidTaskArguments, TaskNotFound
 from conveyor.records import Job, QueueSelector, QueueStats
 
 Call = tuple[Sequence[Any], Mapping[str, Any]]
+Success = tuple[Job, Any, datetime]  # a job, its return value, when it finished
 
 
 class Waiter:
@@ -69,8 +70,12 @@ class ConveyorBackend(BaseTaskBackend):
         """Lease up to ``limit`` ready jobs to ``worker_id``, best first."""
 
     @abstractmethod
+    def complete_many(self, worker_id: str, successes: Sequence[Success]) -> set[str]:
+        """Record successes together; return the ids saved (a job that ended is left be)."""
+
     def complete(self, job: Job, worker_id: str, return_value: Any, finished_at: datetime) -> bool:
         """Record a success; never overwrites an earlier success or failure."""
+        return job.id in self.complete_many(worker_id, [(job, return_value, finished_at)])
 
     @abstractmethod
     def fail(self, job: Job, worker_id: str, error: TaskError, finished_at: datetime) -> bool:

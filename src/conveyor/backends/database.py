@@ -17,7 +17,7 @@ from django.tasks.exceptions import TaskResultDoesNotExist
 from django.tasks.signals import task_enqueued
 from django.utils import timezone
 
-from conveyor.backends.base import Call, ConveyorBackend, Waiter, resolve_task
+from conveyor.backends.base import Call, ConveyorBackend, Success, Waiter, resolve_task
 from conveyor.conf import BackendOptions
 from conveyor.models import Job, JobQuerySet
 from conveyor.records import Job as JobRecord
@@ -136,9 +136,11 @@ class DatabaseBackend(ConveyorBackend):
             worker_id, limit, self.conveyor_options.lease, timezone.now()
         )
 
-    def complete(self, job: JobRecord, worker_id: str, return_value: Any,
-                 finished_at: datetime) -> bool:
-        return self.jobs().complete(self._pk(job), return_value, finished_at)
+    def complete_many(self, worker_id: str, successes: Sequence[Success]) -> set[str]:
+        by_pk = {self._pk(job): (job, value, finished) for job, value, finished in successes}
+        saved = self.jobs().complete_many(
+            [(pk, value, finished) for pk, (_, value, finished) in by_pk.items()])
+        return {by_pk[pk][0].id for pk in saved}
 
     def fail(self, job: JobRecord, worker_id: str, error: TaskError,
              finished_at: datetime) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 import traceback
@@ -33,6 +34,17 @@ EXIT_ORPHANED = 5  # the supervisor went away
 MIN_POLL = 0.005  # first idle wait; doubles up to the backend's poll interval
 PREFETCH_HORIZON = 0.05  # claim ahead only as many jobs as finish within this many seconds
 PERSIST_TRIES = 6
+FLUSH_DELAY = 0.02  # longest a success waits to be saved together with others
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A job that ran, waiting for its outcome to be saved."""
+
+    job: Job
+    task: Task
+    result: TaskResult
+    outcome: Outcome
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,6 +74,9 @@ class Executor:
         self.stopping = threading.Event()
         self.submitted = 0
         self.avg_duration: float | None = None
+        self.finished: queue.SimpleQueue[Finished] = queue.SimpleQueue()
+        self.unsaved: list[Finished] = []
+        self.flush_at = 0.0
 
     @property
     def worker_id(self) -> str:
@@ -81,6 +96,7 @@ class Executor:
             self.stopping.set()
             self.pool.shutdown(wait=True)
             self._reap()
+            self._save(force=True)
             waiter.close()
             self.backend.close()
 
@@ -89,6 +105,7 @@ class Executor:
         max_poll = self.backend.conveyor_options.poll_interval
         while not self.stopping.is_set():
             self._reap()
+            self._save(force=not self.inflight)
             if self._orphaned():
                 logger.warning("Supervisor went away; worker %s stops.", self.worker_id)
                 return EXIT_ORPHANED
@@ -105,7 +122,7 @@ class Executor:
                 poll = MIN_POLL
             elif self.inflight:
                 # Slots are full (wait for one to free) or nothing is ready yet (poll).
-                self._wait_changed(poll if room else max_poll)
+                self._wait_changed(min(poll if room else max_poll, self._until_flush()))
                 poll = min(poll * 2, max_poll) if room else poll
             elif self.config.until_done:
                 return EXIT_DONE
@@ -178,7 +195,7 @@ class Executor:
         for hook in reversed(self.middleware):
             hook.after_invoke(job, task, outcome)
         self._note_duration(outcome)
-        self._record(job, task, result, outcome)
+        self.finished.put(Finished(job, task, result, outcome))
 
     def _reject(self, job: Job, e: Exception) -> None:
         logger.error("Job %s cannot run: %s", job.id, e)
@@ -186,38 +203,76 @@ class Executor:
         self._persist("failure", self.backend.fail, job, self.worker_id, error,
                       timezone.now())
 
-    def _record(self, job: Job, task: Task, result: TaskResult, outcome: Outcome) -> None:
-        if outcome.error is None:
-            saved = self._persist("result", self.backend.complete, job, self.worker_id,
-                                  outcome.return_value, outcome.finished_at)
-            final = self.backend.to_task_result(
-                job, task, TaskResultStatus.SUCCESSFUL, finished_at=outcome.finished_at,
-                return_value=outcome.return_value)
-        else:
-            logger.error("Task %s failed (job %s):\n%s", job.task_path, job.id,
-                         outcome.error.traceback)
-            saved = self._persist("failure", self.backend.fail, job, self.worker_id,
-                                  outcome.error, outcome.finished_at)
-            final = self.backend.to_task_result(
-                job, task, TaskResultStatus.FAILED, finished_at=outcome.finished_at,
-                errors=[*result.errors, outcome.error])
-        if saved:
-            task_finished.send(sender=type(self.backend), task_result=final)
-        else:
-            logger.warning("The outcome of job %s was not recorded: it had already ended, "
-                           "or its lease had passed to another worker.", job.id)
+    # --- saving outcomes (on the main thread) ----------------------------------------------
 
-    def _persist(self, what: str, verb: Callable[..., bool], job: Job, *args: Any) -> bool:
+    def _until_flush(self) -> float:
+        if not self.unsaved:
+            return self.backend.conveyor_options.poll_interval
+        return max(0.0, self.flush_at - time.monotonic())
+
+    def _save(self, force: bool = False) -> None:
+        """Save finished jobs' outcomes, successes together in one statement."""
+        while True:
+            try:
+                item = self.finished.get_nowait()
+            except queue.Empty:
+                break
+            if not self.unsaved:
+                self.flush_at = time.monotonic() + FLUSH_DELAY
+            self.unsaved.append(item)
+        due = len(self.unsaved) >= self.backend.conveyor_options.batch_size
+        if not self.unsaved or not (force or due or time.monotonic() >= self.flush_at):
+            return
+        batch, self.unsaved = self.unsaved, []
+        successes = [f for f in batch if f.outcome.error is None]
+        saved = self._save_successes(successes) if successes else set()
+        for item in batch:
+            if item.outcome.error is not None:
+                self._save_failure(item)
+            elif item.job.id in saved:
+                self._finished(item, TaskResultStatus.SUCCESSFUL)
+            else:
+                self._not_saved(item.job)
+
+    def _save_successes(self, successes: list[Finished]) -> set[str]:
+        values = [(f.job, f.outcome.return_value, f.outcome.finished_at) for f in successes]
+        saved = self._persist("results", self.backend.complete_many, self.worker_id, values)
+        return saved if isinstance(saved, set) else set()
+
+    def _save_failure(self, item: Finished) -> None:
+        error = item.outcome.error
+        assert error is not None
+        logger.error("Task %s failed (job %s):\n%s", item.job.task_path, item.job.id,
+                     error.traceback)
+        if self._persist("failure", self.backend.fail, item.job, self.worker_id, error,
+                         item.outcome.finished_at):
+            self._finished(item, TaskResultStatus.FAILED)
+        else:
+            self._not_saved(item.job)
+
+    def _finished(self, item: Finished, status: TaskResultStatus) -> None:
+        outcome = item.outcome
+        errors = [*item.result.errors, outcome.error] if outcome.error else item.result.errors
+        final = self.backend.to_task_result(
+            item.job, item.task, status, finished_at=outcome.finished_at,
+            return_value=outcome.return_value, errors=errors)
+        task_finished.send(sender=type(self.backend), task_result=final)
+
+    def _not_saved(self, job: Job) -> None:
+        logger.warning("The outcome of job %s was not recorded: it had already ended, "
+                       "or its lease had passed to another worker.", job.id)
+
+    def _persist(self, what: str, verb: Callable[..., Any], *args: Any) -> Any:
         for attempt in range(PERSIST_TRIES):
             try:
-                return verb(job, *args)
+                return verb(*args)
             except Exception as e:
-                logger.warning("Could not save the %s of job %s (%s); trying again.",
-                               what, job.id, e)
+                logger.warning("Could not save the %s of worker %s (%s); trying again.",
+                               what, self.worker_id, e)
                 close_old_connections()
                 time.sleep(min(0.05 * 2**attempt, 2.0))
-        logger.error("Gave up saving the %s of job %s; it will run again once released.",
-                     what, job.id)
+        logger.error("Gave up saving the %s of worker %s; the jobs run again once released.",
+                     what, self.worker_id)
         return False
 
     def _note_duration(self, outcome: Outcome) -> None:
