@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -112,42 +113,53 @@ class JobQuerySet(models.QuerySet["Job"]):
 
     def claim(self, worker_id: str, limit: int, lease: float, now: datetime) -> list[JobRecord]:
         """Lease up to ``limit`` of the selected ready jobs to ``worker_id``."""
-        token = uuid.uuid4().hex
-        with write_transaction(self.db):
-            target = self._claim_target(now, limit)
-            if target is None:
-                return []
-            claimed = target.update(
-                status=Status.RUNNING,
-                lease_owner=worker_id,
-                claim_token=token,
-                lease_expires_at=now + timedelta(seconds=lease),
-                attempts=F("attempts") + 1,
-                started_at=Coalesce(F("started_at"), Value(now)),
-                last_attempted_at=now,
-                worker_ids=JSONAppendText(F("worker_ids"), worker_id),
-            )
-            if not claimed:
-                return []
-            rows = self.model.objects.using(self.db).filter(
-                lease_owner=worker_id, claim_token=token
-            )
-            return [row.to_record() for row in rows.order_by(*CLAIM_ORDER)]
-
-    def _claim_target(self, now: datetime, limit: int) -> JobQuerySet | None:
-        candidates = self.ready(now).order_by(*CLAIM_ORDER)
-        base = self.model.objects.using(self.db).filter(status=Status.READY)
+        changes = _ClaimChanges(worker_id, now, now + timedelta(seconds=lease))
         if connections[self.db].vendor == "mysql":
-            # MySQL cannot LIMIT inside IN (...), so the locked ids are read first.
+            rows = self._claim_locked_ids(limit, changes)
+        else:
+            rows = self._claim_returning(limit, changes)
+        rows.sort(key=lambda row: (-row.priority, row.available_at, row.pk))
+        return [row.to_record() for row in rows]
+
+    def _claim_returning(self, limit: int, changes: _ClaimChanges) -> list[Job]:
+        # One statement picks, locks and updates the rows, and returns them.
+        conn = connections[self.db]
+        pick_sql, pick_params = (
+            self.ready(changes.now).order_by(*CLAIM_ORDER).values("pk")[:limit]
+        ).query.sql_with_params()
+        table = conn.ops.quote_name(self.model._meta.db_table)
+        set_sql, set_params = changes.sql(conn)
+        if conn.vendor == "postgresql":
+            # MATERIALIZED: the LIMIT subquery runs once, so exactly ``limit`` rows are taken.
+            sql = (f"WITH picked (id) AS MATERIALIZED ({pick_sql} FOR UPDATE SKIP LOCKED) "
+                   f"UPDATE {table} SET {set_sql} FROM picked "
+                   f"WHERE {table}.id = picked.id RETURNING {table}.*")
+            params = (*pick_params, *set_params)
+        else:
+            sql = (f"UPDATE {table} SET {set_sql} WHERE {table}.status = %s AND {table}.id IN "
+                   f"({pick_sql}) RETURNING *")
+            params = (*set_params, Status.READY, *pick_params)
+        return list(self.model.objects.raw(sql, params).using(self.db))
+
+    def _claim_locked_ids(self, limit: int, changes: _ClaimChanges) -> list[Job]:
+        # MySQL has no UPDATE ... RETURNING and no LIMIT inside IN (...): lock ids first.
+        with transaction.atomic(using=self.db):
             ids = list(
-                candidates.select_for_update(skip_locked=True).values_list("pk", flat=True)[
-                    :limit
-                ]
+                self.ready(changes.now).order_by(*CLAIM_ORDER)
+                .select_for_update(skip_locked=True).values_list("pk", flat=True)[:limit]
             )
-            return base.filter(pk__in=ids) if ids else None
-        if connections[self.db].features.has_select_for_update_skip_locked:
-            candidates = candidates.select_for_update(skip_locked=True)
-        return base.filter(pk__in=candidates.values("pk")[:limit])
+            if not ids:
+                return []
+            self.model.objects.using(self.db).filter(pk__in=ids).update(
+                status=Status.RUNNING,
+                lease_owner=changes.worker_id,
+                lease_expires_at=changes.expires,
+                attempts=F("attempts") + 1,
+                started_at=Coalesce(F("started_at"), Value(changes.now)),
+                last_attempted_at=changes.now,
+                worker_ids=JSONAppendText(F("worker_ids"), changes.worker_id),
+            )
+            return list(self.model.objects.using(self.db).filter(pk__in=ids))
 
     def heartbeat(self, worker_ids: Sequence[str], lease: float, now: datetime) -> int:
         """Extend the lease of every job the given workers hold."""
@@ -163,6 +175,34 @@ class JobQuerySet(models.QuerySet["Job"]):
         """
         if not successes:
             return set()
+        if connections[self.db].vendor == "mysql":
+            return self._complete_by_case(successes)
+        return self._complete_from_values(successes)
+
+    def _complete_from_values(self, successes: Sequence[tuple[int, Any, datetime]]) -> set[int]:
+        conn = connections[self.db]
+        table = conn.ops.quote_name(self.model._meta.db_table)
+        params: list[Any] = []
+        for pk, value, finished_at in successes:
+            params += [pk, None if value is None else json.dumps(value),
+                       conn.ops.adapt_datetimefield_value(finished_at)]
+        rows = ", ".join(["(%s, %s, %s)"] * len(successes))
+        if conn.vendor == "postgresql":
+            source = f"(VALUES {rows}) AS v (id, rv, fin)"
+            assign = "return_value = v.rv::jsonb, finished_at = v.fin::timestamptz"
+            key = "v.id::bigint"
+        else:
+            source = f"(VALUES {rows}) AS v"
+            assign = "return_value = v.column2, finished_at = v.column3"
+            key = "v.column1"
+        sql = (f"UPDATE {table} SET status = %s, {assign}, lease_owner = NULL, "
+               f"lease_expires_at = NULL FROM {source} "
+               f"WHERE {table}.id = {key} AND {table}.status IN (%s, %s) RETURNING {table}.id")
+        with conn.cursor() as cursor:
+            cursor.execute(sql, [Status.SUCCESSFUL, *params, Status.READY, Status.RUNNING])
+            return {row[0] for row in cursor.fetchall()}
+
+    def _complete_by_case(self, successes: Sequence[tuple[int, Any, datetime]]) -> set[int]:
         pks = [pk for pk, _, _ in successes]
         open_jobs = self.filter(pk__in=pks, status__in=(Status.READY, Status.RUNNING))
         updated = open_jobs.update(
@@ -170,7 +210,6 @@ class JobQuerySet(models.QuerySet["Job"]):
             return_value=_per_row(successes, 1, models.JSONField()),
             finished_at=_per_row(successes, 2, models.DateTimeField()),
             lease_owner=None,
-            claim_token="",
             lease_expires_at=None,
         )
         if updated == len(pks):
@@ -240,6 +279,26 @@ def _per_row(rows: Sequence[tuple[Any, ...]], index: int, field: models.Field) -
                        output_field=field)
 
 
+class _ClaimChanges:
+    """What a claim writes to each row it takes, as SQL for the one-statement claims."""
+
+    def __init__(self, worker_id: str, now: datetime, expires: datetime) -> None:
+        self.worker_id, self.now, self.expires = worker_id, now, expires
+
+    def sql(self, conn: Any) -> tuple[str, tuple[Any, ...]]:
+        now = conn.ops.adapt_datetimefield_value(self.now)
+        expires = conn.ops.adapt_datetimefield_value(self.expires)
+        if conn.vendor == "postgresql":
+            append = "worker_ids || to_jsonb((%s)::text)"
+        else:
+            append = "json_insert(worker_ids, '$[#]', %s)"
+        return (
+            "status = %s, lease_owner = %s, lease_expires_at = %s, attempts = attempts + 1, "
+            f"started_at = COALESCE(started_at, %s), last_attempted_at = %s, worker_ids = {append}",
+            (Status.RUNNING, self.worker_id, expires, now, now, self.worker_id),
+        )
+
+
 STAT_NAMES = ("ready", "scheduled", "running", "successful", "failed")
 
 
@@ -270,7 +329,6 @@ class Job(models.Model):
     finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
     lease_owner = models.CharField(_("held by"), max_length=100, null=True, blank=True)
     lease_expires_at = models.DateTimeField(_("lease expires at"), null=True, blank=True)
-    claim_token = models.CharField(max_length=32, blank=True, default="", editable=False)
 
     objects: ClassVar[JobQuerySet] = JobQuerySet.as_manager()  # type: ignore[assignment]
 
@@ -322,11 +380,9 @@ class Job(models.Model):
                                       "traceback": error.traceback}]
         self.lease_owner = None
         self.lease_expires_at = None
-        self.claim_token = ""
         for name, value in changes.items():
             setattr(self, name, value)
-        self.save(update_fields=["errors", "lease_owner", "lease_expires_at", "claim_token",
-                                 *changes])
+        self.save(update_fields=["errors", "lease_owner", "lease_expires_at", *changes])
 
     def give_back(self) -> None:
         """Undo the current delivery of a job that never started; save."""
@@ -335,11 +391,10 @@ class Job(models.Model):
         self.status = Status.READY
         self.lease_owner = None
         self.lease_expires_at = None
-        self.claim_token = ""
         if not self.attempts:
             self.started_at = self.last_attempted_at = None
         self.save(update_fields=["attempts", "worker_ids", "status", "lease_owner",
-                                 "lease_expires_at", "claim_token", "started_at",
+                                 "lease_expires_at", "started_at",
                                  "last_attempted_at"])
 
     def requeue_lost(self, reason: str, max_attempts: int, now: datetime) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks of Conveyor's DatabaseBackend against django-tasks-db (``python -m bench``)."""

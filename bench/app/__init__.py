@@ -1,0 +1,1 @@
+"""The benchmark's Django app: one no-op task per backend."""

@@ -1,0 +1,48 @@
+"""Fixtures shared by every test: the engines, a backend per engine, worker subprocesses."""
+
+from __future__ import annotations
+
+import pytest
+from django.conf import settings
+
+from tests.services import in_ci
+
+# Engine name -> (DATABASES alias, TASKS alias).
+ENGINES = {"sqlite": ("default", "default"), "postgres": ("postgres", "postgres"),
+           "mysql": ("mysql", "mysql")}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give each engine-parametrised test a transactional database of its engine."""
+    for item in items:
+        engine = getattr(item, "callspec", None) and item.callspec.params.get("engine")
+        if not engine:
+            continue
+        alias = ENGINES[engine][0]
+        if alias in settings.DATABASES:
+            item.add_marker(pytest.mark.django_db(databases=[alias], transaction=True))
+        else:
+            item.add_marker(pytest.mark.skip(reason=f"no {engine} server on this machine"))
+
+
+@pytest.fixture(params=list(ENGINES))
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each database engine Conveyor supports; absent servers skip (fail under CI=true)."""
+    name: str = request.param
+    if ENGINES[name][0] not in settings.DATABASES:
+        if in_ci():
+            pytest.fail(f"CI=true but the {name} server is not configured")
+        pytest.skip(f"no {name} server on this machine")
+    return name
+
+
+@pytest.fixture
+def backend_alias(engine: str) -> str:
+    return ENGINES[engine][1]
+
+
+@pytest.fixture
+def backend(backend_alias: str):  # type: ignore[no-untyped-def]
+    from django.tasks import task_backends
+
+    return task_backends[backend_alias]

@@ -1,0 +1,103 @@
+"""Helpers for tests: tasks bound to a backend, jobs by id, real worker subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from django.db import connections
+from django.tasks import Task, task_backends
+
+from conveyor.models import Job
+
+ROOT = Path(__file__).resolve().parent.parent
+MANAGE = ROOT / "tests" / "manage.py"
+FAST = {"LEASE": 1.0, "POLL_INTERVAL": 0.05}
+
+
+def on(task: Task, alias: str, **changes: Any) -> Task:
+    """The same task, sent to backend ``alias``."""
+    return task.using(backend=alias, **changes)
+
+
+def job(result: Any) -> Job:
+    """The stored row behind a ``TaskResult``."""
+    return task_backends[result.backend].jobs().get(uuid=result.id)  # type: ignore[no-any-return]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 15.0, every: float = 0.02) -> Any:
+    """Poll ``condition`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+class Worker:
+    """``manage.py conveyor worker`` in a subprocess, against the test databases."""
+
+    def __init__(self, backend: str, *args: str, options: dict[str, Any] | None = None) -> None:
+        db_alias = task_backends[backend].database
+        env = dict(os.environ)
+        env["CONVEYOR_TEST_DB_NAMES"] = json.dumps(
+            {alias: connections[alias].settings_dict["NAME"] for alias in connections})
+        env["CONVEYOR_TEST_OPTIONS"] = json.dumps({**FAST, **(options or {})})
+        env.pop("DJANGO_SETTINGS_MODULE", None)
+        self.db_alias = db_alias
+        self.args = [sys.executable, str(MANAGE), "conveyor", "worker", "--backend", backend,
+                     *args]
+        self.proc = subprocess.Popen(
+            self.args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,  # its own group, so a test can end it whole
+        )
+        self.output = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def kill_group(self) -> None:
+        """SIGKILL the supervisor and all its children at once: a machine vanishing."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"worker did not exit within {timeout}s:\n{self.output}")
+        self.output += out or ""
+        return self.proc.returncode
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self.proc.kill()
+        out, _ = self.proc.communicate()
+        self.output += out or ""
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def lines(path: Path) -> list[str]:
+    """The lines a ``log_line`` task wrote."""
+    return path.read_text().splitlines() if path.exists() else []
