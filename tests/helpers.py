@@ -47,13 +47,11 @@ class Worker:
     """``manage.py conveyor worker`` in a subprocess, against the test databases."""
 
     def __init__(self, backend: str, *args: str, options: dict[str, Any] | None = None) -> None:
-        db_alias = task_backends[backend].database
         env = dict(os.environ)
         env["CONVEYOR_TEST_DB_NAMES"] = json.dumps(
             {alias: connections[alias].settings_dict["NAME"] for alias in connections})
         env["CONVEYOR_TEST_OPTIONS"] = json.dumps({**FAST, **(options or {})})
         env.pop("DJANGO_SETTINGS_MODULE", None)
-        self.db_alias = db_alias
         self.args = [sys.executable, str(MANAGE), "conveyor", "worker", "--backend", backend,
                      *args]
         self.proc = subprocess.Popen(

@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 from django.tasks import Task, TaskResult, TaskResultStatus
 from django.tasks.signals import task_finished, task_started
 from django.utils import timezone
@@ -94,11 +94,24 @@ class Executor:
             return self._loop(waiter)
         finally:
             self.stopping.set()
+            self._close_thread_connections()
             self.pool.shutdown(wait=True)
             self._reap()
             self._save(force=True)
             waiter.close()
             self.backend.close()
+
+    def _close_thread_connections(self) -> None:
+        # Django's connections are per thread: have every pool thread close its own. The
+        # barrier holds each thread at one closing call until all threads have one.
+        barrier = threading.Barrier(self.config.threads)
+
+        def close() -> None:
+            barrier.wait(timeout=60)
+            connections.close_all()
+
+        for _ in range(self.config.threads):
+            self.pool.submit(close)
 
     def _loop(self, waiter: Waiter) -> int:
         poll = MIN_POLL

@@ -1,0 +1,246 @@
+"""Real ``manage.py conveyor worker`` processes: running, dying, stopping, sharing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.db import connections, transaction
+from django.tasks import TaskResultStatus
+from django.utils import timezone
+
+import conveyor
+from conveyor.models import Job
+from tests.helpers import Worker, job, lines, on, wait_for
+from tests.testapp import tasks
+
+pytestmark = pytest.mark.acceptance
+
+
+def status(result) -> str:  # type: ignore[no-untyped-def]
+    return job(result).status
+
+
+def test_until_done_runs_everything_and_exits(backend, backend_alias):
+    results = conveyor.bulk_enqueue(on(tasks.add, backend_alias), [(i, i) for i in range(60)])
+    failing = on(tasks.explode, backend_alias).enqueue("bad input")
+    coro = on(tasks.async_add, backend_alias).enqueue(20, 22)
+    ctx = on(tasks.whoami, backend_alias).enqueue()
+
+    worker = Worker(backend_alias, "--processes", "2", "--until-done")
+    assert worker.wait() == 0, worker.output
+
+    for i, result in enumerate(results):
+        result.refresh()
+        assert result.status == TaskResultStatus.SUCCESSFUL and result.return_value == 2 * i
+    failing.refresh()
+    assert failing.status == TaskResultStatus.FAILED
+    assert "ValueError: bad input" in failing.errors[0].traceback
+    coro.refresh()
+    assert coro.return_value == 42
+    ctx.refresh()
+    assert ctx.return_value["id"] == ctx.id and ctx.return_value["attempt"] == 1
+    assert ctx.return_value["worker_ids"] == ctx.worker_ids
+    assert len({w for r in results for w in job(r).worker_ids}) >= 1
+
+
+def test_sigkill_of_a_worker_process_loses_nothing(backend, backend_alias, tmp_path: Path):
+    log = tmp_path / "log"
+    result = on(tasks.log_line, backend_alias).enqueue(str(log), "victim", sleep=1.0)
+    with Worker(backend_alias, "--processes", "1") as worker:
+        first = wait_for(lambda: [line for line in lines(log) if line.startswith("start")])
+        os.kill(int(first[0].split()[-1]), signal.SIGKILL)
+        wait_for(lambda: status(result) == TaskResultStatus.SUCCESSFUL, timeout=20)
+        worker.signal()
+        assert worker.wait() == 0
+
+    result.refresh()
+    assert result.attempts == 2
+    assert result.errors[0].exception_class_path == "conveyor.exceptions.WorkerLost"
+    assert "SIGKILL" in result.errors[0].traceback
+    starts = [line for line in lines(log) if line.startswith("start")]
+    ends = [line for line in lines(log) if line.startswith("end")]
+    assert len(starts) == 2 and len(ends) == 1
+    assert "died" in worker.output
+
+
+def test_first_signal_finishes_running_tasks_and_exits_zero(backend, backend_alias,
+                                                             tmp_path: Path):
+    log = tmp_path / "log"
+    running = on(tasks.log_line, backend_alias).enqueue(str(log), "running", sleep=1.0)
+    with Worker(backend_alias, "--processes", "1") as worker:
+        wait_for(lambda: lines(log))
+        waiting = on(tasks.log_line, backend_alias).enqueue(str(log), "waiting")
+        worker.signal(signal.SIGTERM)
+        assert worker.wait() == 0, worker.output
+
+    running.refresh()
+    assert running.status == TaskResultStatus.SUCCESSFUL
+    assert lines(log)[-1].startswith("end running")
+    assert status(waiting) == TaskResultStatus.READY
+    assert job(waiting).attempts == 0
+
+
+def test_second_signal_stops_tasks_and_puts_their_jobs_back(backend, backend_alias,
+                                                            tmp_path: Path):
+    log = tmp_path / "log"
+    result = on(tasks.log_line, backend_alias).enqueue(str(log), "long", sleep=30)
+    with Worker(backend_alias, "--processes", "1") as worker:
+        wait_for(lambda: lines(log))
+        started = time.monotonic()
+        worker.signal(signal.SIGINT)
+        time.sleep(0.3)
+        worker.signal(signal.SIGINT)
+        code = worker.wait(timeout=10)
+    assert time.monotonic() - started < 10
+    assert code != 0
+
+    row = job(result)
+    assert row.status == TaskResultStatus.READY and row.lease_owner is None
+    assert "stopped before the task finished" in row.errors[-1]["traceback"]
+    assert not any(line.startswith("end") for line in lines(log))
+
+
+def test_grace_period_ends_a_graceful_stop(backend, backend_alias, tmp_path: Path):
+    log = tmp_path / "log"
+    result = on(tasks.log_line, backend_alias).enqueue(str(log), "long", sleep=30)
+    with Worker(backend_alias, "--processes", "1", "--grace", "0.5") as worker:
+        wait_for(lambda: lines(log))
+        worker.signal(signal.SIGTERM)
+        worker.wait(timeout=10)
+    assert status(result) == TaskResultStatus.READY
+
+
+def test_two_workers_never_run_the_same_job(backend, backend_alias, tmp_path: Path):
+    log = tmp_path / "log"
+    conveyor.bulk_enqueue(on(tasks.log_line, backend_alias),
+                          [conveyor.call(str(log), f"job{i}", sleep=0.01) for i in range(80)])
+    first = Worker(backend_alias, "--processes", "2", "--until-done")
+    second = Worker(backend_alias, "--processes", "2", "--threads", "2", "--until-done")
+    assert first.wait() == 0, first.output
+    assert second.wait() == 0, second.output
+
+    starts = [line.split()[1] for line in lines(log) if line.startswith("start")]
+    assert sorted(starts) == sorted(f"job{i}" for i in range(80))
+    db = connections[backend.database].alias
+    assert set(Job.objects.using(db).values_list("attempts", flat=True)) == {1}
+    owners = {w for ids in Job.objects.using(db).values_list("worker_ids", flat=True) for w in ids}
+    assert len(owners) >= 2
+
+
+def test_a_vanished_machine_s_jobs_are_taken_over(backend, backend_alias, tmp_path: Path):
+    log = tmp_path / "log"
+    result = on(tasks.log_line, backend_alias).enqueue(str(log), "orphan", sleep=0.5)
+    lost = Worker(backend_alias, "--processes", "1", options={"LEASE": 1.0})
+    try:
+        wait_for(lambda: lines(log))
+        lost.kill_group()
+    finally:
+        lost.stop()
+    assert status(result) == TaskResultStatus.RUNNING
+
+    with Worker(backend_alias, "--processes", "1", options={"LEASE": 1.0}) as rescuer:
+        wait_for(lambda: status(result) == TaskResultStatus.SUCCESSFUL, timeout=20)
+        rescuer.signal()
+        rescuer.wait()
+    result.refresh()
+    assert result.attempts == 2
+    assert "lease expired" in result.errors[0].traceback
+
+
+def test_priorities_and_run_after_with_a_real_worker(backend, backend_alias, tmp_path: Path):
+    log = tmp_path / "log"
+    task = on(tasks.log_line, backend_alias)
+    due = timezone.now() + timedelta(seconds=1.5)
+    later = task.using(run_after=due).enqueue(str(log), "later")
+    task.using(priority=-10).enqueue(str(log), "low")
+    task.enqueue(str(log), "normal")
+    task.using(priority=10).enqueue(str(log), "high")
+
+    with Worker(backend_alias, "--processes", "1") as worker:
+        wait_for(lambda: status(later) == TaskResultStatus.SUCCESSFUL)
+        worker.signal()
+        worker.wait()
+    order = [line.split()[1] for line in lines(log) if line.startswith("start")]
+    assert order == ["high", "normal", "low", "later"]
+    assert job(later).started_at >= due
+
+
+def test_jobs_naming_missing_or_unregistered_code_fail_and_the_worker_goes_on(
+        backend, backend_alias):
+    base = on(tasks.add, backend_alias)
+    gone = base.enqueue(1, 1)
+    plain = base.enqueue(2, 2)
+    good = base.enqueue(3, 3)
+    db = backend.database
+    Job.objects.using(db).filter(uuid=gone.id).update(task_path="tests.testapp.tasks.vanished")
+    Job.objects.using(db).filter(uuid=plain.id).update(
+        task_path="tests.testapp.tasks.plain_function")
+
+    worker = Worker(backend_alias, "--processes", "1", "--until-done")
+    assert worker.wait() == 0, worker.output
+
+    gone_row, plain_row = job(gone), job(plain)
+    assert gone_row.status == plain_row.status == TaskResultStatus.FAILED
+    assert "'tests.testapp.tasks.vanished' cannot be imported" in gone_row.errors[0]["traceback"]
+    assert "not a task" in plain_row.errors[0]["traceback"]
+    assert gone_row.errors[0]["exception_class_path"] == "conveyor.exceptions.TaskNotFound"
+    good.refresh()
+    assert good.return_value == 6
+
+
+def test_a_bad_return_value_fails_the_task_clearly(backend, backend_alias):
+    result = on(tasks.bad_return, backend_alias).enqueue()
+    assert Worker(backend_alias, "--processes", "1", "--until-done").wait() == 0
+    result.refresh()
+    assert result.status == TaskResultStatus.FAILED
+    assert "must be JSON-serialisable" in result.errors[0].traceback
+
+
+def test_only_committed_enqueues_run(backend, backend_alias, tmp_path: Path):
+    log = tmp_path / "log"
+    task = on(tasks.log_line, backend_alias)
+    with pytest.raises(RuntimeError), transaction.atomic(using=backend.database):
+        task.enqueue(str(log), "rolled-back")
+        raise RuntimeError
+    with transaction.atomic(using=backend.database):
+        task.enqueue(str(log), "committed")
+
+    assert Worker(backend_alias, "--processes", "1", "--until-done").wait() == 0
+    assert [line.split()[1] for line in lines(log)] == ["committed", "committed"]
+
+
+def test_max_tasks_per_child_recycles_processes(backend, backend_alias):
+    results = [on(tasks.add, backend_alias).enqueue(i, 1) for i in range(5)]
+    worker = Worker(backend_alias, "--processes", "1", "--max-tasks-per-child", "2",
+                    "--until-done")
+    assert worker.wait() == 0, worker.output
+    owners = {job(r).worker_ids[0] for r in results}
+    assert len(owners) == 3
+    assert all(job(r).status == TaskResultStatus.SUCCESSFUL for r in results)
+
+
+def test_threads_run_tasks_side_by_side(backend, backend_alias, tmp_path: Path):
+    log = tmp_path / "log"
+    conveyor.bulk_enqueue(on(tasks.log_line, backend_alias),
+                          [conveyor.call(str(log), f"t{i}", sleep=0.4) for i in range(4)])
+    worker = Worker(backend_alias, "--processes", "1", "--threads", "4", "--until-done")
+    assert worker.wait() == 0, worker.output
+    events = [line.split()[0] for line in lines(log)]
+    assert events[:4] == ["start"] * 4  # all four began before any ended
+
+
+def test_bad_command_line_is_refused_with_a_clear_error(backend_alias):
+    worker = Worker(backend_alias, "--queue", "nowhere")
+    assert worker.wait() != 0
+    assert "Unknown queue(s) 'nowhere'" in worker.output
+    worker = Worker(backend_alias, "--queue", "emails", "--exclude-queue", "default")
+    assert worker.wait() != 0
+    assert "cannot be combined" in worker.output
+    worker = Worker("immediate")
+    assert worker.wait() != 0
+    assert "not a Conveyor backend" in worker.output
