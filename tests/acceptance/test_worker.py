@@ -244,3 +244,35 @@ def test_bad_command_line_is_refused_with_a_clear_error(backend_alias):
     worker = Worker("immediate")
     assert worker.wait() != 0
     assert "not a Conveyor backend" in worker.output
+
+
+def drop_other_connections(backend) -> int:  # type: ignore[no-untyped-def]
+    """Cut every other session to the test database, as a database restart would."""
+    conn = connections[backend.database]
+    name = conn.settings_dict["NAME"]
+    with conn.cursor() as cursor:
+        if conn.vendor == "postgresql":
+            cursor.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                           "WHERE datname = %s AND pid <> pg_backend_pid()", [name])
+            return int(cursor.fetchone()[0])
+        cursor.execute("SELECT id FROM information_schema.processlist WHERE db = %s "
+                       "AND id <> CONNECTION_ID()", [name])
+        ids = [row[0] for row in cursor.fetchall()]
+        for pid in ids:
+            cursor.execute(f"KILL {int(pid)}")
+        return len(ids)
+
+
+def test_the_worker_recovers_from_dropped_database_connections(backend, backend_alias, engine):
+    if engine == "sqlite":
+        pytest.skip("SQLite has no server connections to drop")
+    first = on(tasks.add, backend_alias).enqueue(1, 1)
+    with Worker(backend_alias, "--processes", "1") as worker:
+        wait_for(lambda: status(first) == TaskResultStatus.SUCCESSFUL)
+        assert drop_other_connections(backend) >= 1
+        second = on(tasks.add, backend_alias).enqueue(2, 2)
+        wait_for(lambda: status(second) == TaskResultStatus.SUCCESSFUL, timeout=20)
+        third = on(tasks.add, backend_alias).enqueue(3, 3)
+        wait_for(lambda: status(third) == TaskResultStatus.SUCCESSFUL, timeout=20)
+        worker.signal()
+        assert worker.wait() == 0, worker.output

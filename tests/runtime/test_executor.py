@@ -1,0 +1,86 @@
+"""The executor in this process: signals, outcomes, graceful hand-back, recycling."""
+
+from __future__ import annotations
+
+import threading
+
+from django.tasks import TaskResultStatus
+from django.tasks.signals import task_finished, task_started
+
+import conveyor
+from conveyor.backends.database import DatabaseBackend
+from conveyor.records import QueueSelector
+from conveyor.runtime.executor import EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED, Executor, ExecutorConfig
+from tests.helpers import job, on
+from tests.testapp import tasks
+
+
+def run(backend, **config) -> int:  # type: ignore[no-untyped-def]
+    settings = {"worker_id": "test-worker", "queues": QueueSelector(), "until_done": True,
+                **config}
+    return Executor(backend, ExecutorConfig(**settings)).run()
+
+
+def test_started_and_finished_signals_come_from_the_backend_class(backend, backend_alias):
+    seen: list[tuple[str, type, str, str]] = []
+
+    def on_started(sender, task_result, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(("started", sender, task_result.id, task_result.status))
+
+    def on_finished(sender, task_result, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(("finished", sender, task_result.id, task_result.status))
+        if task_result.status == TaskResultStatus.SUCCESSFUL:
+            assert task_result.return_value == 5
+            assert task_result.finished_at is not None
+        else:
+            assert task_result.errors[-1].exception_class is ValueError
+
+    ok = on(tasks.add, backend_alias).enqueue(2, 3)
+    bad = on(tasks.explode, backend_alias).enqueue("no")
+    task_started.connect(on_started)
+    task_finished.connect(on_finished)
+    try:
+        assert run(backend) == EXIT_DONE
+    finally:
+        task_started.disconnect(on_started)
+        task_finished.disconnect(on_finished)
+
+    assert ("started", DatabaseBackend, ok.id, TaskResultStatus.RUNNING) in seen
+    assert ("finished", DatabaseBackend, ok.id, TaskResultStatus.SUCCESSFUL) in seen
+    assert ("finished", DatabaseBackend, bad.id, TaskResultStatus.FAILED) in seen
+    assert len(seen) == 4
+
+
+def test_every_result_field_is_filled(backend, backend_alias):
+    result = on(tasks.add, backend_alias).enqueue(20, 22)
+    run(backend, threads=2)
+    result.refresh()
+    assert result.status == TaskResultStatus.SUCCESSFUL and result.return_value == 42
+    assert result.enqueued_at <= result.started_at <= result.finished_at
+    assert result.last_attempted_at == result.started_at
+    assert result.worker_ids == ["test-worker"] and result.errors == []
+
+
+def test_a_stop_hands_back_claimed_jobs_that_never_started(backend, backend_alias):
+    results = conveyor.bulk_enqueue(on(tasks.noop, backend_alias), [() for _ in range(5)])
+    claimed = backend.claim("test-worker", QueueSelector(), 5)
+    executor = Executor(backend, ExecutorConfig(worker_id="test-worker", queues=QueueSelector()))
+    executor.request_stop()
+    for item in claimed:
+        executor._submit(item)
+    assert executor.run() == EXIT_STOPPED
+    for result in results:
+        row = job(result)
+        assert row.status == TaskResultStatus.READY and row.attempts == 0
+
+
+def test_max_tasks_recycles(backend, backend_alias):
+    conveyor.bulk_enqueue(on(tasks.noop, backend_alias), [() for _ in range(5)])
+    assert run(backend, max_tasks=3, until_done=False) == EXIT_RECYCLE
+    assert backend.stats().successful == 3 and backend.stats().ready == 2
+
+
+def test_an_idle_worker_stops_on_request(backend):
+    executor = Executor(backend, ExecutorConfig(worker_id="idle", queues=QueueSelector()))
+    threading.Timer(0.3, executor.request_stop).start()
+    assert executor.run() == EXIT_STOPPED

@@ -1,0 +1,38 @@
+"""PostgreSQL wakes idle workers with LISTEN/NOTIFY, only for committed enqueues."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django.db import transaction
+
+from conveyor.records import QueueSelector
+from tests.helpers import on
+from tests.testapp import tasks
+
+
+def test_notify_wakes_a_waiting_worker_only_after_commit(backend, backend_alias, engine):
+    if engine != "postgresql" and engine != "postgres":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    assert backend.supports_wakeup
+    waiter = backend.waiter(QueueSelector())
+    try:
+        assert waiter.wait(0.05) is False  # connects and listens
+        with pytest.raises(RuntimeError), transaction.atomic(using=backend.database):
+            on(tasks.noop, backend_alias).enqueue()
+            raise RuntimeError
+        assert waiter.wait(0.3) is False
+        on(tasks.noop, backend_alias).enqueue()
+        started = time.monotonic()
+        assert waiter.wait(5.0) is True
+        assert time.monotonic() - started < 5.0
+    finally:
+        waiter.close()
+
+
+def test_other_engines_poll(backend, engine):
+    if engine == "postgres":
+        pytest.skip("PostgreSQL is woken by NOTIFY")
+    assert not backend.supports_wakeup
+    assert backend.waiter(QueueSelector()).wait(0.01) is False
