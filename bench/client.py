@@ -54,12 +54,14 @@ def subject(system: str) -> Subject:
     if system == "conveyor":
         from conveyor.models import Job
 
-        return Subject(system, noop_conveyor,
-                       lambda: Job.objects.filter(backend_name="conveyor"), "uuid")
+        return Subject(
+            system, noop_conveyor, lambda: Job.objects.filter(backend_name="conveyor"), "uuid"
+        )
     from django_tasks_db.models import DBTaskResult
 
-    return Subject(system, noop_tasksdb,
-                   lambda: DBTaskResult.objects.filter(backend_name="tasksdb"), "id")
+    return Subject(
+        system, noop_tasksdb, lambda: DBTaskResult.objects.filter(backend_name="tasksdb"), "id"
+    )
 
 
 # --- enqueueing ---------------------------------------------------------------------------
@@ -134,8 +136,11 @@ def table_figures(s: Subject, total: int) -> Figures:
 
     counts = dict(s.rows().values_list("status").annotate(n=Count("pk")).order_by())
     span = s.rows().aggregate(first=Min("started_at"), last=Max("finished_at"))
-    figures: Figures = {"statuses": counts, "successful": counts.get("SUCCESSFUL", 0),
-                        "failed": counts.get("FAILED", 0)}
+    figures: Figures = {
+        "statuses": counts,
+        "successful": counts.get("SUCCESSFUL", 0),
+        "failed": counts.get("FAILED", 0),
+    }
     if span["first"] is not None and span["last"] is not None:
         seconds = (span["last"] - span["first"]).total_seconds()
         figures.update(db_span_seconds=seconds, db_span_rate=total / max(seconds, 1e-9))
@@ -180,8 +185,11 @@ def run_one(s: Subject, i: int, timeout: float) -> tuple[float, float, bool]:
     result = s.task.enqueue(i)
     deadline = started + timeout
     while time.perf_counter() < deadline:
-        row = list(s.rows().filter(**{s.key: result.id})
-                   .values_list("status", "enqueued_at", "finished_at"))
+        row = list(
+            s.rows()
+            .filter(**{s.key: result.id})
+            .values_list("status", "enqueued_at", "finished_at")
+        )
         if row and row[0][0] not in OPEN_STATUSES:
             wall = time.perf_counter() - started
             status, enqueued_at, finished_at = row[0]
@@ -197,8 +205,11 @@ def percentiles(name: str, values: list[float]) -> Figures:
     if len(values) == 1:
         return {f"{name}_p50": values[0], f"{name}_p99": values[0], f"{name}_max": values[0]}
     cuts = statistics.quantiles(values, n=100, method="inclusive")
-    return {f"{name}_p50": statistics.median(values), f"{name}_p99": cuts[98],
-            f"{name}_max": max(values)}
+    return {
+        f"{name}_p50": statistics.median(values),
+        f"{name}_p99": cuts[98],
+        f"{name}_max": max(values),
+    }
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -247,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     django.setup()
     s = subject(args.system)
     label = f"{args.phase}-{args.system}"
-    with WorkerGroup(args.logdir, label, supervised=args.system == "conveyor",
-                     pidfile=args.pidfile) as group:
+    with WorkerGroup(
+        args.logdir, label, supervised=args.system == "conveyor", pidfile=args.pidfile
+    ) as group:
         figures = PHASES[args.phase](s, args, group)
         figures["worker_logs"] = [str(log) for log in group.logs]
     args.out.write_text(json.dumps(figures, indent=2, default=str))

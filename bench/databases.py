@@ -31,8 +31,11 @@ def base_env(conn_max_age: str) -> dict[str, str]:
     paths = [str(ROOT), str(ROOT / "src")]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
-    env.update(PYTHONPATH=os.pathsep.join(paths), DJANGO_SETTINGS_MODULE="bench.settings",
-               BENCH_CONN_MAX_AGE=conn_max_age)
+    env.update(
+        PYTHONPATH=os.pathsep.join(paths),
+        DJANGO_SETTINGS_MODULE="bench.settings",
+        BENCH_CONN_MAX_AGE=conn_max_age,
+    )
     return env
 
 
@@ -46,13 +49,21 @@ class Engine(ABC):
 
     def env(self, db_name: str) -> dict[str, str]:
         """The environment that points the bench project at ``db_name``."""
-        return {**base_env(self.conn_max_age), "BENCH_DB_ENGINE": self.name,
-                "BENCH_DB_NAME": db_name}
+        return {
+            **base_env(self.conn_max_age),
+            "BENCH_DB_ENGINE": self.name,
+            "BENCH_DB_NAME": db_name,
+        }
 
     def migrate(self, db_name: str) -> None:
-        subprocess.run([sys.executable, str(MANAGE), "migrate", "--verbosity", "0"],
-                       cwd=ROOT, env=self.env(db_name), check=True, timeout=MIGRATE_TIMEOUT,
-                       stdin=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, str(MANAGE), "migrate", "--verbosity", "0"],
+            cwd=ROOT,
+            env=self.env(db_name),
+            check=True,
+            timeout=MIGRATE_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
     @abstractmethod
     def prepare(self) -> None:
@@ -87,8 +98,10 @@ class SQLiteEngine(Engine):
     def fresh(self) -> Iterator[dict[str, str]]:
         self.copies += 1
         path = self.dir / f"bench-{self.copies}.sqlite3"
-        with (contextlib.closing(sqlite3.connect(self.template)) as source,
-              contextlib.closing(sqlite3.connect(path)) as target):
+        with (
+            contextlib.closing(sqlite3.connect(self.template)) as source,
+            contextlib.closing(sqlite3.connect(path)) as target,
+        ):
             source.backup(target)
         try:
             yield self.env(str(path))
@@ -116,7 +129,9 @@ class PostgresEngine(Engine):
             port=int(os.environ.get("BENCH_PG_PORT", "5432")),
             user=os.environ.get("BENCH_PG_USER", "postgres"),
             password=os.environ.get("BENCH_PG_PASSWORD", ""),
-            dbname="postgres", autocommit=True, connect_timeout=10,
+            dbname="postgres",
+            autocommit=True,
+            connect_timeout=10,
         )
 
     def _execute(self, *statements: str) -> None:

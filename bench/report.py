@@ -12,8 +12,13 @@ from bench.workers import LABELS
 
 Figures = dict[str, Any]
 Results = dict[str, dict[str, Figures]]  # database -> system -> figures
-HEADER = ("Metric", "Better", LABELS["conveyor"], LABELS["tasksdb"],
-          f"{LABELS['conveyor']} / {LABELS['tasksdb']}")
+HEADER = (
+    "Metric",
+    "Better",
+    LABELS["conveyor"],
+    LABELS["tasksdb"],
+    f"{LABELS['conveyor']} / {LABELS['tasksdb']}",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,23 +36,39 @@ class Metric:
 METRICS = (
     Metric("enqueue_one_rate", "Enqueue {tasks}, one by one", "tasks/s", "higher"),
     Metric("enqueue_bulk_rate", "Enqueue {tasks}, bulk", "tasks/s", "higher"),
-    Metric("drain_seconds", "Drain {tasks}: workers start -> all finished", "s", "lower",
-           digits=2),
+    Metric("drain_seconds", "Drain {tasks}: workers start -> all finished", "s", "lower", digits=2),
     Metric("drain_rate", "Drain throughput, {tasks} / that time", "tasks/s", "higher"),
-    Metric("db_span_rate", "Drain throughput in rows, first start -> last finish",
-           "tasks/s", "higher"),
-    Metric("worker_exit_seconds", "Drain: workers start -> worker exits (--until-done)",
-           "s", "lower", digits=2),
+    Metric(
+        "db_span_rate", "Drain throughput in rows, first start -> last finish", "tasks/s", "higher"
+    ),
+    Metric(
+        "worker_exit_seconds",
+        "Drain: workers start -> worker exits (--until-done)",
+        "s",
+        "lower",
+        digits=2,
+    ),
     Metric("not_successful", "Drain: tasks not successful", "", "lower"),
-    Metric("stored_p50", "Latency p50, stored finished_at - enqueued_at", "ms", "lower",
-           scale=1000, digits=1),
-    Metric("stored_p99", "Latency p99, stored finished_at - enqueued_at", "ms", "lower",
-           scale=1000, digits=1),
+    Metric(
+        "stored_p50",
+        "Latency p50, stored finished_at - enqueued_at",
+        "ms",
+        "lower",
+        scale=1000,
+        digits=1,
+    ),
+    Metric(
+        "stored_p99",
+        "Latency p99, stored finished_at - enqueued_at",
+        "ms",
+        "lower",
+        scale=1000,
+        digits=1,
+    ),
     Metric("wall_p50", "Latency p50, client wall time", "ms", "lower", scale=1000, digits=1),
     Metric("wall_p99", "Latency p99, client wall time", "ms", "lower", scale=1000, digits=1),
     Metric("latency_failed", "Latency: tasks not successful", "", "lower"),
-    Metric("idle_cpu_percent", "Idle CPU, all worker processes", "% of a core", "lower",
-           digits=2),
+    Metric("idle_cpu_percent", "Idle CPU, all worker processes", "% of a core", "lower", digits=2),
     Metric("processes", "Worker-side processes", "", ""),
     Metric("worker_rss", "Memory per worker process, RSS", "MiB", "lower", digits=1),
     Metric("worker_uss", "Memory per worker process, USS", "MiB", "lower", digits=1),
@@ -74,11 +95,16 @@ def derive(figures: Figures, tasks: int) -> Figures:
     workers = [e for e in entries if e["role"] == "worker"]
     supervisors = [e for e in entries if e["role"] == "supervisor"]
     if entries:
-        out.update(processes=len(entries), total_uss=sum(e["uss"] for e in entries),
-                   total_pss=sum(e["pss"] for e in entries))
+        out.update(
+            processes=len(entries),
+            total_uss=sum(e["uss"] for e in entries),
+            total_pss=sum(e["pss"] for e in entries),
+        )
     if workers:
-        out.update(worker_rss=statistics.mean(e["rss"] for e in workers),
-                   worker_uss=statistics.mean(e["uss"] for e in workers))
+        out.update(
+            worker_rss=statistics.mean(e["rss"] for e in workers),
+            worker_uss=statistics.mean(e["uss"] for e in workers),
+        )
     if supervisors:
         out.update(supervisor_rss=supervisors[0]["rss"], supervisor_uss=supervisors[0]["uss"])
     return out
@@ -109,8 +135,15 @@ def table_rows(per_system: dict[str, Figures], tasks: int) -> list[tuple[str, ..
         label = metric.label.format(tasks=f"{tasks:,}")
         if metric.unit:
             label = f"{label} ({metric.unit})"
-        rows.append((label, metric.better, _cell(metric, "conveyor", conveyor),
-                     _cell(metric, "tasksdb", tasksdb), _ratio(metric, conveyor, tasksdb)))
+        rows.append(
+            (
+                label,
+                metric.better,
+                _cell(metric, "conveyor", conveyor),
+                _cell(metric, "tasksdb", tasksdb),
+                _ratio(metric, conveyor, tasksdb),
+            )
+        )
     return rows
 
 
@@ -120,12 +153,14 @@ def notes(per_system: dict[str, Figures]) -> list[str]:
     bulk = per_system.get("conveyor", {}).get("enqueue_bulk_rate")
     one = per_system.get("tasksdb", {}).get("enqueue_one_rate")
     if bulk and one:
-        found.append(f"{LABELS['conveyor']} bulk vs {LABELS['tasksdb']} one by one: "
-                     f"{bulk / one:.2f}x.")
+        found.append(
+            f"{LABELS['conveyor']} bulk vs {LABELS['tasksdb']} one by one: {bulk / one:.2f}x."
+        )
     for system, figures in per_system.items():
         found.extend(f"{LABELS[system]}: {error}" for error in figures.get("errors", []))
-        found.extend(f"{LABELS[system]} worker log: `{line}`"
-                     for line in figures.get("log_notes", []))
+        found.extend(
+            f"{LABELS[system]} worker log: `{line}`" for line in figures.get("log_notes", [])
+        )
     return found
 
 
@@ -155,16 +190,29 @@ def render_text(results: Results, tasks: int) -> str:
 
 def _md_table(rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" + "---|" + "---:|" * 3]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
-              for row in rows]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return lines
 
 
-def render_markdown(results: Results, tasks: int, command: str, date: str,
-                    facts: Sequence[tuple[str, str]], intro: str) -> str:
+def render_markdown(
+    results: Results,
+    tasks: int,
+    command: str,
+    date: str,
+    facts: Sequence[tuple[str, str]],
+    intro: str,
+) -> str:
     """The whole document: intro, command, date, machine facts and a table per database."""
-    lines = [intro.rstrip(), "", f"## Run of {date}", "", f"Command: `{command}`", "",
-             "| Machine | |", "|---|---|"]
+    lines = [
+        intro.rstrip(),
+        "",
+        f"## Run of {date}",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| Machine | |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {value} |" for name, value in facts]
     for db, per_system in results.items():
         lines += ["", f"### {ENGINE_LABELS[db]}", "", *_md_table(table_rows(per_system, tasks))]

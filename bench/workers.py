@@ -27,8 +27,15 @@ def worker_commands(system: str, processes: int, until_done: bool) -> list[list[
     """The command lines that run ``processes`` workers of ``system`` on its own backend."""
     manage = [sys.executable, str(MANAGE)]
     if system == "conveyor":
-        argv = [*manage, "conveyor", "worker", "--backend", "conveyor",
-                "--processes", str(processes)]
+        argv = [
+            *manage,
+            "conveyor",
+            "worker",
+            "--backend",
+            "conveyor",
+            "--processes",
+            str(processes),
+        ]
         return [[*argv, "--until-done"] if until_done else argv]
     if system == "tasksdb":
         # Its defaults otherwise (interval 1s, startup delay); it is stopped with SIGTERM.
@@ -56,8 +63,9 @@ class WorkerGroup:
     what a crashed client left behind.
     """
 
-    def __init__(self, logdir: Path, label: str, *, supervised: bool,
-                 pidfile: Path | None = None) -> None:
+    def __init__(
+        self, logdir: Path, label: str, *, supervised: bool, pidfile: Path | None = None
+    ) -> None:
         self.logdir = logdir
         self.label = label
         self.supervised = supervised  # the started process only supervises its children
@@ -69,8 +77,12 @@ class WorkerGroup:
     def __enter__(self) -> WorkerGroup:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def start(self, commands: list[list[str]]) -> None:
@@ -80,8 +92,14 @@ class WorkerGroup:
         for argv in commands:
             log = self.logdir / f"{self.label}-{len(self.popens) + 1}.log"
             with log.open("wb") as out:
-                popen = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                popen = subprocess.Popen(
+                    argv,
+                    cwd=ROOT,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             self.popens.append(popen)
             self.logs.append(log)
             self._record(popen.pid)
@@ -171,8 +189,15 @@ def memory(processes: list[Process]) -> list[dict[str, float | str]]:
             info = p.handle.memory_full_info()
         except psutil.NoSuchProcess:
             continue
-        found.append({"role": p.role, "pid": p.handle.pid, "rss": info.rss / MIB,
-                      "uss": info.uss / MIB, "pss": getattr(info, "pss", 0.0) / MIB})
+        found.append(
+            {
+                "role": p.role,
+                "pid": p.handle.pid,
+                "rss": info.rss / MIB,
+                "uss": info.uss / MIB,
+                "pss": getattr(info, "pss", 0.0) / MIB,
+            }
+        )
     return found
 
 

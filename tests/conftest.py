@@ -8,8 +8,11 @@ from django.conf import settings
 from tests.services import in_ci
 
 # Engine name -> (DATABASES alias, TASKS alias).
-ENGINES = {"sqlite": ("default", "default"), "postgres": ("postgres", "postgres"),
-           "mysql": ("mysql", "mysql")}
+ENGINES = {
+    "sqlite": ("default", "default"),
+    "postgres": ("postgres", "postgres"),
+    "mysql": ("mysql", "mysql"),
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -49,14 +49,19 @@ class Worker:
     def __init__(self, backend: str, *args: str, options: dict[str, Any] | None = None) -> None:
         env = dict(os.environ)
         env["CONVEYOR_TEST_DB_NAMES"] = json.dumps(
-            {alias: connections[alias].settings_dict["NAME"] for alias in connections})
+            {alias: connections[alias].settings_dict["NAME"] for alias in connections}
+        )
         env["CONVEYOR_TEST_OPTIONS"] = json.dumps({**FAST, **(options or {})})
         env.pop("DJANGO_SETTINGS_MODULE", None)
-        self.args = [sys.executable, str(MANAGE), "conveyor", "worker", "--backend", backend,
-                     *args]
+        self.args = [sys.executable, str(MANAGE), "conveyor", "worker", "--backend", backend, *args]
         self.proc = subprocess.Popen(
-            self.args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True,  # its own group, so a test can end it whole
+            self.args,
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own group, so a test can end it whole
         )
         self.output = ""
 
@@ -74,9 +79,9 @@ class Worker:
     def wait(self, timeout: float = 30.0) -> int:
         try:
             out, _ = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as e:
             self.stop()
-            raise AssertionError(f"worker did not exit within {timeout}s:\n{self.output}")
+            raise AssertionError(f"worker did not exit within {timeout}s:\n{self.output}") from e
         self.output += out or ""
         return self.proc.returncode
 

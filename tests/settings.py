@@ -4,6 +4,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from tests.services import available
 
@@ -14,7 +15,7 @@ INSTALLED_APPS = ["django.contrib.contenttypes", "conveyor", "tests.testapp"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 SQLITE_DIR = Path(os.environ.get("CONVEYOR_TEST_SQLITE_DIR") or tempfile.mkdtemp("-conveyor"))
-DATABASES = {
+DATABASES: dict[str, dict[str, Any]] = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": str(SQLITE_DIR / "conveyor.sqlite3"),
@@ -41,8 +42,7 @@ if _servers["mysql"]:
         "HOST": "127.0.0.1",
         "PORT": 3306,
         "OPTIONS": {"charset": "utf8mb4"},
-        "TEST": {"NAME": "test_conveyor", "CHARSET": "utf8mb4",
-                 "COLLATION": "utf8mb4_unicode_ci"},
+        "TEST": {"NAME": "test_conveyor", "CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"},
     }
 
 # Worker subprocesses started by the tests point at the databases the test run created.
@@ -52,7 +52,7 @@ for _alias, _name in json.loads(os.environ.get("CONVEYOR_TEST_DB_NAMES", "{}")).
 
 _options = json.loads(os.environ.get("CONVEYOR_TEST_OPTIONS", "{}"))
 QUEUES = ["default", "emails", "reports"]
-TASKS = {
+TASKS: dict[str, dict[str, Any]] = {
     "default": {
         "BACKEND": "conveyor.backends.database.DatabaseBackend",
         "QUEUES": QUEUES,
@@ -66,13 +66,17 @@ for _alias in ("postgres", "mysql"):
             "QUEUES": QUEUES,
             "OPTIONS": {"DATABASE": _alias, **_options},
         }
-TASKS["immediate"] = {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend",
-                      "QUEUES": QUEUES}
+TASKS["immediate"] = {
+    "BACKEND": "django.tasks.backends.immediate.ImmediateBackend",
+    "QUEUES": QUEUES,
+}
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(process)d %(levelname)s %(name)s %(message)s"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(process)d %(levelname)s %(name)s %(message)s"}
+    },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {"conveyor": {"handlers": ["console"], "level": "INFO"}},
 }

@@ -36,7 +36,7 @@ def bulk_enqueue(task: Task, calls: Iterable[Call | tuple[Any, ...]]) -> list[Ta
             f"Backend {task.backend!r} ({type(backend).__name__}) cannot enqueue in bulk; "
             "use a Conveyor backend or call enqueue() for each call."
         )
-    return method(task, [_as_pair(task, item) for item in calls])  # type: ignore[no-any-return]
+    return method(task, [_as_pair(task, item) for item in calls])
 
 
 def _as_pair(task: Task, item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

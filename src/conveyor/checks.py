@@ -12,14 +12,18 @@ from django.core import checks
 def check_sqlite_timeout(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """Warn when SQLite would give up on a busy database too quickly for several workers."""
     messages: list[checks.CheckMessage] = []
-    for alias, db in settings.DATABASES.items():
+    databases: dict[str, dict[str, Any]] = settings.DATABASES
+    for alias, db in databases.items():
         if not db.get("ENGINE", "").endswith("sqlite3"):
             continue
         timeout = db.get("OPTIONS", {}).get("timeout", 5)
         if timeout < 10:
-            messages.append(checks.Warning(
-                f"DATABASES[{alias!r}] waits only {timeout}s for a busy SQLite database; "
-                "with several Conveyor worker processes writing, use at least 10.",
-                hint=f"Set DATABASES[{alias!r}]['OPTIONS']['timeout'] = 20.",
-                id="conveyor.W001"))
+            messages.append(
+                checks.Warning(
+                    f"DATABASES[{alias!r}] waits only {timeout}s for a busy SQLite database; "
+                    "with several Conveyor worker processes writing, use at least 10.",
+                    hint=f"Set DATABASES[{alias!r}]['OPTIONS']['timeout'] = 20.",
+                    id="conveyor.W001",
+                )
+            )
     return messages

@@ -37,7 +37,7 @@ class JSONAppendText(models.Func):
         text_sql, text_params = compiler.compile(self.source_expressions[1])
         return array_sql, text_sql, (*array_params, *text_params)
 
-    def as_sql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+    def as_sql(self, compiler: Any, connection: Any, *args: Any, **extra: Any) -> Any:
         raise NotSupportedError(f"Conveyor does not support the {connection.vendor} database.")
 
     def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
@@ -61,7 +61,7 @@ def write_transaction(using: str) -> Iterator[None]:
     another connection wrote meanwhile ("database is locked", with no waiting). Starting
     with BEGIN IMMEDIATE makes writers queue on the busy timeout instead.
     """
-    conn = connections[using]
+    conn: Any = connections[using]
     if conn.vendor != "sqlite" or conn.in_atomic_block:
         with transaction.atomic(using=using):
             yield
@@ -70,17 +70,11 @@ def write_transaction(using: str) -> Iterator[None]:
     previous = conn.transaction_mode
     conn.transaction_mode = "IMMEDIATE"
     try:
-        atomic = transaction.atomic(using=using)
-        atomic.__enter__()
+        with transaction.atomic(using=using):
+            conn.transaction_mode = previous  # BEGIN IMMEDIATE has been sent
+            yield
     finally:
         conn.transaction_mode = previous
-    try:
-        yield
-    except BaseException as e:
-        if not atomic.__exit__(type(e), e, e.__traceback__):
-            raise
-    else:
-        atomic.__exit__(None, None, None)
 
 
 class JobQuerySet(models.QuerySet["Job"]):
@@ -131,13 +125,17 @@ class JobQuerySet(models.QuerySet["Job"]):
         set_sql, set_params = changes.sql(conn)
         if conn.vendor == "postgresql":
             # MATERIALIZED: the LIMIT subquery runs once, so exactly ``limit`` rows are taken.
-            sql = (f"WITH picked (id) AS MATERIALIZED ({pick_sql} FOR UPDATE SKIP LOCKED) "
-                   f"UPDATE {table} SET {set_sql} FROM picked "
-                   f"WHERE {table}.id = picked.id RETURNING {table}.*")
+            sql = (
+                f"WITH picked (id) AS MATERIALIZED ({pick_sql} FOR UPDATE SKIP LOCKED) "
+                f"UPDATE {table} SET {set_sql} FROM picked "
+                f"WHERE {table}.id = picked.id RETURNING {table}.*"
+            )
             params = (*pick_params, *set_params)
         else:
-            sql = (f"UPDATE {table} SET {set_sql} WHERE {table}.status = %s AND {table}.id IN "
-                   f"({pick_sql}) RETURNING *")
+            sql = (
+                f"UPDATE {table} SET {set_sql} WHERE {table}.status = %s AND {table}.id IN "
+                f"({pick_sql}) RETURNING *"
+            )
             params = (*set_params, Status.READY, *pick_params)
         return list(self.model.objects.raw(sql, params).using(self.db))
 
@@ -145,8 +143,10 @@ class JobQuerySet(models.QuerySet["Job"]):
         # MySQL has no UPDATE ... RETURNING and no LIMIT inside IN (...): lock ids first.
         with transaction.atomic(using=self.db):
             ids = list(
-                self.ready(changes.now).order_by(*CLAIM_ORDER)
-                .select_for_update(skip_locked=True).values_list("pk", flat=True)[:limit]
+                self.ready(changes.now)
+                .order_by(*CLAIM_ORDER)
+                .select_for_update(skip_locked=True)
+                .values_list("pk", flat=True)[:limit]
             )
             if not ids:
                 return []
@@ -184,8 +184,11 @@ class JobQuerySet(models.QuerySet["Job"]):
         table = conn.ops.quote_name(self.model._meta.db_table)
         params: list[Any] = []
         for pk, value, finished_at in successes:
-            params += [pk, None if value is None else json.dumps(value),
-                       conn.ops.adapt_datetimefield_value(finished_at)]
+            params += [
+                pk,
+                None if value is None else json.dumps(value),
+                conn.ops.adapt_datetimefield_value(finished_at),
+            ]
         rows = ", ".join(["(%s, %s, %s)"] * len(successes))
         if conn.vendor == "postgresql":
             source = f"(VALUES {rows}) AS v (id, rv, fin)"
@@ -195,9 +198,11 @@ class JobQuerySet(models.QuerySet["Job"]):
             source = f"(VALUES {rows}) AS v"
             assign = "return_value = v.column2, finished_at = v.column3"
             key = "v.column1"
-        sql = (f"UPDATE {table} SET status = %s, {assign}, lease_owner = NULL, "
-               f"lease_expires_at = NULL FROM {source} "
-               f"WHERE {table}.id = {key} AND {table}.status IN (%s, %s) RETURNING {table}.id")
+        sql = (
+            f"UPDATE {table} SET status = %s, {assign}, lease_owner = NULL, "
+            f"lease_expires_at = NULL FROM {source} "
+            f"WHERE {table}.id = {key} AND {table}.status IN (%s, %s) RETURNING {table}.id"
+        )
         with conn.cursor() as cursor:
             cursor.execute(sql, [Status.SUCCESSFUL, *params, Status.READY, Status.RUNNING])
             return {row[0] for row in cursor.fetchall()}
@@ -220,13 +225,13 @@ class JobQuerySet(models.QuerySet["Job"]):
 
     def fail(self, pk: int, worker_id: str, error: TaskError, finished_at: datetime) -> bool:
         """Record a final failure if ``worker_id`` still holds the job."""
-        return self._end_attempt(pk, worker_id, error, status=Status.FAILED,
-                                 finished_at=finished_at)
+        return self._end_attempt(
+            pk, worker_id, error, status=Status.FAILED, finished_at=finished_at
+        )
 
     def retry(self, pk: int, worker_id: str, error: TaskError, run_after: datetime) -> bool:
         """Record a failed attempt and make the job ready again at ``run_after``."""
-        return self._end_attempt(pk, worker_id, error, status=Status.READY,
-                                 available_at=run_after)
+        return self._end_attempt(pk, worker_id, error, status=Status.READY, available_at=run_after)
 
     def unclaim(self, pk: int, worker_id: str) -> bool:
         """Give a claimed, never-started job back, as if it had not been delivered."""
@@ -269,14 +274,16 @@ class JobQuerySet(models.QuerySet["Job"]):
 
 def _per_row(rows: Sequence[tuple[Any, ...]], index: int, field: models.Field) -> Any:
     """A value that differs by row: ``CASE id WHEN ... THEN ...`` (or the one value)."""
+
     def value(row: tuple[Any, ...]) -> Any:
         # A typed parameter inside CASE still needs a cast for PostgreSQL's jsonb.
         return Cast(Value(row[index], output_field=field), output_field=field)
 
     if len(rows) == 1:
         return value(rows[0])
-    return models.Case(*[models.When(pk=row[0], then=value(row)) for row in rows],
-                       output_field=field)
+    return models.Case(
+        *[models.When(pk=row[0], then=value(row)) for row in rows], output_field=field
+    )
 
 
 class _ClaimChanges:
@@ -327,7 +334,8 @@ class Job(models.Model):
     started_at = models.DateTimeField(_("started at"), null=True, blank=True)
     last_attempted_at = models.DateTimeField(_("last attempted at"), null=True, blank=True)
     finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
-    lease_owner = models.CharField(_("held by"), max_length=100, null=True, blank=True)
+    # NULL while no worker holds the job.
+    lease_owner = models.CharField(_("held by"), max_length=100, null=True, blank=True)  # noqa: DJ001
     lease_expires_at = models.DateTimeField(_("lease expires at"), null=True, blank=True)
 
     objects: ClassVar[JobQuerySet] = JobQuerySet.as_manager()  # type: ignore[assignment]
@@ -376,8 +384,10 @@ class Job(models.Model):
 
     def end_attempt(self, error: TaskError, **changes: Any) -> None:
         """Close the current attempt with ``error`` and apply ``changes``; save."""
-        self.errors = [*self.errors, {"exception_class_path": error.exception_class_path,
-                                      "traceback": error.traceback}]
+        self.errors = [
+            *self.errors,
+            {"exception_class_path": error.exception_class_path, "traceback": error.traceback},
+        ]
         self.lease_owner = None
         self.lease_expires_at = None
         for name, value in changes.items():
@@ -393,14 +403,24 @@ class Job(models.Model):
         self.lease_expires_at = None
         if not self.attempts:
             self.started_at = self.last_attempted_at = None
-        self.save(update_fields=["attempts", "worker_ids", "status", "lease_owner",
-                                 "lease_expires_at", "started_at",
-                                 "last_attempted_at"])
+        self.save(
+            update_fields=[
+                "attempts",
+                "worker_ids",
+                "status",
+                "lease_owner",
+                "lease_expires_at",
+                "started_at",
+                "last_attempted_at",
+            ]
+        )
 
     def requeue_lost(self, reason: str, max_attempts: int, now: datetime) -> None:
         """The worker running this job is gone: queue it again, or fail it for good."""
-        error = TaskError(exception_class_path="conveyor.exceptions.WorkerLost",
-                          traceback=f"conveyor.exceptions.WorkerLost: {reason}\n")
+        error = TaskError(
+            exception_class_path="conveyor.exceptions.WorkerLost",
+            traceback=f"conveyor.exceptions.WorkerLost: {reason}\n",
+        )
         if self.attempts >= max_attempts:
             error = TaskError(
                 exception_class_path=error.exception_class_path,

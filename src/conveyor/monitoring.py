@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TextIO
+from typing import Any, Protocol
 
 from conveyor.records import QueueStats
+
+
+class Writer(Protocol):
+    def write(self, text: str, /) -> Any: ...
+
 
 COLUMNS = ("ready", "scheduled", "running", "successful", "failed")
 
 
-def render_stats(stats: QueueStats, alias: str, out: TextIO) -> None:
+def render_stats(stats: QueueStats, alias: str, out: Writer) -> None:
     """Write a table of job counts per queue, with totals."""
     width = max([5, *(len(name) for name in stats.by_queue)])
     out.write(f"Backend {alias!r}\n")

@@ -68,8 +68,7 @@ def test_sigkill_of_a_worker_process_loses_nothing(backend, backend_alias, tmp_p
     assert "died" in worker.output
 
 
-def test_first_signal_finishes_running_tasks_and_exits_zero(backend, backend_alias,
-                                                             tmp_path: Path):
+def test_first_signal_finishes_running_tasks_and_exits_zero(backend, backend_alias, tmp_path: Path):
     log = tmp_path / "log"
     running = on(tasks.log_line, backend_alias).enqueue(str(log), "running", sleep=1.0)
     with Worker(backend_alias, "--processes", "1") as worker:
@@ -85,8 +84,7 @@ def test_first_signal_finishes_running_tasks_and_exits_zero(backend, backend_ali
     assert job(waiting).attempts == 0
 
 
-def test_second_signal_stops_tasks_and_puts_their_jobs_back(backend, backend_alias,
-                                                            tmp_path: Path):
+def test_second_signal_stops_tasks_and_puts_their_jobs_back(backend, backend_alias, tmp_path: Path):
     log = tmp_path / "log"
     result = on(tasks.log_line, backend_alias).enqueue(str(log), "long", sleep=30)
     with Worker(backend_alias, "--processes", "1") as worker:
@@ -117,8 +115,10 @@ def test_grace_period_ends_a_graceful_stop(backend, backend_alias, tmp_path: Pat
 
 def test_two_workers_never_run_the_same_job(backend, backend_alias, tmp_path: Path):
     log = tmp_path / "log"
-    conveyor.bulk_enqueue(on(tasks.log_line, backend_alias),
-                          [conveyor.call(str(log), f"job{i}", sleep=0.01) for i in range(80)])
+    conveyor.bulk_enqueue(
+        on(tasks.log_line, backend_alias),
+        [conveyor.call(str(log), f"job{i}", sleep=0.01) for i in range(80)],
+    )
     first = Worker(backend_alias, "--processes", "2", "--until-done")
     second = Worker(backend_alias, "--processes", "2", "--threads", "2", "--until-done")
     assert first.wait() == 0, first.output
@@ -171,7 +171,8 @@ def test_priorities_and_run_after_with_a_real_worker(backend, backend_alias, tmp
 
 
 def test_jobs_naming_missing_or_unregistered_code_fail_and_the_worker_goes_on(
-        backend, backend_alias):
+    backend, backend_alias
+):
     base = on(tasks.add, backend_alias)
     gone = base.enqueue(1, 1)
     plain = base.enqueue(2, 2)
@@ -179,7 +180,8 @@ def test_jobs_naming_missing_or_unregistered_code_fail_and_the_worker_goes_on(
     db = backend.database
     Job.objects.using(db).filter(uuid=gone.id).update(task_path="tests.testapp.tasks.vanished")
     Job.objects.using(db).filter(uuid=plain.id).update(
-        task_path="tests.testapp.tasks.plain_function")
+        task_path="tests.testapp.tasks.plain_function"
+    )
 
     worker = Worker(backend_alias, "--processes", "1", "--until-done")
     assert worker.wait() == 0, worker.output
@@ -216,8 +218,7 @@ def test_only_committed_enqueues_run(backend, backend_alias, tmp_path: Path):
 
 def test_max_tasks_per_child_recycles_processes(backend, backend_alias):
     results = [on(tasks.add, backend_alias).enqueue(i, 1) for i in range(5)]
-    worker = Worker(backend_alias, "--processes", "1", "--max-tasks-per-child", "2",
-                    "--until-done")
+    worker = Worker(backend_alias, "--processes", "1", "--max-tasks-per-child", "2", "--until-done")
     assert worker.wait() == 0, worker.output
     owners = {job(r).worker_ids[0] for r in results}
     assert len(owners) == 3
@@ -226,8 +227,10 @@ def test_max_tasks_per_child_recycles_processes(backend, backend_alias):
 
 def test_threads_run_tasks_side_by_side(backend, backend_alias, tmp_path: Path):
     log = tmp_path / "log"
-    conveyor.bulk_enqueue(on(tasks.log_line, backend_alias),
-                          [conveyor.call(str(log), f"t{i}", sleep=0.4) for i in range(4)])
+    conveyor.bulk_enqueue(
+        on(tasks.log_line, backend_alias),
+        [conveyor.call(str(log), f"t{i}", sleep=0.4) for i in range(4)],
+    )
     worker = Worker(backend_alias, "--processes", "1", "--threads", "4", "--until-done")
     assert worker.wait() == 0, worker.output
     events = [line.split()[0] for line in lines(log)]
@@ -252,11 +255,16 @@ def drop_other_connections(backend) -> int:  # type: ignore[no-untyped-def]
     name = conn.settings_dict["NAME"]
     with conn.cursor() as cursor:
         if conn.vendor == "postgresql":
-            cursor.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                           "WHERE datname = %s AND pid <> pg_backend_pid()", [name])
+            cursor.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                [name],
+            )
             return int(cursor.fetchone()[0])
-        cursor.execute("SELECT id FROM information_schema.processlist WHERE db = %s "
-                       "AND id <> CONNECTION_ID()", [name])
+        cursor.execute(
+            "SELECT id FROM information_schema.processlist WHERE db = %s AND id <> CONNECTION_ID()",
+            [name],
+        )
         ids = [row[0] for row in cursor.fetchall()]
         for pid in ids:
             cursor.execute(f"KILL {int(pid)}")

@@ -138,7 +138,9 @@ def test_enqueue_in_a_rolled_back_transaction_leaves_nothing(backend, backend_al
 def test_run_after_is_kept_and_honoured(backend, backend_alias):
     later = timezone.now() + timedelta(hours=1)
     deferred = on(tasks.add, backend_alias, run_after=later).enqueue(1, 1)
-    due = on(tasks.add, backend_alias, run_after=timezone.now() - timedelta(seconds=1)).enqueue(2, 2)
+    due = on(tasks.add, backend_alias, run_after=timezone.now() - timedelta(seconds=1)).enqueue(
+        2, 2
+    )
 
     assert backend.get_result(deferred.id).task.run_after == later
     assert [j.id for j in backend.claim("w", _everything(), 10)] == [due.id]
@@ -154,12 +156,14 @@ def test_naive_run_after_is_refused(backend_alias):
 def test_unknown_option_names_it():
     from conveyor.exceptions import ConveyorImproperlyConfigured
 
-    params = {"BACKEND": "conveyor.backends.database.DatabaseBackend",
-              "OPTIONS": {"LEASE": 5, "LEASSE": 3}}
-    with pytest.raises(ConveyorImproperlyConfigured, match="unknown option.*LEASSE"):
+    params = {
+        "BACKEND": "conveyor.backends.database.DatabaseBackend",
+        "OPTIONS": {"LEASE": 5, "LEASSE": 3},
+    }
+    with pytest.raises(ConveyorImproperlyConfigured, match=r"unknown option.*LEASSE"):
         DatabaseBackend("x", params)
     params["OPTIONS"] = {"LEASE": -1}
-    with pytest.raises(ConveyorImproperlyConfigured, match="'LEASE'.*positive"):
+    with pytest.raises(ConveyorImproperlyConfigured, match=r"'LEASE'.*positive"):
         DatabaseBackend("x", params)
     params["OPTIONS"] = {"BATCH_SIZE": 0}
     with pytest.raises(ConveyorImproperlyConfigured, match="'BATCH_SIZE'"):

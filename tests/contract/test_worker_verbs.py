@@ -23,10 +23,13 @@ BOOM = TaskError(exception_class_path="builtins.ValueError", traceback="ValueErr
 def with_options(alias: str, **options: object) -> DatabaseBackend:
     """The backend ``alias`` again, with some options changed."""
     params = task_backends[alias]
-    return DatabaseBackend(alias, {
-        "QUEUES": sorted(params.queues),
-        "OPTIONS": {**params.options, **{k.upper(): v for k, v in options.items()}},
-    })
+    return DatabaseBackend(
+        alias,
+        {
+            "QUEUES": sorted(params.queues),
+            "OPTIONS": {**params.options, **{k.upper(): v for k, v in options.items()}},
+        },
+    )
 
 
 def test_claim_marks_running_and_records_the_worker(backend, backend_alias):
@@ -89,7 +92,12 @@ def test_complete_many_saves_each_value(backend, backend_alias):
     now = timezone.now()
     values = [None, 0, "text", [1, 2], {"a": {"b": True}}]
     saved = backend.complete_many(
-        "w", [(j, v, now + timedelta(seconds=i)) for i, (j, v) in enumerate(zip(claimed, values, strict=True))])
+        "w",
+        [
+            (j, v, now + timedelta(seconds=i))
+            for i, (j, v) in enumerate(zip(claimed, values, strict=True))
+        ],
+    )
 
     assert saved == {r.id for r in results}
     for i, result in enumerate(results):
@@ -246,7 +254,12 @@ def test_stats_and_prune(backend, backend_alias):
 
     stats = backend.stats()
     assert (stats.ready, stats.scheduled, stats.running, stats.successful, stats.failed) == (
-        1, 1, 0, 1, 1)
+        1,
+        1,
+        0,
+        1,
+        1,
+    )
     assert stats.pending == 2 and stats.finished == 2
 
     assert backend.prune(timezone.now() - timedelta(days=1)) == 1

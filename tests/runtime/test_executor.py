@@ -10,14 +10,19 @@ from django.tasks.signals import task_finished, task_started
 import conveyor
 from conveyor.backends.database import DatabaseBackend
 from conveyor.records import QueueSelector
-from conveyor.runtime.executor import EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED, Executor, ExecutorConfig
+from conveyor.runtime.executor import (
+    EXIT_DONE,
+    EXIT_RECYCLE,
+    EXIT_STOPPED,
+    Executor,
+    ExecutorConfig,
+)
 from tests.helpers import job, on
 from tests.testapp import tasks
 
 
 def run(backend, **config) -> int:  # type: ignore[no-untyped-def]
-    settings = {"worker_id": "test-worker", "queues": QueueSelector(), "until_done": True,
-                **config}
+    settings = {"worker_id": "test-worker", "queues": QueueSelector(), "until_done": True, **config}
     return Executor(backend, ExecutorConfig(**settings)).run()
 
 

@@ -148,7 +148,7 @@ class ConveyorBackend(BaseTaskBackend):
         }
         return_value = changes.pop("return_value", None)
         values.update(changes)
-        result = TaskResult(**values)
+        result: TaskResult = TaskResult(**values)
         object.__setattr__(result, "_return_value", return_value)
         return result
 

@@ -76,8 +76,9 @@ class DatabaseBackend(ConveyorBackend):
             Job.objects.using(self.database).bulk_create(rows, batch_size=BULK_BATCH_SIZE)
             if rows:
                 self._notify(task.queue_name)
-        results = [self.to_task_result(row.to_record(), task, TaskResultStatus.READY)
-                   for row in rows]
+        results = [
+            self.to_task_result(row.to_record(), task, TaskResultStatus.READY) for row in rows
+        ]
         for result in results:
             task_enqueued.send(type(self), task_result=result)
         return results
@@ -121,33 +122,39 @@ class DatabaseBackend(ConveyorBackend):
         """The ``TaskResult`` a stored job stands for."""
         record = row.to_record()
         task = resolve_task(row.task_path).using(
-            priority=row.priority, queue_name=row.queue_name, run_after=row.run_after,
+            priority=row.priority,
+            queue_name=row.queue_name,
+            run_after=row.run_after,
             backend=self.alias,
         )
         return self.to_task_result(
-            record, task, TaskResultStatus(row.status),
-            finished_at=row.finished_at, return_value=row.return_value,
+            record,
+            task,
+            TaskResultStatus(row.status),
+            finished_at=row.finished_at,
+            return_value=row.return_value,
         )
 
     # --- worker verbs -----------------------------------------------------------------
 
     def claim(self, worker_id: str, queues: QueueSelector, limit: int) -> list[JobRecord]:
-        return self.jobs().for_queues(queues).claim(
-            worker_id, limit, self.conveyor_options.lease, timezone.now()
+        return (
+            self.jobs()
+            .for_queues(queues)
+            .claim(worker_id, limit, self.conveyor_options.lease, timezone.now())
         )
 
     def complete_many(self, worker_id: str, successes: Sequence[Success]) -> set[str]:
         by_pk = {self._pk(job): (job, value, finished) for job, value, finished in successes}
         saved = self.jobs().complete_many(
-            [(pk, value, finished) for pk, (_, value, finished) in by_pk.items()])
+            [(pk, value, finished) for pk, (_, value, finished) in by_pk.items()]
+        )
         return {by_pk[pk][0].id for pk in saved}
 
-    def fail(self, job: JobRecord, worker_id: str, error: TaskError,
-             finished_at: datetime) -> bool:
+    def fail(self, job: JobRecord, worker_id: str, error: TaskError, finished_at: datetime) -> bool:
         return self.jobs().fail(self._pk(job), worker_id, error, finished_at)
 
-    def retry(self, job: JobRecord, worker_id: str, error: TaskError,
-              run_after: datetime) -> bool:
+    def retry(self, job: JobRecord, worker_id: str, error: TaskError, run_after: datetime) -> bool:
         return self.jobs().retry(self._pk(job), worker_id, error, run_after)
 
     def unclaim(self, job: JobRecord, worker_id: str) -> bool:
@@ -159,15 +166,22 @@ class DatabaseBackend(ConveyorBackend):
         return self.jobs().heartbeat(worker_ids, self.conveyor_options.lease, timezone.now())
 
     def release(self, worker_id: str, reason: str) -> int:
-        return self.jobs().held_by(worker_id).requeue_lost(
-            reason, self.conveyor_options.max_attempts, timezone.now()
+        return (
+            self.jobs()
+            .held_by(worker_id)
+            .requeue_lost(reason, self.conveyor_options.max_attempts, timezone.now())
         )
 
     def recover_stale(self) -> int:
         now = timezone.now()
-        return self.jobs().expired(now).requeue_lost(
-            "its lease expired without a heartbeat (the worker or its machine stopped)",
-            self.conveyor_options.max_attempts, now,
+        return (
+            self.jobs()
+            .expired(now)
+            .requeue_lost(
+                "its lease expired without a heartbeat (the worker or its machine stopped)",
+                self.conveyor_options.max_attempts,
+                now,
+            )
         )
 
     def stats(self, queues: QueueSelector | None = None) -> QueueStats:
@@ -197,17 +211,29 @@ class DatabaseBackend(ConveyorBackend):
 
         errors: list[checks.CheckMessage] = []
         if self.database not in settings.DATABASES:
-            errors.append(checks.Error(
-                f"TASKS[{self.alias!r}] stores jobs in database {self.database!r}, which is "
-                "not in DATABASES.", hint="Set OPTIONS['DATABASE'] to a DATABASES alias.",
-                id="conveyor.E001"))
+            errors.append(
+                checks.Error(
+                    f"TASKS[{self.alias!r}] stores jobs in database {self.database!r}, which is "
+                    "not in DATABASES.",
+                    hint="Set OPTIONS['DATABASE'] to a DATABASES alias.",
+                    id="conveyor.E001",
+                )
+            )
         elif self.vendor not in SUPPORTED_VENDORS:
-            errors.append(checks.Error(
-                f"TASKS[{self.alias!r}] uses a {self.vendor} database; Conveyor supports "
-                f"{', '.join(SUPPORTED_VENDORS)}.", id="conveyor.E002"))
+            errors.append(
+                checks.Error(
+                    f"TASKS[{self.alias!r}] uses a {self.vendor} database; Conveyor supports "
+                    f"{', '.join(SUPPORTED_VENDORS)}.",
+                    id="conveyor.E002",
+                )
+            )
         if "conveyor" not in settings.INSTALLED_APPS:
-            errors.append(checks.Error(
-                f"TASKS[{self.alias!r}] uses Conveyor's DatabaseBackend, but 'conveyor' is "
-                "not in INSTALLED_APPS.", hint="Add 'conveyor' to INSTALLED_APPS.",
-                id="conveyor.E003"))
+            errors.append(
+                checks.Error(
+                    f"TASKS[{self.alias!r}] uses Conveyor's DatabaseBackend, but 'conveyor' is "
+                    "not in INSTALLED_APPS.",
+                    hint="Add 'conveyor' to INSTALLED_APPS.",
+                    id="conveyor.E003",
+                )
+            )
         return errors

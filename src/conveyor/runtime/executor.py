@@ -62,12 +62,17 @@ class ExecutorConfig:
 class Executor:
     """The claim -> invoke -> record loop of one process."""
 
-    def __init__(self, backend: ConveyorBackend, config: ExecutorConfig,
-                 middleware: Sequence[Middleware] | None = None) -> None:
+    def __init__(
+        self,
+        backend: ConveyorBackend,
+        config: ExecutorConfig,
+        middleware: Sequence[Middleware] | None = None,
+    ) -> None:
         self.backend = backend
         self.config = config
-        self.middleware = list(middleware) if middleware is not None else [
-            cls() for cls in DEFAULT_MIDDLEWARE]
+        self.middleware = (
+            list(middleware) if middleware is not None else [cls() for cls in DEFAULT_MIDDLEWARE]
+        )
         self.pool = ThreadPoolExecutor(config.threads, thread_name_prefix="conveyor-task")
         self.inflight: dict[Future[None], Job] = {}
         self.changed = threading.Event()
@@ -186,8 +191,12 @@ class Executor:
         for future in [f for f in self.inflight if f.done()]:
             job = self.inflight.pop(future)
             if not future.cancelled() and future.exception() is not None:
-                logger.error("Worker %s crashed on job %s", self.worker_id, job.id,
-                             exc_info=future.exception())
+                logger.error(
+                    "Worker %s crashed on job %s",
+                    self.worker_id,
+                    job.id,
+                    exc_info=future.exception(),
+                )
 
     # --- running one job (on a pool thread) ---------------------------------------------
 
@@ -213,8 +222,7 @@ class Executor:
     def _reject(self, job: Job, e: Exception) -> None:
         logger.error("Job %s cannot run: %s", job.id, e)
         error = error_from_exception(e, "".join(traceback.format_exception(e)))
-        self._persist("failure", self.backend.fail, job, self.worker_id, error,
-                      timezone.now())
+        self._persist("failure", self.backend.fail, job, self.worker_id, error, timezone.now())
 
     # --- saving outcomes (on the main thread) ----------------------------------------------
 
@@ -255,10 +263,12 @@ class Executor:
     def _save_failure(self, item: Finished) -> None:
         error = item.outcome.error
         assert error is not None
-        logger.error("Task %s failed (job %s):\n%s", item.job.task_path, item.job.id,
-                     error.traceback)
-        if self._persist("failure", self.backend.fail, item.job, self.worker_id, error,
-                         item.outcome.finished_at):
+        logger.error(
+            "Task %s failed (job %s):\n%s", item.job.task_path, item.job.id, error.traceback
+        )
+        if self._persist(
+            "failure", self.backend.fail, item.job, self.worker_id, error, item.outcome.finished_at
+        ):
             self._finished(item, TaskResultStatus.FAILED)
         else:
             self._not_saved(item.job)
@@ -267,25 +277,40 @@ class Executor:
         outcome = item.outcome
         errors = [*item.result.errors, outcome.error] if outcome.error else item.result.errors
         final = self.backend.to_task_result(
-            item.job, item.task, status, finished_at=outcome.finished_at,
-            return_value=outcome.return_value, errors=errors)
+            item.job,
+            item.task,
+            status,
+            finished_at=outcome.finished_at,
+            return_value=outcome.return_value,
+            errors=errors,
+        )
         task_finished.send(sender=type(self.backend), task_result=final)
 
     def _not_saved(self, job: Job) -> None:
-        logger.warning("The outcome of job %s was not recorded: it had already ended, "
-                       "or its lease had passed to another worker.", job.id)
+        logger.warning(
+            "The outcome of job %s was not recorded: it had already ended, "
+            "or its lease had passed to another worker.",
+            job.id,
+        )
 
     def _persist(self, what: str, verb: Callable[..., Any], *args: Any) -> Any:
         for attempt in range(PERSIST_TRIES):
             try:
                 return verb(*args)
             except Exception as e:
-                logger.warning("Could not save the %s of worker %s (%s); trying again.",
-                               what, self.worker_id, e)
+                logger.warning(
+                    "Could not save the %s of worker %s (%s); trying again.",
+                    what,
+                    self.worker_id,
+                    e,
+                )
                 close_old_connections()
                 time.sleep(min(0.05 * 2**attempt, 2.0))
-        logger.error("Gave up saving the %s of worker %s; the jobs run again once released.",
-                     what, self.worker_id)
+        logger.error(
+            "Gave up saving the %s of worker %s; the jobs run again once released.",
+            what,
+            self.worker_id,
+        )
         return False
 
     def _note_duration(self, outcome: Outcome) -> None:

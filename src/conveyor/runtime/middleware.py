@@ -35,8 +35,11 @@ class ConnectionHygiene(Middleware):
             if conn.connection is None:
                 continue
             if not conn.in_atomic_block and not conn.get_autocommit():
-                logger.warning("Task %s left a transaction open on %r; rolling it back.",
-                               job.task_path, conn.alias)
+                logger.warning(
+                    "Task %s left a transaction open on %r; rolling it back.",
+                    job.task_path,
+                    conn.alias,
+                )
                 conn.rollback()
                 conn.set_autocommit(True)
             if conn.errors_occurred:

@@ -17,8 +17,9 @@ REFRESH = 0.25
 class Progress:
     """Draw how many jobs have finished out of those there were, from backend stats."""
 
-    def __init__(self, backend: ConveyorBackend, queues: QueueSelector,
-                 console: Console | None = None) -> None:
+    def __init__(
+        self, backend: ConveyorBackend, queues: QueueSelector, console: Console | None = None
+    ) -> None:
         self.backend = backend
         self.queues = queues
         self.console = console or Console(stderr=True)
@@ -27,9 +28,14 @@ class Progress:
         self.started = time.monotonic()
         self.next_draw = 0.0
         self.bar = RichProgress(
-            TextColumn("[bold]conveyor[/]"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("[bold]conveyor[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
             TextColumn("{task.fields[rate]:>8.0f} tasks/s  failed {task.fields[failed]}"),
-            TimeElapsedColumn(), console=self.console, auto_refresh=False, transient=False,
+            TimeElapsedColumn(),
+            console=self.console,
+            auto_refresh=False,
+            transient=False,
         )
         self.bar_id = self.bar.add_task("jobs", total=self.first.pending, rate=0.0, failed=0)
         self.bar.start()
@@ -43,8 +49,13 @@ class Progress:
         self.last = self.backend.stats(self.queues)
         done = self.done(self.last)
         elapsed = max(now - self.started, 1e-9)
-        self.bar.update(self.bar_id, completed=done, total=done + self.last.pending,
-                        rate=done / elapsed, failed=self.last.failed - self.first.failed)
+        self.bar.update(
+            self.bar_id,
+            completed=done,
+            total=done + self.last.pending,
+            rate=done / elapsed,
+            failed=self.last.failed - self.first.failed,
+        )
         self.bar.refresh()
 
     def done(self, stats: QueueStats) -> int:
@@ -60,7 +71,7 @@ class Progress:
         succeeded = self.last.successful - self.first.successful
         failed = self.last.failed - self.first.failed
         self.console.print(
-            f"[bold]Done:[/] {done} task(s) in {elapsed:.2f}s "
-            f"({done / max(elapsed, 1e-9):.0f} tasks/s): [green]{succeeded} succeeded[/], "
-            f"[red]{failed} failed[/], {self.last.pending} still pending."
+            f"[bold]Done:[/] {done} tasks in {elapsed:.2f}s ({done / max(elapsed, 1e-9):.0f}/s)"
+            f": [green]{succeeded} succeeded[/], [red]{failed} failed[/], "
+            f"{self.last.pending} pending."
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -85,9 +86,13 @@ class Supervisor:
         """Supervise until stopped (or, with ``until_done``, until the queue is empty)."""
         self._install_signals()
         opts = self.backend.conveyor_options
-        logger.info("Conveyor supervisor %s: %d process(es) x %d thread(s) on backend %r",
-                    self.host, self.settings.processes, self.settings.threads,
-                    self.backend.alias)
+        logger.info(
+            "Conveyor supervisor %s: %d process(es) x %d thread(s) on backend %r",
+            self.host,
+            self.settings.processes,
+            self.settings.threads,
+            self.backend.alias,
+        )
         self._recover()
         for _ in range(self.settings.processes):
             self._spawn()
@@ -116,14 +121,19 @@ class Supervisor:
         self.spawned += 1
         worker_id = f"{self.host}:{self.spawned}"
         config = ExecutorConfig(
-            worker_id=worker_id, queues=self.settings.queues, threads=self.settings.threads,
-            max_tasks=self.settings.max_tasks_per_child, until_done=self.settings.until_done,
+            worker_id=worker_id,
+            queues=self.settings.queues,
+            threads=self.settings.threads,
+            max_tasks=self.settings.max_tasks_per_child,
+            until_done=self.settings.until_done,
             parent_pid=os.getpid(),
         )
         # A forked child must not share the parent's database sockets.
         connections.close_all()
         process = self.context.Process(
-            target=_child_main, args=(self.backend.alias, config), name=f"conveyor-{worker_id}",
+            target=_child_main,
+            args=(self.backend.alias, config),
+            name=f"conveyor-{worker_id}",
             daemon=False,
         )
         process.start()
@@ -132,10 +142,8 @@ class Supervisor:
 
     def _sleep(self) -> None:
         sentinels = [child.process.sentinel for child in self.children]
-        try:
+        with contextlib.suppress(InterruptedError):
             wait_for_sentinels(sentinels, timeout=TICK)
-        except InterruptedError:
-            pass
 
     def _reap(self) -> None:
         for child in [c for c in self.children if not c.process.is_alive()]:
@@ -146,20 +154,23 @@ class Supervisor:
             if self.signals or code == EXIT_DONE:
                 continue
             if code not in (EXIT_RECYCLE, EXIT_STOPPED):
-                logger.error("Worker process %s died (%s); starting another.",
-                             child.process.pid, _describe_exit(None, code))
+                logger.error(
+                    "Worker process %s died (%s); starting another.",
+                    child.process.pid,
+                    _describe_exit(None, code),
+                )
             self._spawn()
 
     def _release(self, child: Child, reason: str) -> None:
         try:
             count = self.backend.release(child.worker_id, reason)
         except Exception:
-            logger.exception("Could not put back the jobs of %s; their leases will expire.",
-                             child.worker_id)
+            logger.exception(
+                "Could not put back the jobs of %s; their leases will expire.", child.worker_id
+            )
             return
         if count:
-            logger.warning("Put back %d job(s) of worker %s: %s", count, child.worker_id,
-                           reason)
+            logger.warning("Put back %d job(s) of worker %s: %s", count, child.worker_id, reason)
 
     # --- stopping --------------------------------------------------------------------------
 
@@ -174,16 +185,21 @@ class Supervisor:
         if not self.signals or not self.children:
             return
         if self.stop_deadline is None:
-            logger.info("Stopping: running tasks finish (up to %.0fs); send the signal again "
-                        "to stop them now.", self.settings.grace)
+            logger.info(
+                "Stopping: running tasks finish (up to %.0fs); send the signal again "
+                "to stop them now.",
+                self.settings.grace,
+            )
             self.stop_deadline = time.monotonic() + self.settings.grace
             self._signal_children(signal.SIGTERM)
         elif self.signals > 1 or time.monotonic() >= self.stop_deadline:
             self._force_stop()
 
     def _force_stop(self) -> None:
-        logger.warning("Stopping now: %d worker process(es) are killed and their jobs put "
-                       "back.", len(self.children))
+        logger.warning(
+            "Stopping now: %d worker process(es) are killed and their jobs put back.",
+            len(self.children),
+        )
         self.forced = True
         self._signal_children(signal.SIGKILL)
         for child in self.children:
@@ -194,10 +210,8 @@ class Supervisor:
     def _signal_children(self, signum: int) -> None:
         for child in self.children:
             if child.process.pid is not None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(child.process.pid, signum)
-                except ProcessLookupError:
-                    pass
 
     # --- leases ------------------------------------------------------------------------------
 
@@ -229,7 +243,9 @@ def _describe_exit(pid: int | None, code: int | None) -> str:
 def _child_main(alias: str, config: ExecutorConfig) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides.
-    executor = Executor(task_backends[alias], config)
+    backend = task_backends[alias]
+    assert isinstance(backend, ConveyorBackend)  # the supervisor checked it
+    executor = Executor(backend, config)
     signal.signal(signal.SIGTERM, lambda signum, frame: executor.request_stop())
     time.sleep(random.uniform(0, 0.02))  # spread the first claims of sibling processes
     code = executor.run()
