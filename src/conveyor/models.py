@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from django.db import connections, models, transaction
-from django.db.models import Count, F, Q, Value
+from django.db.models import Count, F, Min, Q, Value
 from django.db.models.functions import Cast, Coalesce
 from django.db.utils import NotSupportedError
 from django.tasks import TaskResultStatus
@@ -257,6 +257,10 @@ class JobQuerySet(models.QuerySet["Job"]):
             for row in rows:
                 row.requeue_lost(reason, max_attempts, now)
         return len(rows)
+
+    def next_due(self) -> datetime | None:
+        """When the earliest selected ready job may be claimed."""
+        return self.filter(status=Status.READY).aggregate(due=Min("available_at"))["due"]
 
     def stats(self, now: datetime) -> QueueStats:
         """Count the selected jobs by state and queue."""

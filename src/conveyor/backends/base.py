@@ -109,6 +109,10 @@ class ConveyorBackend(BaseTaskBackend):
     def prune(self, finished_before: datetime) -> int:
         """Delete finished jobs that ended before ``finished_before``; return how many."""
 
+    def next_due(self, queues: QueueSelector) -> datetime | None:
+        """When the earliest job that is not ready yet becomes ready; None if unknown."""
+        return None
+
     def waiter(self, queues: QueueSelector) -> Waiter:
         """Return an object an idle worker blocks on until work may be there."""
         return Waiter()

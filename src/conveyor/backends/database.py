@@ -191,6 +191,9 @@ class DatabaseBackend(ConveyorBackend):
         deleted, _ = self.jobs().finished().filter(finished_at__lt=finished_before).delete()
         return deleted
 
+    def next_due(self, queues: QueueSelector) -> datetime | None:
+        return self.jobs().for_queues(queues).next_due()
+
     def waiter(self, queues: QueueSelector) -> Waiter:
         if self.vendor == "postgresql":
             from conveyor.backends.pgnotify import NotifyWaiter

@@ -34,6 +34,7 @@ EXIT_ORPHANED = 5  # the supervisor went away
 MIN_POLL = 0.005  # first idle wait; doubles up to the backend's poll interval
 PREFETCH_HORIZON = 0.05  # claim ahead only as many jobs as finish within this many seconds
 PERSIST_TRIES = 6
+IDLE_WAKEUP_WAIT = 5.0  # with NOTIFY wake-ups, the longest idle wait when nothing is due
 FLUSH_DELAY = 0.02  # longest a success waits to be saved together with others
 
 
@@ -145,9 +146,22 @@ class Executor:
             elif self.config.until_done:
                 return EXIT_DONE
             else:
-                woke = waiter.wait(poll)
+                woke = waiter.wait(self._idle_wait(poll))
                 poll = MIN_POLL if woke else min(poll * 2, max_poll)
         return EXIT_STOPPED
+
+    def _idle_wait(self, poll: float) -> float:
+        """How long to wait for work: woken backends sleep until the next due job."""
+        if not self.backend.supports_wakeup or poll < self.backend.conveyor_options.poll_interval:
+            return poll
+        try:
+            due = self.backend.next_due(self.config.queues)
+        except Exception:
+            logger.exception("Worker %s could not read the next due time.", self.worker_id)
+            return poll
+        if due is None:
+            return IDLE_WAKEUP_WAIT
+        return min(max((due - timezone.now()).total_seconds(), MIN_POLL), IDLE_WAKEUP_WAIT)
 
     # --- claiming ----------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FORCED = 1  # a forced stop interrupted running tasks
-TICK = 0.2  # longest the supervisor sleeps between looks at its children
+TICK = 1.0  # longest the supervisor sleeps between looks at its children
+PROGRESS_TICK = 0.25
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,6 +82,9 @@ class Supervisor:
         self.context = multiprocessing.get_context("fork")
         self.host = f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(2)}"
         self.progress = Progress(self.backend, settings.queues) if settings.progress else None
+        lease = self.backend.conveyor_options.lease
+        self.tick = min(TICK, lease / 3, PROGRESS_TICK if settings.progress else TICK)
+        self.wake_read, self.wake_write = os.pipe()
 
     def run(self) -> int:
         """Supervise until stopped (or, with ``until_done``, until the queue is empty)."""
@@ -141,9 +145,11 @@ class Supervisor:
         logger.info("Started worker process %s (%s)", process.pid, worker_id)
 
     def _sleep(self) -> None:
-        sentinels = [child.process.sentinel for child in self.children]
+        # Wakes when a child exits, a signal arrives (through the wake-up pipe), or a tick.
+        waitables = [self.wake_read, *(child.process.sentinel for child in self.children)]
         with contextlib.suppress(InterruptedError):
-            wait_for_sentinels(sentinels, timeout=TICK)
+            if self.wake_read in wait_for_sentinels(waitables, timeout=self.tick):
+                os.read(self.wake_read, 512)
 
     def _reap(self) -> None:
         for child in [c for c in self.children if not c.process.is_alive()]:
@@ -175,6 +181,8 @@ class Supervisor:
     # --- stopping --------------------------------------------------------------------------
 
     def _install_signals(self) -> None:
+        os.set_blocking(self.wake_write, False)
+        signal.set_wakeup_fd(self.wake_write)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
@@ -242,6 +250,7 @@ def _describe_exit(pid: int | None, code: int | None) -> str:
 
 def _child_main(alias: str, config: ExecutorConfig) -> None:
     """Entry point of a worker process."""
+    signal.set_wakeup_fd(-1)  # the pipe is the supervisor's
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides.
     backend = task_backends[alias]
     assert isinstance(backend, ConveyorBackend)  # the supervisor checked it
