@@ -284,3 +284,18 @@ def test_the_worker_recovers_from_dropped_database_connections(backend, backend_
         wait_for(lambda: status(third) == TaskResultStatus.SUCCESSFUL, timeout=20)
         worker.signal()
         assert worker.wait() == 0, worker.output
+
+
+def test_busy_workers_and_writers_never_hit_a_locked_database(backend, backend_alias):
+    conveyor.bulk_enqueue(on(tasks.fan_out, backend_alias),
+                          [(5, backend_alias) for _ in range(60)])
+    with Worker(backend_alias, "--processes", "3", "--threads", "2") as worker:
+        for i in range(100):  # enqueue from here too while the workers write
+            on(tasks.add, backend_alias).enqueue(i, i)
+        wait_for(lambda: backend.stats().finished == 60 + 300 + 100, timeout=60)
+        worker.signal()
+        assert worker.wait() == 0, worker.output
+    stats = backend.stats()
+    assert stats.successful == 460 and stats.failed == 0
+    assert "locked" not in worker.output.lower()
+    assert "Traceback" not in worker.output

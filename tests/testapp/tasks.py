@@ -64,3 +64,11 @@ def send_email(to: str) -> str:
 def plain_function() -> int:
     """Not a task: a stored job naming it must never run it."""
     return 1
+
+
+@task()
+def fan_out(count: int, backend: str) -> int:
+    """Enqueue ``count`` more tasks from inside a task: database writes while workers run."""
+    for i in range(count):
+        add.using(backend=backend).enqueue(i, count)
+    return count
