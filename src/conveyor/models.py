@@ -2,79 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from django.db import connections, models, transaction
 from django.db.models import Count, F, Min, Q, Value
-from django.db.models.functions import Cast, Coalesce
-from django.db.utils import NotSupportedError
+from django.db.models.functions import Coalesce
 from django.tasks import TaskResultStatus
 from django.tasks.base import TaskError
 from django.utils.translation import gettext_lazy as _
 
+from conveyor.queries import (
+    ClaimChanges,
+    JSONAppendText,
+    claim_returning_sql,
+    complete_from_values_sql,
+    per_row,
+    write_transaction,
+)
 from conveyor.records import Job as JobRecord
 from conveyor.records import QueueSelector, QueueStats
 
 Status = TaskResultStatus
 CLAIM_ORDER = ("-priority", "available_at", "id")
-
-
-class JSONAppendText(models.Func):
-    """Append one string to a JSON array column, in each engine's dialect."""
-
-    output_field = models.JSONField()
-
-    def __init__(self, array: Any, text: str) -> None:
-        super().__init__(array, Value(text, output_field=models.TextField()))
-
-    def _parts(self, compiler: Any) -> tuple[str, str, tuple[Any, ...]]:
-        array_sql, array_params = compiler.compile(self.source_expressions[0])
-        text_sql, text_params = compiler.compile(self.source_expressions[1])
-        return array_sql, text_sql, (*array_params, *text_params)
-
-    def as_sql(self, compiler: Any, connection: Any, *args: Any, **extra: Any) -> Any:
-        raise NotSupportedError(f"Conveyor does not support the {connection.vendor} database.")
-
-    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
-        array, text, params = self._parts(compiler)
-        return f"json_insert({array}, '$[#]', {text})", params
-
-    def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
-        array, text, params = self._parts(compiler)
-        return f"({array} || to_jsonb(({text})::text))", params
-
-    def as_mysql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
-        array, text, params = self._parts(compiler)
-        return f"JSON_ARRAY_APPEND({array}, '$', {text})", params
-
-
-@contextmanager
-def write_transaction(using: str) -> Iterator[None]:
-    """Open a transaction that holds the write lock from its first statement.
-
-    SQLite lets a deferred transaction read and then fail to upgrade to a write when
-    another connection wrote meanwhile ("database is locked", with no waiting). Starting
-    with BEGIN IMMEDIATE makes writers queue on the busy timeout instead.
-    """
-    conn: Any = connections[using]
-    if conn.vendor != "sqlite" or conn.in_atomic_block:
-        with transaction.atomic(using=using):
-            yield
-        return
-    conn.ensure_connection()
-    previous = conn.transaction_mode
-    conn.transaction_mode = "IMMEDIATE"
-    try:
-        with transaction.atomic(using=using):
-            conn.transaction_mode = previous  # BEGIN IMMEDIATE has been sent
-            yield
-    finally:
-        conn.transaction_mode = previous
 
 
 class JobQuerySet(models.QuerySet["Job"]):
@@ -107,7 +59,7 @@ class JobQuerySet(models.QuerySet["Job"]):
 
     def claim(self, worker_id: str, limit: int, lease: float, now: datetime) -> list[JobRecord]:
         """Lease up to ``limit`` of the selected ready jobs to ``worker_id``."""
-        changes = _ClaimChanges(worker_id, now, now + timedelta(seconds=lease))
+        changes = ClaimChanges(worker_id, now, now + timedelta(seconds=lease))
         if connections[self.db].vendor == "mysql":
             rows = self._claim_locked_ids(limit, changes)
         else:
@@ -115,31 +67,17 @@ class JobQuerySet(models.QuerySet["Job"]):
         rows.sort(key=lambda row: (-row.priority, row.available_at, row.pk))
         return [row.to_record() for row in rows]
 
-    def _claim_returning(self, limit: int, changes: _ClaimChanges) -> list[Job]:
+    def _claim_returning(self, limit: int, changes: ClaimChanges) -> list[Job]:
         # One statement picks, locks and updates the rows, and returns them.
         conn = connections[self.db]
         pick_sql, pick_params = (
             self.ready(changes.now).order_by(*CLAIM_ORDER).values("pk")[:limit]
         ).query.sql_with_params()
         table = conn.ops.quote_name(self.model._meta.db_table)
-        set_sql, set_params = changes.sql(conn)
-        if conn.vendor == "postgresql":
-            # MATERIALIZED: the LIMIT subquery runs once, so exactly ``limit`` rows are taken.
-            sql = (
-                f"WITH picked (id) AS MATERIALIZED ({pick_sql} FOR UPDATE SKIP LOCKED) "
-                f"UPDATE {table} SET {set_sql} FROM picked "
-                f"WHERE {table}.id = picked.id RETURNING {table}.*"
-            )
-            params = (*pick_params, *set_params)
-        else:
-            sql = (
-                f"UPDATE {table} SET {set_sql} WHERE {table}.status = %s AND {table}.id IN "
-                f"({pick_sql}) RETURNING *"
-            )
-            params = (*set_params, Status.READY, *pick_params)
+        sql, params = claim_returning_sql(conn, table, pick_sql, pick_params, changes)
         return list(self.model.objects.raw(sql, params).using(self.db))
 
-    def _claim_locked_ids(self, limit: int, changes: _ClaimChanges) -> list[Job]:
+    def _claim_locked_ids(self, limit: int, changes: ClaimChanges) -> list[Job]:
         # MySQL has no UPDATE ... RETURNING and no LIMIT inside IN (...): lock ids first.
         with transaction.atomic(using=self.db):
             ids = list(
@@ -182,29 +120,9 @@ class JobQuerySet(models.QuerySet["Job"]):
     def _complete_from_values(self, successes: Sequence[tuple[int, Any, datetime]]) -> set[int]:
         conn = connections[self.db]
         table = conn.ops.quote_name(self.model._meta.db_table)
-        params: list[Any] = []
-        for pk, value, finished_at in successes:
-            params += [
-                pk,
-                None if value is None else json.dumps(value),
-                conn.ops.adapt_datetimefield_value(finished_at),
-            ]
-        rows = ", ".join(["(%s, %s, %s)"] * len(successes))
-        if conn.vendor == "postgresql":
-            source = f"(VALUES {rows}) AS v (id, rv, fin)"
-            assign = "return_value = v.rv::jsonb, finished_at = v.fin::timestamptz"
-            key = "v.id::bigint"
-        else:
-            source = f"(VALUES {rows}) AS v"
-            assign = "return_value = v.column2, finished_at = v.column3"
-            key = "v.column1"
-        sql = (
-            f"UPDATE {table} SET status = %s, {assign}, lease_owner = NULL, "
-            f"lease_expires_at = NULL FROM {source} "
-            f"WHERE {table}.id = {key} AND {table}.status IN (%s, %s) RETURNING {table}.id"
-        )
+        sql, params = complete_from_values_sql(conn, table, successes)
         with conn.cursor() as cursor:
-            cursor.execute(sql, [Status.SUCCESSFUL, *params, Status.READY, Status.RUNNING])
+            cursor.execute(sql, params)
             return {row[0] for row in cursor.fetchall()}
 
     def _complete_by_case(self, successes: Sequence[tuple[int, Any, datetime]]) -> set[int]:
@@ -212,8 +130,8 @@ class JobQuerySet(models.QuerySet["Job"]):
         open_jobs = self.filter(pk__in=pks, status__in=(Status.READY, Status.RUNNING))
         updated = open_jobs.update(
             status=Status.SUCCESSFUL,
-            return_value=_per_row(successes, 1, models.JSONField()),
-            finished_at=_per_row(successes, 2, models.DateTimeField()),
+            return_value=per_row(successes, 1, models.JSONField()),
+            finished_at=per_row(successes, 2, models.DateTimeField()),
             lease_owner=None,
             lease_expires_at=None,
         )
@@ -274,40 +192,6 @@ class JobQuerySet(models.QuerySet["Job"]):
         by_queue = {row.pop("queue_name"): row for row in counts.order_by()}
         totals = {name: sum(q[name] for q in by_queue.values()) for name in STAT_NAMES}
         return QueueStats(**totals, by_queue=by_queue)
-
-
-def _per_row(rows: Sequence[tuple[Any, ...]], index: int, field: models.Field) -> Any:
-    """A value that differs by row: ``CASE id WHEN ... THEN ...`` (or the one value)."""
-
-    def value(row: tuple[Any, ...]) -> Any:
-        # A typed parameter inside CASE still needs a cast for PostgreSQL's jsonb.
-        return Cast(Value(row[index], output_field=field), output_field=field)
-
-    if len(rows) == 1:
-        return value(rows[0])
-    return models.Case(
-        *[models.When(pk=row[0], then=value(row)) for row in rows], output_field=field
-    )
-
-
-class _ClaimChanges:
-    """What a claim writes to each row it takes, as SQL for the one-statement claims."""
-
-    def __init__(self, worker_id: str, now: datetime, expires: datetime) -> None:
-        self.worker_id, self.now, self.expires = worker_id, now, expires
-
-    def sql(self, conn: Any) -> tuple[str, tuple[Any, ...]]:
-        now = conn.ops.adapt_datetimefield_value(self.now)
-        expires = conn.ops.adapt_datetimefield_value(self.expires)
-        if conn.vendor == "postgresql":
-            append = "worker_ids || to_jsonb((%s)::text)"
-        else:
-            append = "json_insert(worker_ids, '$[#]', %s)"
-        return (
-            "status = %s, lease_owner = %s, lease_expires_at = %s, attempts = attempts + 1, "
-            f"started_at = COALESCE(started_at, %s), last_attempted_at = %s, worker_ids = {append}",
-            (Status.RUNNING, self.worker_id, expires, now, now, self.worker_id),
-        )
 
 
 STAT_NAMES = ("ready", "scheduled", "running", "successful", "failed")
