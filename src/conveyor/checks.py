@@ -11,8 +11,12 @@ from django.core import checks
 @checks.register(checks.Tags.database)
 def check_sqlite_timeout(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """Warn when SQLite would give up on a busy database too quickly for several workers."""
+    return sqlite_timeout_messages(settings.DATABASES)
+
+
+def sqlite_timeout_messages(databases: dict[str, dict[str, Any]]) -> list[checks.CheckMessage]:
+    """The warnings ``check_sqlite_timeout`` gives for these ``DATABASES``."""
     messages: list[checks.CheckMessage] = []
-    databases: dict[str, dict[str, Any]] = settings.DATABASES
     for alias, db in databases.items():
         if not db.get("ENGINE", "").endswith("sqlite3"):
             continue

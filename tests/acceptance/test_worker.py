@@ -287,8 +287,7 @@ def test_the_worker_recovers_from_dropped_database_connections(backend, backend_
 
 
 def test_busy_workers_and_writers_never_hit_a_locked_database(backend, backend_alias):
-    conveyor.bulk_enqueue(on(tasks.fan_out, backend_alias),
-                          [(5, backend_alias) for _ in range(60)])
+    conveyor.bulk_enqueue(on(tasks.fan_out, backend_alias), [(5, backend_alias) for _ in range(60)])
     with Worker(backend_alias, "--processes", "3", "--threads", "2") as worker:
         for i in range(100):  # enqueue from here too while the workers write
             on(tasks.add, backend_alias).enqueue(i, i)
