@@ -70,9 +70,9 @@ class JobQuerySet(models.QuerySet["Job"]):
     def _claim_returning(self, limit: int, changes: ClaimChanges) -> list[Job]:
         # One statement picks, locks and updates the rows, and returns them.
         conn = connections[self.db]
-        pick_sql, pick_params = (
-            self.ready(changes.now).order_by(*CLAIM_ORDER).values("pk")[:limit]
-        ).query.sql_with_params()
+        picked = self.ready(changes.now).order_by(*CLAIM_ORDER).values("pk")[:limit]
+        # Compiled for this queryset's own database, which need not be the default one.
+        pick_sql, pick_params = picked.query.get_compiler(using=self.db).as_sql()
         table = conn.ops.quote_name(self.model._meta.db_table)
         sql, params = claim_returning_sql(conn, table, pick_sql, pick_params, changes)
         return list(self.model.objects.raw(sql, params).using(self.db))
@@ -168,8 +168,8 @@ class JobQuerySet(models.QuerySet["Job"]):
             row.end_attempt(error, **changes)
             return True
 
-    def requeue_lost(self, reason: str, max_attempts: int, now: datetime) -> int:
-        """Put the selected running jobs back, or fail those out of attempts."""
+    def requeue_lost(self, reason: str, max_attempts: int | None, now: datetime) -> int:
+        """Put the selected running jobs back, or fail those out of attempts (if limited)."""
         with write_transaction(self.db):
             rows = list(self.filter(status=Status.RUNNING).select_for_update(skip_locked=True))
             for row in rows:
@@ -303,13 +303,13 @@ class Job(models.Model):
             ]
         )
 
-    def requeue_lost(self, reason: str, max_attempts: int, now: datetime) -> None:
+    def requeue_lost(self, reason: str, max_attempts: int | None, now: datetime) -> None:
         """The worker running this job is gone: queue it again, or fail it for good."""
         error = TaskError(
             exception_class_path="conveyor.exceptions.WorkerLost",
             traceback=f"conveyor.exceptions.WorkerLost: {reason}\n",
         )
-        if self.attempts >= max_attempts:
+        if max_attempts is not None and self.attempts >= max_attempts:
             error = TaskError(
                 exception_class_path=error.exception_class_path,
                 traceback=f"conveyor.exceptions.WorkerLost: {reason}; the job was delivered "

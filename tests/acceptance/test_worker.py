@@ -298,3 +298,32 @@ def test_busy_workers_and_writers_never_hit_a_locked_database(backend, backend_a
     assert stats.successful == 460 and stats.failed == 0
     assert "locked" not in worker.output.lower()
     assert "Traceback" not in worker.output
+
+
+def test_a_graceful_stop_saves_what_finishes_while_waiting(backend, backend_alias, tmp_path: Path):
+    log = tmp_path / "log"
+    task = on(tasks.log_line, backend_alias)
+    short = task.enqueue(str(log), "short", sleep=0.8)
+    long = task.enqueue(str(log), "long", sleep=30)
+    with Worker(backend_alias, "--processes", "1", "--threads", "2", "--grace", "3") as worker:
+        wait_for(lambda: len(lines(log)) >= 2)
+        worker.signal(signal.SIGTERM)
+        worker.wait(timeout=15)
+    assert status(short) == TaskResultStatus.SUCCESSFUL
+    assert status(long) == TaskResultStatus.READY
+
+
+def test_worker_processes_die_with_their_supervisor(backend, backend_alias, tmp_path: Path):
+    log = tmp_path / "log"
+    on(tasks.log_line, backend_alias).enqueue(str(log), "orphan", sleep=30)
+    with Worker(backend_alias, "--processes", "1") as worker:
+        child = int(wait_for(lambda: lines(log))[0].split()[-1])
+        worker.signal(signal.SIGKILL)  # the supervisor only
+        wait_for(lambda: not Path(f"/proc/{child}").exists() or _zombie(child), timeout=5)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True

@@ -264,3 +264,29 @@ def test_stats_and_prune(backend, backend_alias):
 
     assert backend.prune(timezone.now() - timedelta(days=1)) == 1
     assert backend.stats().successful == 0 and backend.stats().failed == 1
+
+
+def test_a_requested_stop_never_fails_a_job(backend_alias):
+    backend = with_options(backend_alias, max_attempts=1)
+    result = on(tasks.add, backend_alias).enqueue(1, 2)
+    backend.claim("w", ALL, 1)
+    assert backend.release("w", "stopped by the operator", counts_as_attempt=False) == 1
+    back = backend.get_result(result.id)
+    assert back.status == TaskResultStatus.READY
+    assert "stopped by the operator" in back.errors[0].traceback
+
+
+def test_a_result_stays_readable_after_its_task_is_gone(backend, backend_alias):
+    from conveyor.exceptions import TaskNotFound
+    from conveyor.models import Job
+
+    result = on(tasks.add, backend_alias).enqueue(1, 2)
+    Job.objects.using(backend.database).filter(uuid=result.id).update(
+        task_path="tests.testapp.tasks.renamed_long_ago"
+    )
+    again = backend.get_result(result.id)
+    assert again.status == TaskResultStatus.READY
+    assert again.task.module_path == "tests.testapp.tasks.renamed_long_ago"
+    assert again.args == [1, 2]
+    with pytest.raises(TaskNotFound, match="renamed_long_ago"):
+        again.task.func()

@@ -89,3 +89,31 @@ def test_an_idle_worker_stops_on_request(backend):
     executor = Executor(backend, ExecutorConfig(worker_id="idle", queues=QueueSelector()))
     threading.Timer(0.3, executor.request_stop).start()
     assert executor.run() == EXIT_STOPPED
+
+
+def test_a_task_calling_sys_exit_fails_and_the_worker_goes_on(backend, backend_alias):
+    exited = on(tasks.exits, backend_alias).enqueue(3)
+    after = on(tasks.add, backend_alias).enqueue(1, 1)
+    assert run(backend) == EXIT_DONE
+    exited.refresh()
+    assert exited.status == TaskResultStatus.FAILED
+    assert exited.errors[0].exception_class_path == "builtins.SystemExit"
+    after.refresh()
+    assert after.return_value == 2
+
+
+def test_failing_signal_receivers_change_no_outcome(backend, backend_alias):
+    def broken(sender, task_result, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("receiver bug")
+
+    results = [on(tasks.add, backend_alias).enqueue(i, i) for i in range(3)]
+    task_started.connect(broken)
+    task_finished.connect(broken)
+    try:
+        assert run(backend) == EXIT_DONE
+    finally:
+        task_started.disconnect(broken)
+        task_finished.disconnect(broken)
+    for i, result in enumerate(results):
+        result.refresh()
+        assert result.status == TaskResultStatus.SUCCESSFUL and result.return_value == 2 * i

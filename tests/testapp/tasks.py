@@ -72,3 +72,11 @@ def fan_out(count: int, backend: str) -> int:
     for i in range(count):
         add.using(backend=backend).enqueue(i, count)
     return count
+
+
+@task()
+def exits(code: int) -> None:
+    """Calls sys.exit() inside a task: a failure, not a dead worker."""
+    import sys
+
+    sys.exit(code)

@@ -8,7 +8,7 @@ release, recover_stale, stats and prune. The runtime sees only this module.
 from __future__ import annotations
 
 import json
-import time
+import threading
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -30,10 +30,17 @@ Success = tuple[Job, Any, datetime]  # a job, its return value, when it finished
 class Waiter:
     """Blocks an idle worker until work may be there; this one simply sleeps."""
 
+    def __init__(self) -> None:
+        self.interrupted = threading.Event()
+
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds; return True if woken by a notification."""
-        time.sleep(timeout)
+        self.interrupted.wait(timeout)
         return False
+
+    def interrupt(self) -> None:
+        """End the current and every later wait at once (the worker is stopping)."""
+        self.interrupted.set()
 
     def close(self) -> None:
         """Release whatever the waiter holds."""
@@ -94,8 +101,12 @@ class ConveyorBackend(BaseTaskBackend):
         """Renew the leases of every job these workers hold; return how many."""
 
     @abstractmethod
-    def release(self, worker_id: str, reason: str) -> int:
-        """Put back every job ``worker_id`` holds (it stopped); return how many."""
+    def release(self, worker_id: str, reason: str, *, counts_as_attempt: bool = True) -> int:
+        """Put back every job ``worker_id`` holds (it stopped); return how many.
+
+        With ``counts_as_attempt`` (a crash), a job already delivered ``MAX_ATTEMPTS`` times
+        is failed instead; a stop the operator asked for never fails a job.
+        """
 
     @abstractmethod
     def recover_stale(self) -> int:
@@ -168,6 +179,32 @@ def resolve_task(path: str) -> Task:
             f"{path!r} is a {type(task).__name__}, not a task; only functions decorated "
             "with @task run."
         )
+    return task
+
+
+def unavailable_task(path: str, alias: str, queue_name: str, priority: int) -> Task:
+    """A stand-in ``Task`` for a stored job whose task cannot be loaded here any more.
+
+    It keeps the stored path, so ``result.task.module_path`` still says what ran; calling
+    it raises ``TaskNotFound``. Built without validation, as the real task is gone.
+    """
+    module, _, name = path.rpartition(".")
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise TaskNotFound(f"Task {path!r} is not available in this process.")
+
+    unavailable.__module__, unavailable.__name__, unavailable.__qualname__ = module, name, name
+    task = object.__new__(Task)
+    values = {
+        "func": unavailable,
+        "priority": priority,
+        "backend": alias,
+        "queue_name": queue_name,
+        "run_after": None,
+        "takes_context": False,
+    }
+    for field_name, value in values.items():
+        object.__setattr__(task, field_name, value)
     return task
 
 

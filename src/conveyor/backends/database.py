@@ -13,12 +13,20 @@ from django.core import checks
 from django.db import connections, transaction
 from django.tasks import Task, TaskResult, TaskResultStatus
 from django.tasks.base import TaskError
-from django.tasks.exceptions import TaskResultDoesNotExist
+from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
 from django.tasks.signals import task_enqueued
 from django.utils import timezone
 
-from conveyor.backends.base import Call, ConveyorBackend, Success, Waiter, resolve_task
+from conveyor.backends.base import (
+    Call,
+    ConveyorBackend,
+    Success,
+    Waiter,
+    resolve_task,
+    unavailable_task,
+)
 from conveyor.conf import BackendOptions
+from conveyor.exceptions import TaskNotFound
 from conveyor.models import Job, JobQuerySet
 from conveyor.records import Job as JobRecord
 from conveyor.records import QueueSelector, QueueStats
@@ -119,16 +127,18 @@ class DatabaseBackend(ConveyorBackend):
         return self.row_to_result(row)
 
     def row_to_result(self, row: Job) -> TaskResult:
-        """The ``TaskResult`` a stored job stands for."""
-        record = row.to_record()
-        task = resolve_task(row.task_path).using(
-            priority=row.priority,
-            queue_name=row.queue_name,
-            run_after=row.run_after,
-            backend=self.alias,
-        )
+        """The ``TaskResult`` a stored job stands for, even if its task is gone."""
+        try:
+            task = resolve_task(row.task_path).using(
+                priority=row.priority,
+                queue_name=row.queue_name,
+                run_after=row.run_after,
+                backend=self.alias,
+            )
+        except (TaskNotFound, InvalidTask):
+            task = unavailable_task(row.task_path, self.alias, row.queue_name, row.priority)
         return self.to_task_result(
-            record,
+            row.to_record(),
             task,
             TaskResultStatus(row.status),
             finished_at=row.finished_at,
@@ -165,12 +175,9 @@ class DatabaseBackend(ConveyorBackend):
             return 0
         return self.jobs().heartbeat(worker_ids, self.conveyor_options.lease, timezone.now())
 
-    def release(self, worker_id: str, reason: str) -> int:
-        return (
-            self.jobs()
-            .held_by(worker_id)
-            .requeue_lost(reason, self.conveyor_options.max_attempts, timezone.now())
-        )
+    def release(self, worker_id: str, reason: str, *, counts_as_attempt: bool = True) -> int:
+        limit = self.conveyor_options.max_attempts if counts_as_attempt else None
+        return self.jobs().held_by(worker_id).requeue_lost(reason, limit, timezone.now())
 
     def recover_stale(self) -> int:
         now = timezone.now()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.db import close_old_connections, connections
+from django.dispatch import Signal
 from django.tasks import Task, TaskResult, TaskResultStatus
 from django.tasks.signals import task_finished, task_started
 from django.utils import timezone
@@ -33,19 +34,10 @@ EXIT_ORPHANED = 5  # the supervisor went away
 
 MIN_POLL = 0.005  # first idle wait; doubles up to the backend's poll interval
 PREFETCH_HORIZON = 0.05  # claim ahead only as many jobs as finish within this many seconds
-PERSIST_TRIES = 6
-IDLE_WAKEUP_WAIT = 5.0  # with NOTIFY wake-ups, the longest idle wait when nothing is due
 FLUSH_DELAY = 0.02  # longest a success waits to be saved together with others
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    """A job that ran, waiting for its outcome to be saved."""
-
-    job: Job
-    task: Task
-    result: TaskResult
-    outcome: Outcome
+RETRY_DELAY = 0.5  # wait before saving again after the store failed
+IDLE_WAKEUP_WAIT = 5.0  # with NOTIFY wake-ups, the longest idle wait when nothing is due
+POOL_THREAD_TRIES = 5  # tries of a store call made from a task thread
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,6 +50,16 @@ class ExecutorConfig:
     max_tasks: int | None = None
     until_done: bool = False
     parent_pid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A job that ran, waiting for its outcome to be saved."""
+
+    job: Job
+    task: Task
+    result: TaskResult
+    outcome: Outcome
 
 
 class Executor:
@@ -78,6 +80,7 @@ class Executor:
         self.inflight: dict[Future[None], Job] = {}
         self.changed = threading.Event()
         self.stopping = threading.Event()
+        self.waiter: Waiter | None = None
         self.submitted = 0
         self.avg_duration: float | None = None
         self.finished: queue.SimpleQueue[Finished] = queue.SimpleQueue()
@@ -89,35 +92,30 @@ class Executor:
         return self.config.worker_id
 
     def request_stop(self) -> None:
-        """Stop claiming; running tasks finish, claimed but unstarted jobs go back."""
+        """Stop claiming; running tasks finish, claimed but unstarted jobs go back.
+
+        Call it from a thread, never from a signal handler (it takes locks).
+        """
         self.stopping.set()
         self.changed.set()
+        if self.waiter is not None:
+            self.waiter.interrupt()
 
     def run(self) -> int:
         """Work until told to stop (or done, or recycled); return the exit code."""
-        waiter = self.backend.waiter(self.config.queues)
+        self.waiter = self.backend.waiter(self.config.queues)
         try:
-            return self._loop(waiter)
+            code = self._loop(self.waiter)
+            self._drain()
+            return code
         finally:
             self.stopping.set()
             self._close_thread_connections()
             self.pool.shutdown(wait=True)
             self._reap()
-            self._save(force=True)
-            waiter.close()
+            self._save_all()
+            self.waiter.close()
             self.backend.close()
-
-    def _close_thread_connections(self) -> None:
-        # Django's connections are per thread: have every pool thread close its own. The
-        # barrier holds each thread at one closing call until all threads have one.
-        barrier = threading.Barrier(self.config.threads)
-
-        def close() -> None:
-            barrier.wait(timeout=60)
-            connections.close_all()
-
-        for _ in range(self.config.threads):
-            self.pool.submit(close)
 
     def _loop(self, waiter: Waiter) -> int:
         poll = MIN_POLL
@@ -131,11 +129,13 @@ class Executor:
             if self._budget_spent():
                 if not self.inflight:
                     return EXIT_RECYCLE
-                self._wait_changed(max_poll)
+                self._wait_changed(min(max_poll, self._until_flush()))
                 continue
             room = self._room()
             jobs = self._claim(room) if room else []
-            if jobs:
+            if jobs is None:  # the store failed: wait, and never take that for "empty"
+                self._wait_changed(max_poll)
+            elif jobs:
                 for job in jobs:
                     self._submit(job)
                 poll = MIN_POLL
@@ -150,6 +150,33 @@ class Executor:
                 poll = MIN_POLL if woke else min(poll * 2, max_poll)
         return EXIT_STOPPED
 
+    def _drain(self) -> None:
+        """Give back jobs not started yet; let running ones finish, saving as they do."""
+        for future, job in list(self.inflight.items()):
+            if future.cancel():
+                del self.inflight[future]
+                self._try_hard("give back", self.backend.unclaim, job, self.worker_id)
+        while self.inflight:
+            self._wait_changed(
+                min(self.backend.conveyor_options.poll_interval, self._until_flush())
+            )
+            self._reap()
+            self._save()
+
+    def _close_thread_connections(self) -> None:
+        # Django's connections are per thread: have every pool thread close its own. The
+        # barrier holds each thread at one closing call until all threads have one.
+        barrier = threading.Barrier(self.config.threads)
+
+        def close() -> None:
+            barrier.wait(timeout=60)
+            connections.close_all()
+
+        for _ in range(self.config.threads):
+            self.pool.submit(close)
+
+    # --- claiming ----------------------------------------------------------------------
+
     def _idle_wait(self, poll: float) -> float:
         """How long to wait for work: woken backends sleep until the next due job."""
         if not self.backend.supports_wakeup or poll < self.backend.conveyor_options.poll_interval:
@@ -162,8 +189,6 @@ class Executor:
         if due is None:
             return IDLE_WAKEUP_WAIT
         return min(max((due - timezone.now()).total_seconds(), MIN_POLL), IDLE_WAKEUP_WAIT)
-
-    # --- claiming ----------------------------------------------------------------------
 
     def _room(self) -> int:
         threads = self.config.threads
@@ -179,14 +204,13 @@ class Executor:
     def _budget_spent(self) -> bool:
         return self.config.max_tasks is not None and self.submitted >= self.config.max_tasks
 
-    def _claim(self, room: int) -> list[Job]:
+    def _claim(self, room: int) -> list[Job] | None:
         try:
             return self.backend.claim(self.worker_id, self.config.queues, room)
         except Exception:
             logger.exception("Worker %s could not claim jobs; retrying shortly.", self.worker_id)
             close_old_connections()
-            self.stopping.wait(self.backend.conveyor_options.poll_interval)
-            return []
+            return None
 
     def _orphaned(self) -> bool:
         return self.config.parent_pid is not None and os.getppid() != self.config.parent_pid
@@ -216,7 +240,7 @@ class Executor:
 
     def _run_job(self, job: Job) -> None:
         if self.stopping.is_set():
-            self._persist("give back", self.backend.unclaim, job, self.worker_id)
+            self._try_hard("give back", self.backend.unclaim, job, self.worker_id)
             return
         try:
             task = self.backend.load_task(job)
@@ -224,19 +248,34 @@ class Executor:
             self._reject(job, e)
             return
         result = self.backend.to_task_result(job, task, TaskResultStatus.RUNNING)
-        task_started.send(sender=type(self.backend), task_result=result)
-        for hook in self.middleware:
-            hook.before_invoke(job, task)
-        outcome = invoke(task, result)
-        for hook in reversed(self.middleware):
-            hook.after_invoke(job, task, outcome)
+        started_at = timezone.now()
+        try:
+            self._send(task_started, result)
+            for hook in self.middleware:
+                hook.before_invoke(job, task)
+            outcome = invoke(task, result)
+            for hook in reversed(self.middleware):
+                hook.after_invoke(job, task, outcome)
+        except BaseException as e:  # a hook failed: the job still gets an outcome
+            logger.exception("Worker machinery failed around job %s", job.id)
+            text = "".join(traceback.format_exception(e))
+            outcome = Outcome(
+                started_at=started_at,
+                finished_at=timezone.now(),
+                error=error_from_exception(e, text),
+            )
         self._note_duration(outcome)
         self.finished.put(Finished(job, task, result, outcome))
 
     def _reject(self, job: Job, e: Exception) -> None:
         logger.error("Job %s cannot run: %s", job.id, e)
         error = error_from_exception(e, "".join(traceback.format_exception(e)))
-        self._persist("failure", self.backend.fail, job, self.worker_id, error, timezone.now())
+        self._try_hard("failure", self.backend.fail, job, self.worker_id, error, timezone.now())
+
+    def _note_duration(self, outcome: Outcome) -> None:
+        took = (outcome.finished_at - outcome.started_at).total_seconds()
+        previous = self.avg_duration
+        self.avg_duration = took if previous is None else 0.8 * previous + 0.2 * took
 
     # --- saving outcomes (on the main thread) ----------------------------------------------
 
@@ -255,39 +294,67 @@ class Executor:
             if not self.unsaved:
                 self.flush_at = time.monotonic() + FLUSH_DELAY
             self.unsaved.append(item)
+        if not self.unsaved:
+            return
         due = len(self.unsaved) >= self.backend.conveyor_options.batch_size
-        if not self.unsaved or not (force or due or time.monotonic() >= self.flush_at):
+        if not (force or due) and time.monotonic() < self.flush_at:
             return
         batch, self.unsaved = self.unsaved, []
+        kept = self._save_batch(batch)
+        if kept:  # the store failed: keep them, and try again a little later
+            self.unsaved = kept + self.unsaved
+            self.flush_at = time.monotonic() + RETRY_DELAY
+
+    def _save_all(self) -> None:
+        """Save whatever is left before the process exits, trying a few times."""
+        for _ in range(POOL_THREAD_TRIES):
+            self._save(force=True)
+            if not self.unsaved:
+                return
+            time.sleep(RETRY_DELAY)
+        logger.error(
+            "Worker %s could not save %d outcome(s); their jobs run again once put back.",
+            self.worker_id,
+            len(self.unsaved),
+        )
+
+    def _save_batch(self, batch: list[Finished]) -> list[Finished]:
+        """Save a batch; return the items that could not be saved for now."""
         successes = [f for f in batch if f.outcome.error is None]
-        saved = self._save_successes(successes) if successes else set()
-        for item in batch:
-            if item.outcome.error is not None:
-                self._save_failure(item)
-            elif item.job.id in saved:
-                self._finished(item, TaskResultStatus.SUCCESSFUL)
-            else:
-                self._not_saved(item.job)
+        failures = [f for f in batch if f.outcome.error is not None]
+        saved: set[str] = set()
+        if successes:
+            values = [(f.job, f.outcome.return_value, f.outcome.finished_at) for f in successes]
+            answer = self._try("results", self.backend.complete_many, self.worker_id, values)
+            if answer is None:
+                return batch
+            saved = answer
+        for item in successes:
+            self._announce(item, TaskResultStatus.SUCCESSFUL, item.job.id in saved)
+        return [item for item in failures if not self._save_failure(item)]
 
-    def _save_successes(self, successes: list[Finished]) -> set[str]:
-        values = [(f.job, f.outcome.return_value, f.outcome.finished_at) for f in successes]
-        saved = self._persist("results", self.backend.complete_many, self.worker_id, values)
-        return saved if isinstance(saved, set) else set()
-
-    def _save_failure(self, item: Finished) -> None:
+    def _save_failure(self, item: Finished) -> bool:
         error = item.outcome.error
         assert error is not None
+        recorded = self._try(
+            "failure", self.backend.fail, item.job, self.worker_id, error, item.outcome.finished_at
+        )
+        if recorded is None:
+            return False
         logger.error(
             "Task %s failed (job %s):\n%s", item.job.task_path, item.job.id, error.traceback
         )
-        if self._persist(
-            "failure", self.backend.fail, item.job, self.worker_id, error, item.outcome.finished_at
-        ):
-            self._finished(item, TaskResultStatus.FAILED)
-        else:
-            self._not_saved(item.job)
+        self._announce(item, TaskResultStatus.FAILED, recorded)
+        return True
 
-    def _finished(self, item: Finished, status: TaskResultStatus) -> None:
+    def _announce(self, item: Finished, status: TaskResultStatus, recorded: bool) -> None:
+        if not recorded:
+            logger.warning(
+                "The outcome of job %s was not recorded: it had already ended, "
+                "or its lease had passed to another worker.",
+                item.job.id,
+            )
+            return
         outcome = item.outcome
         errors = [*item.result.errors, outcome.error] if outcome.error else item.result.errors
         final = self.backend.to_task_result(
@@ -298,36 +365,40 @@ class Executor:
             return_value=outcome.return_value,
             errors=errors,
         )
-        task_finished.send(sender=type(self.backend), task_result=final)
+        self._send(task_finished, final)
 
-    def _not_saved(self, job: Job) -> None:
-        logger.warning(
-            "The outcome of job %s was not recorded: it had already ended, "
-            "or its lease had passed to another worker.",
-            job.id,
-        )
-
-    def _persist(self, what: str, verb: Callable[..., Any], *args: Any) -> Any:
-        for attempt in range(PERSIST_TRIES):
-            try:
-                return verb(*args)
-            except Exception as e:
-                logger.warning(
-                    "Could not save the %s of worker %s (%s); trying again.",
-                    what,
-                    self.worker_id,
-                    e,
+    def _send(self, signal: Signal, result: TaskResult) -> None:
+        """Send a task signal; a failing receiver is logged and changes nothing."""
+        for receiver, response in signal.send_robust(sender=type(self.backend), task_result=result):
+            if isinstance(response, Exception):
+                logger.error(
+                    "Receiver %r of a task signal failed for job %s",
+                    receiver,
+                    result.id,
+                    exc_info=response,
                 )
-                close_old_connections()
-                time.sleep(min(0.05 * 2**attempt, 2.0))
-        logger.error(
-            "Gave up saving the %s of worker %s; the jobs run again once released.",
-            what,
-            self.worker_id,
-        )
-        return False
 
-    def _note_duration(self, outcome: Outcome) -> None:
-        took = (outcome.finished_at - outcome.started_at).total_seconds()
-        previous = self.avg_duration
-        self.avg_duration = took if previous is None else 0.8 * previous + 0.2 * took
+    # --- store calls -----------------------------------------------------------------------
+
+    def _try(self, what: str, verb: Callable[..., Any], *args: Any) -> Any:
+        """Call the store once; on an error log it, drop broken connections, return None."""
+        try:
+            return verb(*args)
+        except Exception as e:
+            logger.warning(
+                "Worker %s could not save %s (%s); trying again.", self.worker_id, what, e
+            )
+            close_old_connections()
+            return None
+
+    def _try_hard(self, what: str, verb: Callable[..., Any], *args: Any) -> Any:
+        """Call the store, retrying with backoff (for task threads, which may wait)."""
+        for attempt in range(POOL_THREAD_TRIES):
+            result = self._try(what, verb, *args)
+            if result is not None:
+                return result
+            time.sleep(min(0.1 * 2**attempt, 2.0))
+        logger.error(
+            "Worker %s gave up saving %s; the job runs again once put back.", self.worker_id, what
+        )
+        return None

@@ -19,9 +19,9 @@ def invoke(task: Task, result: TaskResult) -> Outcome:
     try:
         value = _call(task, result)
         value = json.loads(json.dumps(value, allow_nan=False))
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
         raise
-    except BaseException as e:
+    except BaseException as e:  # SystemExit too: a task that exits has failed, as in Django
         text = "".join(traceback.format_exception(e))
         if isinstance(e, TypeError | ValueError) and "JSON" in str(e):
             text += f"\nThe return value of {task.module_path!r} must be JSON-serialisable.\n"

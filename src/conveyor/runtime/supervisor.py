@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
 import os
@@ -11,6 +13,7 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for_sentinels
@@ -25,6 +28,7 @@ from conveyor.exceptions import ConveyorImproperlyConfigured
 from conveyor.records import QueueSelector
 from conveyor.runtime.executor import (
     EXIT_DONE,
+    EXIT_ORPHANED,
     EXIT_RECYCLE,
     EXIT_STOPPED,
     Executor,
@@ -38,6 +42,10 @@ EXIT_OK = 0
 EXIT_FORCED = 1  # a forced stop interrupted running tasks
 TICK = 1.0  # longest the supervisor sleeps between looks at its children
 PROGRESS_TICK = 0.25
+QUICK_CRASH = 2.0  # a child that dies sooner than this after starting is respawned later
+MAX_RESPAWN_DELAY = 10.0
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,6 +68,7 @@ class Child:
 
     process: BaseProcess
     worker_id: str
+    started: float = field(default_factory=time.monotonic)
 
 
 class Supervisor:
@@ -85,6 +94,8 @@ class Supervisor:
         lease = self.backend.conveyor_options.lease
         self.tick = min(TICK, lease / 3, PROGRESS_TICK if settings.progress else TICK)
         self.wake_read, self.wake_write = os.pipe()
+        self.respawn_at: list[float] = []
+        self.crash_streak = 0
 
     def run(self) -> int:
         """Supervise until stopped (or, with ``until_done``, until the queue is empty)."""
@@ -101,9 +112,10 @@ class Supervisor:
         for _ in range(self.settings.processes):
             self._spawn()
         next_beat = next_recover = time.monotonic()
-        while self.children:
+        while self.children or (self.respawn_at and not self.signals):
             self._sleep()
             self._reap()
+            self._respawn_due()
             self._handle_stop()
             now = time.monotonic()
             if now >= next_beat:
@@ -132,23 +144,31 @@ class Supervisor:
             until_done=self.settings.until_done,
             parent_pid=os.getpid(),
         )
-        # A forked child must not share the parent's database sockets.
-        connections.close_all()
+        _close_connections_before_fork()
         process = self.context.Process(
             target=_child_main,
             args=(self.backend.alias, config),
             name=f"conveyor-{worker_id}",
             daemon=False,
         )
-        process.start()
+        # The child inherits these signals blocked, and takes them with sigwait() once it
+        # is ready: no signal is lost or handled by the parent's handler in between.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self.children.append(Child(process=process, worker_id=worker_id))
         logger.info("Started worker process %s (%s)", process.pid, worker_id)
 
     def _sleep(self) -> None:
         # Wakes when a child exits, a signal arrives (through the wake-up pipe), or a tick.
         waitables = [self.wake_read, *(child.process.sentinel for child in self.children)]
+        timeout = self.tick
+        if self.respawn_at:
+            timeout = max(0.0, min(timeout, min(self.respawn_at) - time.monotonic()))
         with contextlib.suppress(InterruptedError):
-            if self.wake_read in wait_for_sentinels(waitables, timeout=self.tick):
+            if self.wake_read in wait_for_sentinels(waitables, timeout=timeout):
                 os.read(self.wake_read, 512)
 
     def _reap(self) -> None:
@@ -156,20 +176,36 @@ class Supervisor:
             child.process.join()
             self.children.remove(child)
             code = child.process.exitcode
-            self._release(child, _describe_exit(child.process.pid, code))
+            crashed = code not in (EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED)
+            self._release(child, _describe_exit(child.process.pid, code), counts=crashed)
             if self.signals or code == EXIT_DONE:
                 continue
-            if code not in (EXIT_RECYCLE, EXIT_STOPPED):
+            delay = 0.0
+            if crashed:
+                quick = time.monotonic() - child.started < QUICK_CRASH
+                self.crash_streak = self.crash_streak + 1 if quick else 0
+                delay = min(0.1 * 2**self.crash_streak, MAX_RESPAWN_DELAY) if quick else 0.0
                 logger.error(
-                    "Worker process %s died (%s); starting another.",
+                    "Worker process %s died (%s); starting another in %.1fs.",
                     child.process.pid,
                     _describe_exit(None, code),
+                    delay,
                 )
+            self.respawn_at.append(time.monotonic() + delay)
+        self._respawn_due()
+
+    def _respawn_due(self) -> None:
+        if self.signals:
+            self.respawn_at.clear()
+            return
+        now = time.monotonic()
+        for at in [at for at in self.respawn_at if at <= now]:
+            self.respawn_at.remove(at)
             self._spawn()
 
-    def _release(self, child: Child, reason: str) -> None:
+    def _release(self, child: Child, reason: str, *, counts: bool) -> None:
         try:
-            count = self.backend.release(child.worker_id, reason)
+            count = self.backend.release(child.worker_id, reason, counts_as_attempt=counts)
         except Exception:
             logger.exception(
                 "Could not put back the jobs of %s; their leases will expire.", child.worker_id
@@ -212,7 +248,7 @@ class Supervisor:
         self._signal_children(signal.SIGKILL)
         for child in self.children:
             child.process.join()
-            self._release(child, "the worker was stopped before the task finished")
+            self._release(child, "the worker was stopped before the task finished", counts=False)
         self.children.clear()
 
     def _signal_children(self, signum: int) -> None:
@@ -248,14 +284,44 @@ def _describe_exit(pid: int | None, code: int | None) -> str:
     return f"{who} exited with code {code}"
 
 
+def _close_connections_before_fork() -> None:
+    """A forked child must not share the parent's database sockets, pooled ones included."""
+    for conn in connections.all(initialized_only=True):
+        conn.close()
+        if conn.settings_dict.get("OPTIONS", {}).get("pool") and hasattr(conn, "close_pool"):
+            conn.close_pool()
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Have the kernel kill this process if the supervisor dies (Linux).
+
+    Nobody renews this process's leases once its supervisor is gone, so another worker may
+    take its jobs over; it must not go on running them.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(EXIT_ORPHANED)
+
+
+def _watch_signals(executor: Executor) -> None:
+    """Take the stop signals in a thread of their own; SIGINT is the supervisor's to act on."""
+    while True:
+        if signal.sigwait(STOP_SIGNALS) == signal.SIGTERM:
+            executor.request_stop()
+
+
 def _child_main(alias: str, config: ExecutorConfig) -> None:
-    """Entry point of a worker process."""
+    """Entry point of a worker process (stop signals arrive blocked, see Supervisor._spawn)."""
     signal.set_wakeup_fd(-1)  # the pipe is the supervisor's
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides.
+    _die_with_parent(config.parent_pid)
     backend = task_backends[alias]
     assert isinstance(backend, ConveyorBackend)  # the supervisor checked it
     executor = Executor(backend, config)
-    signal.signal(signal.SIGTERM, lambda signum, frame: executor.request_stop())
+    threading.Thread(
+        target=_watch_signals, args=(executor,), daemon=True, name="conveyor-signals"
+    ).start()
     time.sleep(random.uniform(0, 0.02))  # spread the first claims of sibling processes
     code = executor.run()
     connections.close_all()
