@@ -8,7 +8,8 @@ database in the environment (see ``bench/settings.py``); it writes its figures a
 time until the database shows every one finished.
 ``bulk``: enqueue ``--tasks`` tasks with ``conveyor.bulk_enqueue`` (Conveyor only).
 ``latency``: start idle workers, then ``--latency`` times: enqueue one task and poll its
-row every millisecond until it finished; then idle CPU and memory of the workers.
+row every millisecond until it finished (then, with ``--latency-gap G``, pause a random
+G to 2G seconds); then idle CPU and memory of the workers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import statistics
 import sys
@@ -159,7 +161,8 @@ def phase_latency(s: Subject, args: argparse.Namespace, group: WorkerGroup) -> F
     for i in range(args.latency):
         samples.append(run_one(s, i, min(args.timeout, SAMPLE_TIMEOUT)))
         if args.latency_gap:
-            time.sleep(args.latency_gap)
+            # Random, so that the pauses never fall into step with a worker's poll timer.
+            time.sleep(random.uniform(args.latency_gap, 2 * args.latency_gap))
     time.sleep(args.settle)
     processes = group.processes()
     figures: Figures = {
@@ -168,8 +171,10 @@ def phase_latency(s: Subject, args: argparse.Namespace, group: WorkerGroup) -> F
         "idle_cpu_percent": idle_cpu_percent(processes, args.idle_seconds),
         "memory": memory(processes),
     }
-    figures.update(percentiles("stored", [stored for stored, _, _ in samples]))
-    figures.update(percentiles("wall", [wall for _, wall, _ in samples]))
+    figures["stored_samples"] = [stored for stored, _, _ in samples]
+    figures["wall_samples"] = [wall for _, wall, _ in samples]
+    figures.update(percentiles("stored", figures["stored_samples"]))
+    figures.update(percentiles("wall", figures["wall_samples"]))
     group.stop()
     figures["exit_codes"] = group.exit_codes()
     return figures
@@ -263,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as group:
         figures = PHASES[args.phase](s, args, group)
         figures["worker_logs"] = [str(log) for log in group.logs]
+    import conveyor
+
+    figures["conveyor_module"] = conveyor.__file__
     args.out.write_text(json.dumps(figures, indent=2, default=str))
     return 0
 

@@ -25,16 +25,17 @@ ENGINE_LABELS = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
 MIGRATE_TIMEOUT = 300.0
 
 
-def base_env(conn_max_age: str) -> dict[str, str]:
-    """The environment of every bench subprocess: bench settings, this checkout first."""
+def base_env(conn_max_age: str, source: Path) -> dict[str, str]:
+    """The environment of every bench subprocess: bench settings, Conveyor from ``source``."""
     env = dict(os.environ)
-    paths = [str(ROOT), str(ROOT / "src")]
+    paths = [str(ROOT), str(source)]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env.update(
         PYTHONPATH=os.pathsep.join(paths),
         DJANGO_SETTINGS_MODULE="bench.settings",
         BENCH_CONN_MAX_AGE=conn_max_age,
+        BENCH_CONVEYOR_SRC=str(source),
     )
     return env
 
@@ -44,13 +45,14 @@ class Engine(ABC):
 
     name: str
 
-    def __init__(self, conn_max_age: str) -> None:
+    def __init__(self, conn_max_age: str, source: Path) -> None:
         self.conn_max_age = conn_max_age
+        self.source = source
 
     def env(self, db_name: str) -> dict[str, str]:
         """The environment that points the bench project at ``db_name``."""
         return {
-            **base_env(self.conn_max_age),
+            **base_env(self.conn_max_age, self.source),
             "BENCH_DB_ENGINE": self.name,
             "BENCH_DB_NAME": db_name,
         }
@@ -85,8 +87,8 @@ class Engine(ABC):
 class SQLiteEngine(Engine):
     name = "sqlite"
 
-    def __init__(self, conn_max_age: str) -> None:
-        super().__init__(conn_max_age)
+    def __init__(self, conn_max_age: str, source: Path) -> None:
+        super().__init__(conn_max_age, source)
         self.dir = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
         self.template = self.dir / "template.sqlite3"
         self.copies = 0
@@ -168,10 +170,10 @@ class PostgresEngine(Engine):
                 self._drop(name)
 
 
-def engine(name: str, conn_max_age: str) -> Engine:
-    """The engine called ``name`` (``sqlite`` or ``postgres``)."""
+def engine(name: str, conn_max_age: str, source: Path) -> Engine:
+    """The engine called ``name`` (``sqlite`` or ``postgres``), running Conveyor from ``source``."""
     if name == "sqlite":
-        return SQLiteEngine(conn_max_age)
+        return SQLiteEngine(conn_max_age, source)
     if name == "postgres":
-        return PostgresEngine(conn_max_age)
+        return PostgresEngine(conn_max_age, source)
     raise ValueError(f"unknown database {name!r}; choose from {', '.join(ENGINES)}")

@@ -123,14 +123,17 @@ def _ratio(metric: Metric, conveyor: Figures, tasksdb: Figures) -> str:
         return "n/a"
     if b == 0:
         return "n/a" if a else "="
-    return f"{a / b:.2f}x"
+    ratio = a / b
+    if ratio >= 10:
+        return f"{ratio:.1f}x"
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
 
 
 def table_rows(per_system: dict[str, Figures], tasks: int) -> list[tuple[str, ...]]:
     """The rows of one database's table (after the header)."""
     conveyor = derive(per_system.get("conveyor", {}), tasks)
     tasksdb = derive(per_system.get("tasksdb", {}), tasks)
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for metric in METRICS:
         label = metric.label.format(tasks=f"{tasks:,}")
         if metric.unit:
@@ -200,12 +203,9 @@ def render_markdown(
     command: str,
     date: str,
     facts: Sequence[tuple[str, str]],
-    intro: str,
 ) -> str:
-    """The whole document: intro, command, date, machine facts and a table per database."""
+    """One run's section: command, date, machine facts and a table per database."""
     lines = [
-        intro.rstrip(),
-        "",
         f"## Run of {date}",
         "",
         f"Command: `{command}`",

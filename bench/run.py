@@ -14,12 +14,17 @@ to a Markdown file. Worker and client logs are kept under ``bench/out/``.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from datetime import UTC, datetime
 from importlib import metadata
@@ -75,7 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--latency-gap",
         type=float,
         default=0.0,
-        help="Seconds to wait between latency samples (default: 0).",
+        help="Pause a random G to 2G seconds between latency samples, so that workers are "
+        "idle when a task arrives (default: 0, no pause).",
     )
     parser.add_argument("--idle-seconds", type=float, help="Idle CPU window (10).")
     parser.add_argument(
@@ -95,7 +101,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=600.0,
         help="Longest any one wait may take, in seconds (default: 600).",
     )
+    parser.add_argument(
+        "--conveyor-ref",
+        metavar="REF",
+        help="Run Conveyor's src/ as of this git commit (extracted with git archive to a "
+        "temporary directory) instead of the working tree, which may change during a run.",
+    )
     parser.add_argument("--markdown", type=Path, help="Also write the results here.")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="Add this run's section to the end of --markdown instead of replacing the file.",
+    )
     args = parser.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
@@ -126,6 +143,12 @@ class Run:
         self.dir = BENCH_DIR / "out" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pidfile = self.dir / "worker-pids.txt"
+        self.source, self.source_label = conveyor_source(args.conveyor_ref)
+
+    def close(self) -> None:
+        """Remove the extracted source tree, if any (kept outside the repository)."""
+        if self.source != ROOT / "src":
+            shutil.rmtree(self.source.parent, ignore_errors=True)
 
     def client_argv(self, phase: str, system: str, out: Path) -> list[str]:
         a = self.args
@@ -171,20 +194,22 @@ class Run:
             )
         finally:
             kill_leftovers(self.pidfile)
-        _say(f"    done in {time.monotonic() - started:.1f}s (exit code {code})")
+        outcome = "timed out" if code is None else f"exit code {code}"
+        _say(f"    done in {time.monotonic() - started:.1f}s ({outcome})")
         if code != 0 or not out.exists():
             return {
-                "errors": [
-                    f"the {phase} phase failed (exit code {code}); see {log.relative_to(ROOT)}"
-                ]
+                "errors": [f"the {phase} phase failed ({outcome}); see {log.relative_to(ROOT)}"]
             }
         figures: dict[str, Any] = json.loads(out.read_text())
         figures["log_notes"] = _log_notes(figures.get("worker_logs", []))
+        module = Path(figures.pop("conveyor_module", "")).resolve()
+        if not module.is_relative_to(self.source.resolve()):
+            figures["errors"] = [f"Conveyor was imported from {module}, not {self.source}"]
         return figures
 
     def database(self, db: str) -> dict[str, dict[str, Any]]:
         """Every phase of every chosen system on ``db``."""
-        eng = engine(db, self.args.conn_max_age)
+        eng = engine(db, self.args.conn_max_age, self.source)
         results: dict[str, dict[str, Any]] = {s: {} for s in self.args.system_list}
         try:
             eng.prepare()
@@ -197,22 +222,30 @@ class Run:
         return results
 
 
-def _run_bounded(argv: list[str], env: dict[str, str], log: Path, timeout: float) -> int:
-    """Run ``argv`` with output to ``log``; SIGTERM, then SIGKILL, if it overruns."""
+def _run_bounded(argv: list[str], env: dict[str, str], log: Path, timeout: float) -> int | None:
+    """Run ``argv`` with output to ``log``; its exit code, or None if it overran (stopped)."""
     with log.open("wb") as out:
         process = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
         try:
             return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop(process)
+            return None
         except BaseException:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            _stop(process)
             raise
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the client then stops its workers), SIGKILL if that takes too long."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _merge(into: dict[str, Any], figures: dict[str, Any]) -> None:
@@ -224,10 +257,10 @@ def _merge(into: dict[str, Any], figures: dict[str, Any]) -> None:
 def _log_notes(paths: list[str]) -> list[str]:
     """Lines of worker logs that look like warnings or errors (the first few)."""
     found: list[str] = []
-    for path in paths:
-        for line in Path(path).read_text(errors="replace").splitlines():
+    for path in [Path(p) for p in paths if Path(p).exists()]:
+        for line in path.read_text(errors="replace").splitlines():
             if any(marker in line for marker in LOG_MARKERS):
-                found.append(f"{Path(path).name}: {line.strip()}")
+                found.append(f"{path.name}: {line.strip()}")
     return found[:MAX_LOG_NOTES] + (
         [f"... and {len(found) - MAX_LOG_NOTES} more"] if len(found) > MAX_LOG_NOTES else []
     )
@@ -267,10 +300,62 @@ def _git(*args: str) -> str:
     return done.stdout.strip()
 
 
-def _revision() -> str:
+def conveyor_source(ref: str | None) -> tuple[Path, str]:
+    """Where Conveyor is imported from, and how to describe it."""
+    if not ref:
+        return ROOT / "src", working_tree_label()
+    commit = _git("rev-parse", "--verify", "--short", f"{ref}^{{commit}}")
+    if not commit:
+        raise SystemExit(f"--conveyor-ref {ref!r} is not a commit of this repository")
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", commit, "src"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    target = Path(tempfile.mkdtemp(prefix=f"conveyor-{commit}-"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    return target / "src", f"commit {commit} ({ref}, extracted with git archive)"
+
+
+def working_tree_label() -> str:
+    return f"working tree at commit {revision()}"
+
+
+def revision() -> str:
+    """The commit checked out, and whether ``src/`` differs from it."""
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
     dirty = _git("status", "--porcelain", "--", "src")
-    return f"{commit}{' (with uncommitted changes in src/)' if dirty else ''}"
+    return f"{commit}{' with uncommitted changes in src/' if dirty else ''}"
+
+
+def source_fingerprint(source: Path) -> str:
+    """A hash of every file under ``source``: the code the workers import."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        if "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(source)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def source_after(run: Run) -> str:
+    """How to describe the source at the end of the run (the working tree may have moved)."""
+    return run.source_label if run.args.conveyor_ref else working_tree_label()
+
+
+def source_facts(before: tuple[str, str], after: tuple[str, str]) -> list[tuple[str, str]]:
+    """What Conveyor code ran: one version, or a warning that ``src/`` changed mid-run."""
+    if before == after:
+        return [("Conveyor source", f"{before[0]}; src/ sha256 {before[1]}, unchanged")]
+    return [
+        (
+            "Conveyor source",
+            f"CHANGED DURING THE RUN, figures may mix versions: {before[0]} (src/ sha256 "
+            f"{before[1]}) at the start, {after[0]} (src/ sha256 {after[1]}) at the end",
+        )
+    ]
 
 
 def _load() -> str:
@@ -278,7 +363,10 @@ def _load() -> str:
 
 
 def machine_facts(
-    args: argparse.Namespace, versions: dict[str, str], load_before: str
+    args: argparse.Namespace,
+    versions: dict[str, str],
+    load_before: str,
+    sources: list[tuple[str, str]],
 ) -> list[tuple[str, str]]:
     import psutil
 
@@ -288,7 +376,8 @@ def machine_facts(
         ("OS", platform.platform()),
         ("Python", platform.python_version()),
         ("Django", _version("django")),
-        ("django-conveyor", f"{_version('django-conveyor')}, commit {_revision()}"),
+        ("django-conveyor", _version("django-conveyor")),
+        *sources,
         ("django-tasks-db", _version("django-tasks-db")),
         ("psycopg", _version("psycopg")),
     ]
@@ -337,8 +426,12 @@ synchronous=NORMAL"}}`. Each backend otherwise runs with its own defaults.
    start-up out).
 3. **Latency**: with the workers already running and idle (after 2 warm-up tasks), {latency}
    tasks one after another: enqueue one, poll its row every 1 ms until it is finished, then
-   the next. p50/p99 of the stored `finished_at - enqueued_at` and of the client's wall time
-   from before `enqueue()` to the poll that saw the task finished.
+   the next{gap}. p50/p99 of the stored `finished_at - enqueued_at` and of the client's wall
+   time from before `enqueue()` to the poll that saw the task finished. With no pause, a
+   worker that just finished a task looks for the next one at once, so django-tasks-db's
+   figures depend on how its two workers' 1 s sleep timers fall against the client's rhythm,
+   which changes from run to run; `--latency-gap G` (a random pause of G to 2G s between
+   samples) measures workers that are truly idle when a task arrives.
 4. **Idle cost**: after the latency run and a {settle:g} s pause, the CPU time (user + system,
    psutil) of every worker-side process over {idle:g} s, in % of one core; then memory of each
    process from psutil `memory_full_info()`: RSS and USS per worker process, the Conveyor
@@ -359,6 +452,9 @@ def intro(args: argparse.Namespace, command: str) -> str:
         tasks=args.tasks,
         processes=args.processes,
         latency=args.latency,
+        gap=f" after a random pause of {args.latency_gap:g} to {2 * args.latency_gap:g} s"
+        if args.latency_gap
+        else " at once",
         settle=args.settle,
         idle=args.idle_seconds,
         command=command,
@@ -373,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load_before = _load()
     run = Run(args)
+    source_before = (run.source_label, source_fingerprint(run.source))
     started = time.monotonic()
     results: report.Results = {}
     versions: dict[str, str] = {}
@@ -380,25 +477,39 @@ def main(argv: list[str] | None = None) -> int:
         for db in args.dbs:
             versions[db] = _engine_version(db, args)
             results[db] = run.database(db)
+        sources = source_facts(source_before, (source_after(run), source_fingerprint(run.source)))
     finally:
         kill_leftovers(run.pidfile)
+        run.close()
     _say(f"Finished in {time.monotonic() - started:.0f}s; logs in {run.dir.relative_to(ROOT)}")
+    _say(sources[0][1])
     (run.dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print(report.render_text(results, args.tasks))
     if args.markdown:
         command = command_line(argv)
         date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        facts = machine_facts(args, versions, load_before)
-        args.markdown.write_text(
-            report.render_markdown(results, args.tasks, command, date, facts, intro(args, command))
-        )
-        _say(f"Wrote {args.markdown}")
+        facts = machine_facts(args, versions, load_before, sources)
+        (run.dir / "facts.json").write_text(json.dumps(dict(facts), indent=2))
+        section = report.render_markdown(results, args.tasks, command, date, facts)
+        write_markdown(args, section, intro(args, command))
     failed = any(f.get("errors") for per in results.values() for f in per.values())
     return 1 if failed else 0
 
 
+def write_markdown(args: argparse.Namespace, section: str, intro_text: str) -> None:
+    """Write intro and section to ``--markdown``, or add the section with ``--append``."""
+    path: Path = args.markdown
+    if args.append and path.exists():
+        with path.open("a") as f:
+            f.write("\n" + section)
+        _say(f"Added this run to {path}")
+    else:
+        path.write_text(intro_text.rstrip() + "\n\n" + section)
+        _say(f"Wrote {path}")
+
+
 def _engine_version(db: str, args: argparse.Namespace) -> str:
-    eng: Engine = engine(db, args.conn_max_age)
+    eng: Engine = engine(db, args.conn_max_age, ROOT / "src")
     try:
         return eng.version()
     finally:
