@@ -1,7 +1,9 @@
 """Settings for Conveyor's own tests: SQLite always, PostgreSQL and MariaDB when reachable."""
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,11 @@ TIME_ZONE = "UTC"
 INSTALLED_APPS = ["django.contrib.contenttypes", "conveyor", "tests.testapp"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-SQLITE_DIR = Path(os.environ.get("CONVEYOR_TEST_SQLITE_DIR") or tempfile.mkdtemp("-conveyor"))
+if not os.environ.get("CONVEYOR_TEST_SQLITE_DIR"):
+    # One directory per test run: worker subprocesses inherit it; removed at exit.
+    os.environ["CONVEYOR_TEST_SQLITE_DIR"] = tempfile.mkdtemp("-conveyor")
+    atexit.register(shutil.rmtree, os.environ["CONVEYOR_TEST_SQLITE_DIR"], ignore_errors=True)
+SQLITE_DIR = Path(os.environ["CONVEYOR_TEST_SQLITE_DIR"])
 DATABASES: dict[str, dict[str, Any]] = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",

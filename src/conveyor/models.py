@@ -19,6 +19,8 @@ from conveyor.queries import (
     JSONAppendText,
     claim_returning_sql,
     complete_from_values_sql,
+    insert_sql,
+    notify_after_insert_sql,
     per_row,
     write_transaction,
 )
@@ -27,6 +29,7 @@ from conveyor.records import QueueSelector, QueueStats
 
 Status = TaskResultStatus
 CLAIM_ORDER = ("-priority", "available_at", "id")
+INSERT_CHUNK = 500
 
 
 class JobQuerySet(models.QuerySet["Job"]):
@@ -56,6 +59,28 @@ class JobQuerySet(models.QuerySet["Job"]):
         return self.filter(status__in=(Status.SUCCESSFUL, Status.FAILED))
 
     # --- transitions ---------------------------------------------------------------
+
+    def insert(self, rows: Sequence[Job], notify: str | None, payload: str) -> None:
+        """Store new jobs, with NOTIFY on ``notify`` in the same statement (PostgreSQL).
+
+        One statement per 500 rows, with no transaction of its own unless there are more
+        (a lone INSERT is atomic): inside the caller's ``atomic()`` the jobs, and the
+        wake-up, exist only if it commits.
+        """
+        chunks = [rows[i : i + INSERT_CHUNK] for i in range(0, len(rows), INSERT_CHUNK)]
+        if len(chunks) > 1:
+            with transaction.atomic(using=self.db):
+                for chunk in chunks:
+                    self._insert_chunk(chunk, notify, payload)
+        elif chunks:
+            self._insert_chunk(chunks[0], notify, payload)
+
+    def _insert_chunk(self, rows: Sequence[Job], notify: str | None, payload: str) -> None:
+        sql, params = insert_sql(self.model, rows, self.db)
+        if notify is not None:
+            sql, params = notify_after_insert_sql(sql, params, notify, payload)
+        with connections[self.db].cursor() as cursor:
+            cursor.execute(sql, params)
 
     def claim(self, worker_id: str, limit: int, lease: float, now: datetime) -> list[JobRecord]:
         """Lease up to ``limit`` of the selected ready jobs to ``worker_id``."""
@@ -231,13 +256,13 @@ class Job(models.Model):
     class Meta:
         verbose_name = _("job")
         verbose_name_plural = _("jobs")
+        # Few indexes, since every enqueue pays for each. Running jobs (heartbeats, leases,
+        # release) are few, and found through the status prefix of the claim index.
         indexes = [
             models.Index(
                 fields=["status", "backend_name", "-priority", "available_at", "id"],
                 name="conveyor_job_claim_idx",
             ),
-            models.Index(fields=["status", "lease_expires_at"], name="conveyor_job_lease_idx"),
-            models.Index(fields=["lease_owner"], name="conveyor_job_owner_idx"),
             models.Index(fields=["status", "finished_at"], name="conveyor_job_finished_idx"),
         ]
         constraints = [

@@ -11,6 +11,7 @@ from typing import Any
 from django.db import connections, models, transaction
 from django.db.models import Value
 from django.db.models.functions import Cast
+from django.db.models.sql import InsertQuery
 from django.db.utils import NotSupportedError
 from django.tasks import TaskResultStatus as Status
 
@@ -149,3 +150,38 @@ def complete_from_values_sql(
         f"WHERE {table}.id = {key} AND {table}.status IN (%s, %s) RETURNING {table}.id"
     )
     return sql, [*params, Status.READY, Status.RUNNING]
+
+
+_SINGLE_INSERT: dict[tuple[str, str], str] = {}
+
+
+def insert_sql(model: Any, rows: Sequence[Any], using: str) -> tuple[str, tuple[Any, ...]]:
+    """The plain multi-row INSERT Django would send for ``rows`` (the key left to the DB).
+
+    The one-row statement, the hot path of ``enqueue()``, is compiled once per database;
+    its parameters are prepared the way Django's insert compiler prepares them.
+    """
+    fields = [f for f in model._meta.concrete_fields if not f.primary_key]
+    key = (model._meta.label, using)
+    if len(rows) == 1 and key in _SINGLE_INSERT:
+        conn = connections[using]
+        [row] = rows
+        params = tuple(f.get_db_prep_save(f.pre_save(row, True), conn) for f in fields)
+        return _SINGLE_INSERT[key], params
+    query = InsertQuery(model)
+    query.insert_values(fields, list(rows))
+    [(sql, compiled)] = query.get_compiler(using=using).as_sql()
+    if len(rows) == 1:
+        _SINGLE_INSERT[key] = sql
+    return sql, tuple(compiled)
+
+
+def notify_after_insert_sql(
+    sql: str, params: Sequence[Any], channel: str, payload: str
+) -> tuple[str, tuple[Any, ...]]:
+    """Wrap an INSERT so that the same statement also sends one NOTIFY (PostgreSQL)."""
+    return (
+        f"WITH inserted AS ({sql} RETURNING 1) "
+        "SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM inserted LIMIT 1) AS one",
+        (*params, channel, payload),
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from django.db import transaction
+from django.db import connections, transaction
 
 from conveyor.records import QueueSelector
 from tests.helpers import on
@@ -31,8 +31,27 @@ def test_notify_wakes_a_waiting_worker_only_after_commit(backend, backend_alias,
         waiter.close()
 
 
-def test_other_engines_poll(backend, engine):
-    if engine == "postgres":
-        pytest.skip("PostgreSQL is woken by NOTIFY")
+def test_sqlite_wakes_a_waiting_worker_on_commit(backend, backend_alias, engine):
+    if engine != "sqlite":
+        pytest.skip("watching the database files is SQLite's way")
+    assert backend.supports_wakeup
+    # Opening the first connection creates the -wal file, which wakes watchers harmlessly.
+    connections[backend.database].ensure_connection()
+    waiter = backend.waiter(QueueSelector())
+    try:
+        assert waiter.wait(0.05) is False
+        with pytest.raises(RuntimeError), transaction.atomic(using=backend.database):
+            on(tasks.noop, backend_alias).enqueue()
+            raise RuntimeError
+        assert waiter.wait(0.2) is False
+        on(tasks.noop, backend_alias).enqueue()
+        assert waiter.wait(5.0) is True
+    finally:
+        waiter.close()
+
+
+def test_mysql_polls(backend, engine):
+    if engine != "mysql":
+        pytest.skip("only MySQL has no wake-up")
     assert not backend.supports_wakeup
     assert backend.waiter(QueueSelector()).wait(0.01) is False

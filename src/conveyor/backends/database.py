@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from django.core import checks
-from django.db import connections, transaction
+from django.db import connections
 from django.tasks import Task, TaskResult, TaskResultStatus
 from django.tasks.base import TaskError
 from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
@@ -34,7 +34,6 @@ from conveyor.records import QueueSelector, QueueStats
 logger = logging.getLogger(__name__)
 
 SUPPORTED_VENDORS = ("sqlite", "postgresql", "mysql")
-BULK_BATCH_SIZE = 500
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,7 +62,13 @@ class DatabaseBackend(ConveyorBackend):
 
     @property
     def supports_wakeup(self) -> bool:  # type: ignore[override]
-        return self.vendor == "postgresql"
+        return self.vendor == "postgresql" or self._sqlite_file() is not None
+
+    def _sqlite_file(self) -> str | None:
+        conn = connections[self.database]
+        if conn.vendor != "sqlite" or conn.is_in_memory_db():  # type: ignore[attr-defined]
+            return None
+        return str(conn.settings_dict["NAME"])
 
     def jobs(self) -> JobQuerySet:
         """This backend's jobs."""
@@ -80,10 +85,8 @@ class DatabaseBackend(ConveyorBackend):
         encoded = [self.encode_call(task, args, kwargs) for args, kwargs in calls]
         now = timezone.now()
         rows = [self._new_row(task, args, kwargs, now) for args, kwargs in encoded]
-        with transaction.atomic(using=self.database):
-            Job.objects.using(self.database).bulk_create(rows, batch_size=BULK_BATCH_SIZE)
-            if rows:
-                self._notify(task.queue_name)
+        notify = self.channel if self.vendor == "postgresql" else None
+        Job.objects.using(self.database).insert(rows, notify, task.queue_name)
         results = [
             self.to_task_result(row.to_record(), task, TaskResultStatus.READY) for row in rows
         ]
@@ -105,11 +108,12 @@ class DatabaseBackend(ConveyorBackend):
             available_at=task.run_after or now,
         )
 
-    def _notify(self, queue_name: str) -> None:
-        # NOTIFY is transactional: listeners hear it only once the enqueue commits.
-        if self.vendor == "postgresql":
+    def _notify(self, count: int) -> int:
+        """Wake idle workers after jobs were made ready again; return ``count``."""
+        if count and self.vendor == "postgresql":
             with connections[self.database].cursor() as cursor:
-                cursor.execute("SELECT pg_notify(%s, %s)", [self.channel, queue_name])
+                cursor.execute("SELECT pg_notify(%s, %s)", [self.channel, ""])
+        return count
 
     @property
     def channel(self) -> str:
@@ -165,10 +169,10 @@ class DatabaseBackend(ConveyorBackend):
         return self.jobs().fail(self._pk(job), worker_id, error, finished_at)
 
     def retry(self, job: JobRecord, worker_id: str, error: TaskError, run_after: datetime) -> bool:
-        return self.jobs().retry(self._pk(job), worker_id, error, run_after)
+        return bool(self._notify(self.jobs().retry(self._pk(job), worker_id, error, run_after)))
 
     def unclaim(self, job: JobRecord, worker_id: str) -> bool:
-        return self.jobs().unclaim(self._pk(job), worker_id)
+        return bool(self._notify(self.jobs().unclaim(self._pk(job), worker_id)))
 
     def heartbeat(self, worker_ids: Sequence[str]) -> int:
         if not worker_ids:
@@ -177,18 +181,15 @@ class DatabaseBackend(ConveyorBackend):
 
     def release(self, worker_id: str, reason: str, *, counts_as_attempt: bool = True) -> int:
         limit = self.conveyor_options.max_attempts if counts_as_attempt else None
-        return self.jobs().held_by(worker_id).requeue_lost(reason, limit, timezone.now())
+        return self._notify(
+            self.jobs().held_by(worker_id).requeue_lost(reason, limit, timezone.now())
+        )
 
     def recover_stale(self) -> int:
         now = timezone.now()
-        return (
-            self.jobs()
-            .expired(now)
-            .requeue_lost(
-                "its lease expired without a heartbeat (the worker or its machine stopped)",
-                self.conveyor_options.max_attempts,
-                now,
-            )
+        reason = "its lease expired without a heartbeat (the worker or its machine stopped)"
+        return self._notify(
+            self.jobs().expired(now).requeue_lost(reason, self.conveyor_options.max_attempts, now)
         )
 
     def stats(self, queues: QueueSelector | None = None) -> QueueStats:
@@ -206,6 +207,10 @@ class DatabaseBackend(ConveyorBackend):
             from conveyor.backends.pgnotify import NotifyWaiter
 
             return NotifyWaiter(connections[self.database].get_connection_params(), self.channel)
+        if (path := self._sqlite_file()) is not None:
+            from conveyor.backends.sqlitewake import FileChangeWaiter
+
+            return FileChangeWaiter(path)
         return Waiter()
 
     def _pk(self, job: JobRecord) -> int:
