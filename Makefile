@@ -1,5 +1,5 @@
 # Two commands: `make demo` runs the example on SQLite; `make test` runs every check.
-PYTHON ?= python3
+PYTHON ?= $(shell command -v python3.12 2>/dev/null || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 

@@ -55,3 +55,19 @@ def test_mysql_polls(backend, engine):
         pytest.skip("only MySQL has no wake-up")
     assert not backend.supports_wakeup
     assert backend.waiter(QueueSelector()).wait(0.01) is False
+
+
+def test_interrupt_ends_a_long_wait_at_once(backend, engine):
+    import threading
+
+    if engine == "sqlite":
+        connections[backend.database].ensure_connection()
+    waiter = backend.waiter(QueueSelector())
+    try:
+        waiter.wait(0.01)
+        threading.Timer(0.2, waiter.interrupt).start()
+        started = time.monotonic()
+        assert waiter.wait(30.0) is False
+        assert time.monotonic() - started < 5.0
+    finally:
+        waiter.close()
