@@ -167,12 +167,14 @@ def phase_latency(s: Subject, args: argparse.Namespace, group: WorkerGroup) -> F
     processes = group.processes()
     figures: Figures = {
         "latency_samples": len(samples),
-        "latency_failed": sum(1 for _, _, ok in samples if not ok),
+        "latency_failed": sum(1 for *_, ok in samples if not ok),
         "idle_cpu_percent": idle_cpu_percent(processes, args.idle_seconds),
         "memory": memory(processes),
     }
-    figures["stored_samples"] = [stored for stored, _, _ in samples]
-    figures["wall_samples"] = [wall for _, wall, _ in samples]
+    figures["pickup_samples"] = [pickup for pickup, _, _, _ in samples]
+    figures["stored_samples"] = [stored for _, stored, _, _ in samples]
+    figures["wall_samples"] = [wall for _, _, wall, _ in samples]
+    figures.update(percentiles("pickup", figures["pickup_samples"]))
     figures.update(percentiles("stored", figures["stored_samples"]))
     figures.update(percentiles("wall", figures["wall_samples"]))
     group.stop()
@@ -180,11 +182,12 @@ def phase_latency(s: Subject, args: argparse.Namespace, group: WorkerGroup) -> F
     return figures
 
 
-def run_one(s: Subject, i: int, timeout: float) -> tuple[float, float, bool]:
+def run_one(s: Subject, i: int, timeout: float) -> tuple[float, float, float, bool]:
     """Enqueue one task and wait until its row says it finished.
 
-    Return the stored ``finished_at - enqueued_at``, the wall time the client saw from
-    before ``enqueue()`` to the poll that saw it finished (both in seconds), and success.
+    Return the stored pickup ``started_at - enqueued_at`` and ``finished_at - enqueued_at``,
+    the wall time the client saw from before ``enqueue()`` to the poll that saw it finished
+    (all in seconds), and success.
     """
     started = time.perf_counter()
     result = s.task.enqueue(i)
@@ -193,12 +196,17 @@ def run_one(s: Subject, i: int, timeout: float) -> tuple[float, float, bool]:
         row = list(
             s.rows()
             .filter(**{s.key: result.id})
-            .values_list("status", "enqueued_at", "finished_at")
+            .values_list("status", "enqueued_at", "started_at", "finished_at")
         )
         if row and row[0][0] not in OPEN_STATUSES:
             wall = time.perf_counter() - started
-            status, enqueued_at, finished_at = row[0]
-            return (finished_at - enqueued_at).total_seconds(), wall, status == "SUCCESSFUL"
+            status, enqueued_at, started_at, finished_at = row[0]
+            return (
+                (started_at - enqueued_at).total_seconds(),
+                (finished_at - enqueued_at).total_seconds(),
+                wall,
+                status == "SUCCESSFUL",
+            )
         time.sleep(POLL_LATENCY)
     raise TimeoutError(f"{s.system}: task {result.id} did not finish within {timeout}s")
 

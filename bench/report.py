@@ -50,6 +50,22 @@ METRICS = (
     ),
     Metric("not_successful", "Drain: tasks not successful", "", "lower"),
     Metric(
+        "pickup_p50",
+        "Pickup p50, stored started_at - enqueued_at",
+        "ms",
+        "lower",
+        scale=1000,
+        digits=1,
+    ),
+    Metric(
+        "pickup_p99",
+        "Pickup p99, stored started_at - enqueued_at",
+        "ms",
+        "lower",
+        scale=1000,
+        digits=1,
+    ),
+    Metric(
         "stored_p50",
         "Latency p50, stored finished_at - enqueued_at",
         "ms",

@@ -426,8 +426,10 @@ synchronous=NORMAL"}}`. Each backend otherwise runs with its own defaults.
    start-up out).
 3. **Latency**: with the workers already running and idle (after 2 warm-up tasks), {latency}
    tasks one after another: enqueue one, poll its row every 1 ms until it is finished, then
-   the next{gap}. p50/p99 of the stored `finished_at - enqueued_at` and of the client's wall
-   time from before `enqueue()` to the poll that saw the task finished. With no pause, a
+   the next{gap}. p50/p99 of the stored pickup `started_at - enqueued_at` (both systems
+   set `started_at` when a worker takes the task), of the stored `finished_at - enqueued_at`
+   and of the client's wall time from before `enqueue()` to the poll that saw the task
+   finished. With no pause, a
    worker that just finished a task looks for the next one at once, so django-tasks-db's
    figures depend on how its two workers' 1 s sleep timers fall against the client's rhythm,
    which changes from run to run; `--latency-gap G` (a random pause of G to 2G s between

@@ -62,6 +62,27 @@ class Finished:
     outcome: Outcome
 
 
+class InlinePool:
+    """Run each job at once on the calling thread.
+
+    With one thread per process there is nothing to run beside the loop, and handing a
+    job to another thread would cost a thread wake-up per task (milliseconds on an idle
+    machine).
+    """
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:
+            future.set_exception(e)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Nothing runs in the background."""
+
+
 class Executor:
     """The claim -> invoke -> record loop of one process."""
 
@@ -76,7 +97,11 @@ class Executor:
         self.middleware = (
             list(middleware) if middleware is not None else [cls() for cls in DEFAULT_MIDDLEWARE]
         )
-        self.pool = ThreadPoolExecutor(config.threads, thread_name_prefix="conveyor-task")
+        self.pool: ThreadPoolExecutor | InlinePool = (
+            ThreadPoolExecutor(config.threads, thread_name_prefix="conveyor-task")
+            if config.threads > 1
+            else InlinePool()
+        )
         self.inflight: dict[Future[None], Job] = {}
         self.changed = threading.Event()
         self.stopping = threading.Event()
