@@ -271,9 +271,8 @@ def drop_other_connections(backend) -> int:  # type: ignore[no-untyped-def]
         return len(ids)
 
 
-def test_the_worker_recovers_from_dropped_database_connections(backend, backend_alias, engine):
-    if engine == "sqlite":
-        pytest.skip("SQLite has no server connections to drop")
+@pytest.mark.parametrize("engine", ["postgres", "mysql"], indirect=True)
+def test_the_worker_recovers_from_dropped_database_connections(backend, backend_alias):
     first = on(tasks.add, backend_alias).enqueue(1, 1)
     with Worker(backend_alias, "--processes", "1") as worker:
         wait_for(lambda: status(first) == TaskResultStatus.SUCCESSFUL)

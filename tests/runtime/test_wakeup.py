@@ -12,9 +12,8 @@ from tests.helpers import on
 from tests.testapp import tasks
 
 
-def test_notify_wakes_a_waiting_worker_only_after_commit(backend, backend_alias, engine):
-    if engine != "postgresql" and engine != "postgres":
-        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+@pytest.mark.parametrize("engine", ["postgres"], indirect=True)
+def test_notify_wakes_a_waiting_worker_only_after_commit(backend, backend_alias):
     assert backend.supports_wakeup
     waiter = backend.waiter(QueueSelector())
     try:
@@ -31,9 +30,8 @@ def test_notify_wakes_a_waiting_worker_only_after_commit(backend, backend_alias,
         waiter.close()
 
 
-def test_sqlite_wakes_a_waiting_worker_on_commit(backend, backend_alias, engine):
-    if engine != "sqlite":
-        pytest.skip("watching the database files is SQLite's way")
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_sqlite_wakes_a_waiting_worker_on_commit(backend, backend_alias):
     assert backend.supports_wakeup
     # Opening the first connection creates the -wal file, which wakes watchers harmlessly.
     connections[backend.database].ensure_connection()
@@ -50,9 +48,8 @@ def test_sqlite_wakes_a_waiting_worker_on_commit(backend, backend_alias, engine)
         waiter.close()
 
 
-def test_mysql_polls(backend, engine):
-    if engine != "mysql":
-        pytest.skip("only MySQL has no wake-up")
+@pytest.mark.parametrize("engine", ["mysql"], indirect=True)
+def test_mysql_polls(backend):
     assert not backend.supports_wakeup
     assert backend.waiter(QueueSelector()).wait(0.01) is False
 
