@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
+from django.dispatch import Signal
 from django.tasks import TaskResultStatus
 from django.tasks.signals import task_finished, task_started
 
@@ -19,6 +23,18 @@ from conveyor.runtime.executor import (
 )
 from tests.helpers import job, on
 from tests.testapp import tasks
+
+
+@contextmanager
+def receiving(*pairs: tuple[Signal, Callable[..., Any]]) -> Iterator[None]:
+    """Connect signal receivers for the duration of a block."""
+    for signal, receiver in pairs:
+        signal.connect(receiver)
+    try:
+        yield
+    finally:
+        for signal, receiver in pairs:
+            signal.disconnect(receiver)
 
 
 def run(backend, **config) -> int:  # type: ignore[no-untyped-def]
@@ -42,13 +58,8 @@ def test_started_and_finished_signals_come_from_the_backend_class(backend, backe
 
     ok = on(tasks.add, backend_alias).enqueue(2, 3)
     bad = on(tasks.explode, backend_alias).enqueue("no")
-    task_started.connect(on_started)
-    task_finished.connect(on_finished)
-    try:
+    with receiving((task_started, on_started), (task_finished, on_finished)):
         assert run(backend) == EXIT_DONE
-    finally:
-        task_started.disconnect(on_started)
-        task_finished.disconnect(on_finished)
 
     assert ("started", DatabaseBackend, ok.id, TaskResultStatus.RUNNING) in seen
     assert ("finished", DatabaseBackend, ok.id, TaskResultStatus.SUCCESSFUL) in seen
@@ -107,13 +118,8 @@ def test_failing_signal_receivers_change_no_outcome(backend, backend_alias):
         raise RuntimeError("receiver bug")
 
     results = [on(tasks.add, backend_alias).enqueue(i, i) for i in range(3)]
-    task_started.connect(broken)
-    task_finished.connect(broken)
-    try:
+    with receiving((task_started, broken), (task_finished, broken)):
         assert run(backend) == EXIT_DONE
-    finally:
-        task_started.disconnect(broken)
-        task_finished.disconnect(broken)
     for i, result in enumerate(results):
         result.refresh()
         assert result.status == TaskResultStatus.SUCCESSFUL and result.return_value == 2 * i
