@@ -13,13 +13,15 @@ ENGINES = {
     "postgres": ("postgres", "postgres"),
     "mysql": ("mysql", "mysql"),
 }
+# Stores that live in the test process only: contract tests run on them too.
+IN_PROCESS = {"memory": "memory"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Give each engine-parametrised test a transactional database of its engine."""
     for item in items:
         engine = getattr(item, "callspec", None) and item.callspec.params.get("engine")
-        if not engine:
+        if not engine or engine in IN_PROCESS:
             continue
         alias = ENGINES[engine][0]
         if alias in settings.DATABASES:
@@ -41,6 +43,8 @@ def engine(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def backend_alias(engine: str) -> str:
+    if engine in IN_PROCESS:
+        return IN_PROCESS[engine]
     return ENGINES[engine][1]
 
 

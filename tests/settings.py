@@ -29,6 +29,8 @@ DATABASES: dict[str, dict[str, Any]] = {
         "TEST": {"NAME": str(SQLITE_DIR / "test_conveyor.sqlite3")},
     },
 }
+# Separate names let several test runs share the database servers at once.
+TEST_DB = os.environ.get("CONVEYOR_TEST_DB", "test_conveyor")
 _servers = available()
 if _servers["postgres"]:
     DATABASES["postgres"] = {
@@ -37,7 +39,7 @@ if _servers["postgres"]:
         "USER": "postgres",
         "HOST": "127.0.0.1",
         "PORT": 5432,
-        "TEST": {"NAME": "test_conveyor"},
+        "TEST": {"NAME": TEST_DB},
     }
 if _servers["mysql"]:
     DATABASES["mysql"] = {
@@ -48,7 +50,7 @@ if _servers["mysql"]:
         "HOST": "127.0.0.1",
         "PORT": 3306,
         "OPTIONS": {"charset": "utf8mb4"},
-        "TEST": {"NAME": "test_conveyor", "CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"},
+        "TEST": {"NAME": TEST_DB, "CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"},
     }
 
 # Worker subprocesses started by the tests point at the databases the test run created.
@@ -72,6 +74,11 @@ for _alias in ("postgres", "mysql"):
             "QUEUES": QUEUES,
             "OPTIONS": {"DATABASE": _alias, **_options},
         }
+TASKS["memory"] = {
+    "BACKEND": "conveyor.backends.memory.MemoryBackend",
+    "QUEUES": QUEUES,
+    "OPTIONS": _options,
+}
 TASKS["immediate"] = {
     "BACKEND": "django.tasks.backends.immediate.ImmediateBackend",
     "QUEUES": QUEUES,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from conveyor.exceptions import ConveyorImproperlyConfigured
 
@@ -13,15 +14,26 @@ class BackendOptions:
     """Options every durable Conveyor backend understands.
 
     ``lease``: seconds a claimed job stays reserved without a heartbeat.
-    ``max_attempts``: deliveries after which a job whose worker keeps dying is failed.
+    ``max_attempts``: deliveries lost to a dying worker after which a job is failed.
     ``poll_interval``: longest idle wait between looks for work, in seconds.
-    ``batch_size``: most jobs one worker process claims in one round trip.
+    ``batch_size``: most jobs one worker process claims, or saves outcomes for, at once.
+    ``max_payload``: most bytes the arguments of one call may take as JSON.
     """
 
     lease: float = 30.0
     max_attempts: int = 5
     poll_interval: float = 0.5
     batch_size: int = 16
+    max_payload: int = 1024 * 1024
+
+    # name -> (smallest, largest) allowed; whole numbers for int fields.
+    ranges: ClassVar[dict[str, tuple[float, float]]] = {
+        "lease": (0.1, 86400.0),
+        "max_attempts": (1, 1000),
+        "poll_interval": (0.001, 60.0),
+        "batch_size": (1, 1000),
+        "max_payload": (1024, 64 * 1024 * 1024),
+    }
 
     @classmethod
     def from_settings(cls, alias: str, raw: dict[str, Any]) -> Self:
@@ -39,19 +51,25 @@ class BackendOptions:
         return options
 
     def validate(self, alias: str) -> None:
-        """Raise if a value is out of range."""
+        """Raise if a value is of the wrong kind or out of its range."""
         where = f"TASKS[{alias!r}]['OPTIONS']"
-        for name in ("lease", "poll_interval"):
+        for name, (low, high) in self.ranges.items():
             value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            whole = name in _WHOLE
+            if not _in_range(value, low, high, whole):
+                kind = "a whole number" if whole else "a number"
                 raise ConveyorImproperlyConfigured(
-                    f"{where}[{name.upper()!r}] must be a positive number of seconds, "
+                    f"{where}[{name.upper()!r}] must be {kind} from {low:g} to {high:g}, "
                     f"not {value!r}."
                 )
-        for name in ("max_attempts", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConveyorImproperlyConfigured(
-                    f"{where}[{name.upper()!r}] must be a whole number of at least 1, "
-                    f"not {value!r}."
-                )
+
+
+_WHOLE = {"max_attempts", "batch_size", "max_payload"}
+
+
+def _in_range(value: Any, low: float, high: float, whole: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if whole and not isinstance(value, int):
+        return False
+    return math.isfinite(value) and low <= value <= high

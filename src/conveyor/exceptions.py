@@ -12,8 +12,15 @@ class ConveyorImproperlyConfigured(ConveyorError, ImproperlyConfigured):
     """A setting or backend option is missing or wrong."""
 
 
-class InvalidTaskArguments(ConveyorError, InvalidTask):
-    """A task was enqueued with arguments that cannot be stored as JSON."""
+class NotMigrated(ConveyorImproperlyConfigured):
+    """The database holds no Conveyor tables yet: ``manage.py migrate`` was not run."""
+
+
+class InvalidTaskArguments(ConveyorError, InvalidTask, TypeError):
+    """A task was enqueued with arguments that no store could keep as JSON.
+
+    Also a ``TypeError``, as Django's own backends raise for arguments that are not JSON.
+    """
 
 
 class BackendUnavailable(ConveyorError):
@@ -22,6 +29,10 @@ class BackendUnavailable(ConveyorError):
 
 class WorkerLost(ConveyorError):
     """The worker running a job stopped before the job finished."""
+
+
+class Cancelled(ConveyorError):
+    """The job was cancelled before it ran."""
 
 
 class TaskNotFound(ConveyorError):

@@ -4,9 +4,46 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
+from django.tasks import TaskResultStatus
 from django.tasks.base import TaskError
+
+
+class State(StrEnum):
+    """Conveyor's own job states; Django sees them through ``django_status``."""
+
+    SCHEDULED = "scheduled"  # due later: never in the claim path until staged
+    READY = "ready"  # may be claimed now
+    WAITING = "waiting"  # held back until other jobs finish (workflows)
+    RUNNING = "running"  # delivered to a worker, under a lease
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # shown to Django as FAILED, with a Cancelled error
+
+    @property
+    def django_status(self) -> TaskResultStatus:
+        """The ``TaskResultStatus`` a ``django.tasks`` user sees for this state."""
+        return _DJANGO_STATUS[self]
+
+    @property
+    def finished(self) -> bool:
+        """Say whether the job has an outcome that nothing overwrites."""
+        return self in FINISHED_STATES
+
+
+PENDING_STATES = (State.SCHEDULED, State.READY, State.WAITING)
+FINISHED_STATES = (State.SUCCEEDED, State.FAILED, State.CANCELLED)
+_DJANGO_STATUS = {
+    State.SCHEDULED: TaskResultStatus.READY,
+    State.READY: TaskResultStatus.READY,
+    State.WAITING: TaskResultStatus.READY,
+    State.RUNNING: TaskResultStatus.RUNNING,
+    State.SUCCEEDED: TaskResultStatus.SUCCESSFUL,
+    State.FAILED: TaskResultStatus.FAILED,
+    State.CANCELLED: TaskResultStatus.FAILED,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,10 +59,17 @@ class QueueSelector:
             return False
         return queue_name not in self.exclude
 
+    def narrowed(self, known: frozenset[str] | set[str]) -> QueueSelector:
+        """The same choice as an explicit list when the backend's queues are known."""
+        if not known or (self.include is None and not self.exclude):
+            return self
+        names = set(known) if self.include is None else set(self.include)
+        return QueueSelector(include=frozenset(names - self.exclude))
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Job:
-    """One claimed job, as the runtime sees it."""
+    """One delivery of a job, as the runtime sees it."""
 
     id: str
     task_path: str
@@ -41,8 +85,14 @@ class Job:
     last_attempted_at: datetime | None
     worker_ids: tuple[str, ...] = ()
     errors: tuple[TaskError, ...] = ()
+    # This delivery's token (fencing token): every write about the delivery names it, and
+    # a write from an older delivery of the same job is refused.
+    delivery: str = ""
     # The backend's own handle for the row or key behind the job; opaque to the runtime.
     key: Any = None
+
+
+Success = tuple[Job, Any, datetime]  # a delivery, its return value, when it finished
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,9 +110,15 @@ class Outcome:
         return self.error is None
 
 
+STAT_NAMES = ("ready", "scheduled", "running", "successful", "failed")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class QueueStats:
-    """Counts of jobs by state, for one backend (optionally some queues)."""
+    """Counts of jobs by state, for one backend (optionally some queues).
+
+    ``ready`` counts waiting jobs too; ``failed`` counts cancelled ones, as Django does.
+    """
 
     ready: int = 0
     scheduled: int = 0
@@ -70,6 +126,25 @@ class QueueStats:
     successful: int = 0
     failed: int = 0
     by_queue: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_counts(cls, counts: dict[tuple[str, str], int]) -> QueueStats:
+        """Build stats from ``{(queue, state): count}``."""
+        column = {
+            State.SCHEDULED: "scheduled",
+            State.READY: "ready",
+            State.WAITING: "ready",
+            State.RUNNING: "running",
+            State.SUCCEEDED: "successful",
+            State.FAILED: "failed",
+            State.CANCELLED: "failed",
+        }
+        by_queue: dict[str, dict[str, int]] = {}
+        for (queue, state), count in counts.items():
+            row = by_queue.setdefault(queue, dict.fromkeys(STAT_NAMES, 0))
+            row[column[State(state)]] += count
+        totals = {name: sum(q[name] for q in by_queue.values()) for name in STAT_NAMES}
+        return cls(**totals, by_queue=by_queue)
 
     @property
     def pending(self) -> int:
@@ -80,3 +155,35 @@ class QueueStats:
     def finished(self) -> int:
         """Jobs that have ended, either way."""
         return self.successful + self.failed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerInfo:
+    """One running supervisor or worker process, as the ``workers`` registry holds it."""
+
+    id: str
+    backend: str
+    kind: str  # "supervisor" or "process"
+    host: str
+    pid: int
+    supervisor: str | None = None  # the supervisor's id, for a process
+    queues: str = "*"
+    threads: int = 1
+    started_at: datetime | None = None
+    last_beat_at: datetime | None = None
+    stopped_at: datetime | None = None
+    ended: str = ""
+
+
+def error_from_exception(exc: BaseException, traceback_text: str) -> TaskError:
+    """Describe an exception the way ``TaskResult.errors`` does."""
+    cls = type(exc)
+    return TaskError(
+        exception_class_path=f"{cls.__module__}.{cls.__qualname__}", traceback=traceback_text
+    )
+
+
+def error_from_text(exception_class_path: str, message: str) -> TaskError:
+    """An error recorded by Conveyor itself (no Python traceback): ``Class: message``."""
+    name = exception_class_path.rpartition(".")[2]
+    return TaskError(exception_class_path=exception_class_path, traceback=f"{name}: {message}\n")

@@ -1,15 +1,17 @@
-"""The worker-facing contract every Conveyor backend fulfils.
+"""The two contracts of a Conveyor backend.
 
-A backend is a ``django.tasks`` backend (users enqueue through it) and also offers a
-handful of verbs the worker runtime drives: claim, complete, fail, retry, heartbeat,
-release, recover_stale, stats and prune. The runtime sees only this module.
+``ConveyorBackend`` is the ``django.tasks`` face every Conveyor backend has: enqueue, bulk
+enqueue, get_result. ``WorkerStore`` is what a worker drives: claim, stage, complete, fail,
+retry, give back, requeue, heartbeat, recover, cancel, stats, prune, the workers registry
+and fork hooks. A backend that runs no worker of its own (an HTTP push backend) is only a
+``ConveyorBackend``; the runtime accepts a backend only if it is also a ``WorkerStore``.
+The runtime sees only this module, ``conveyor.records`` and ``conveyor.backends.tasks``.
 """
 
 from __future__ import annotations
 
-import json
 import threading
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
@@ -17,14 +19,12 @@ from typing import Any, ClassVar
 from django.tasks import Task, TaskResult, TaskResultStatus
 from django.tasks.backends.base import BaseTaskBackend
 from django.tasks.base import TaskError
-from django.utils.module_loading import import_string
 
+from conveyor.backends.tasks import encode_arguments, resolve_task
 from conveyor.conf import BackendOptions
-from conveyor.exceptions import InvalidTaskArguments, TaskNotFound
-from conveyor.records import Job, QueueSelector, QueueStats
+from conveyor.records import Job, QueueSelector, QueueStats, Success, WorkerInfo
 
 Call = tuple[Sequence[Any], Mapping[str, Any]]
-Success = tuple[Job, Any, datetime]  # a job, its return value, when it finished
 
 
 class Waiter:
@@ -47,19 +47,13 @@ class Waiter:
 
 
 class ConveyorBackend(BaseTaskBackend):
-    """A ``django.tasks`` backend that a Conveyor worker can drive."""
+    """A ``django.tasks`` backend with Conveyor's options and bulk enqueue."""
 
     options_class: ClassVar[type[BackendOptions]] = BackendOptions
-    # Claimed jobs carry a lease that heartbeats renew and that expires if a worker vanishes.
-    supports_leases: ClassVar[bool] = True
-    # The backend can wake idle workers as soon as a job is enqueued.
-    supports_wakeup: ClassVar[bool] = False
 
     def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
         self.conveyor_options = self.options_class.from_settings(alias, dict(self.options))
-
-    # --- the enqueue side -------------------------------------------------------
 
     @abstractmethod
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:
@@ -68,80 +62,16 @@ class ConveyorBackend(BaseTaskBackend):
     def encode_call(self, task: Task, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Call:
         """Validate ``task`` and return its arguments as plain JSON values, or raise."""
         self.validate_task(task)
-        return encode_arguments(task, args, kwargs)
-
-    # --- the worker side ---------------------------------------------------------
-
-    @abstractmethod
-    def claim(self, worker_id: str, queues: QueueSelector, limit: int) -> list[Job]:
-        """Lease up to ``limit`` ready jobs to ``worker_id``, best first."""
-
-    @abstractmethod
-    def complete_many(self, worker_id: str, successes: Sequence[Success]) -> set[str]:
-        """Record successes together; return the ids saved (a job that ended is left be)."""
-
-    def complete(self, job: Job, worker_id: str, return_value: Any, finished_at: datetime) -> bool:
-        """Record a success; never overwrites an earlier success or failure."""
-        return job.id in self.complete_many(worker_id, [(job, return_value, finished_at)])
-
-    @abstractmethod
-    def fail(self, job: Job, worker_id: str, error: TaskError, finished_at: datetime) -> bool:
-        """Record a final failure, if ``worker_id`` still holds the job."""
-
-    @abstractmethod
-    def retry(self, job: Job, worker_id: str, error: TaskError, run_after: datetime) -> bool:
-        """Record a failed attempt and make the job ready again at ``run_after``."""
-
-    @abstractmethod
-    def unclaim(self, job: Job, worker_id: str) -> bool:
-        """Give back a job that was claimed but never started; the delivery is not counted."""
-
-    @abstractmethod
-    def heartbeat(self, worker_ids: Sequence[str]) -> int:
-        """Renew the leases of every job these workers hold; return how many."""
-
-    @abstractmethod
-    def release(self, worker_id: str, reason: str, *, counts_as_attempt: bool = True) -> int:
-        """Put back every job ``worker_id`` holds (it stopped); return how many.
-
-        With ``counts_as_attempt`` (a crash), a job already delivered ``MAX_ATTEMPTS`` times
-        is failed instead; a stop the operator asked for never fails a job.
-        """
-
-    @abstractmethod
-    def recover_stale(self) -> int:
-        """Put back jobs whose lease expired (their worker vanished); return how many."""
-
-    @abstractmethod
-    def stats(self, queues: QueueSelector | None = None) -> QueueStats:
-        """Count jobs by state."""
-
-    @abstractmethod
-    def prune(self, finished_before: datetime) -> int:
-        """Delete finished jobs that ended before ``finished_before``; return how many."""
-
-    def next_due(self, queues: QueueSelector) -> datetime | None:
-        """When the earliest job that is not ready yet becomes ready; None if unknown."""
-        return None
-
-    def waiter(self, queues: QueueSelector) -> Waiter:
-        """Return an object an idle worker blocks on until work may be there."""
-        return Waiter()
-
-    def close(self) -> None:
-        """Release connections this backend opened for the worker (not Django's)."""
-
-    # --- shared helpers ------------------------------------------------------------
+        return encode_arguments(task, args, kwargs, self.conveyor_options)
 
     def load_task(self, job: Job) -> Task:
-        """Import the module-level task a job names, with the job's own settings."""
+        """Import the module-level task a job names, with the job's own settings.
+
+        The stored queue is kept even if ``QUEUES`` no longer lists it: a job already
+        stored runs where it was sent.
+        """
         task = resolve_task(job.task_path)
-        return task.using(
-            priority=job.priority,
-            queue_name=job.queue_name,
-            run_after=job.run_after,
-            backend=self.alias,
-        )
+        return task.using(priority=job.priority, run_after=job.run_after, backend=self.alias)
 
     def to_task_result(
         self, job: Job, task: Task, status: TaskResultStatus, **changes: Any
@@ -168,77 +98,119 @@ class ConveyorBackend(BaseTaskBackend):
         return result
 
 
-def resolve_task(path: str) -> Task:
-    """Import ``path`` and return it only if it is a module-level ``Task``."""
-    try:
-        task = import_string(path)
-    except ImportError as e:
-        raise TaskNotFound(f"Task {path!r} cannot be imported: {e}") from e
-    if not isinstance(task, Task):
-        raise TaskNotFound(
-            f"{path!r} is a {type(task).__name__}, not a task; only functions decorated "
-            "with @task run."
-        )
-    return task
+class WorkerStore(ABC):
+    """The verbs a Conveyor worker drives; every write about a delivery names its token."""
+
+    # The backend can wake idle workers as soon as a job is enqueued.
+    supports_wakeup: bool = False
+    # Lease times are compared with the store's own clock, not the caller's.
+    supports_store_clock: ClassVar[bool] = True
+
+    # --- taking work ---------------------------------------------------------------------
+
+    @abstractmethod
+    def claim(self, worker_id: str, queues: QueueSelector, limit: int) -> list[Job]:
+        """Lease up to ``limit`` ready jobs to ``worker_id``, best first, each delivery a token."""
+
+    @abstractmethod
+    def stage(self, limit: int = 1000) -> int:
+        """Make up to ``limit`` scheduled jobs that are due ready; return how many."""
+
+    @abstractmethod
+    def next_due(self, queues: QueueSelector) -> datetime | None:
+        """When the earliest scheduled job falls due; None if there is none."""
+
+    # --- outcomes ------------------------------------------------------------------------
+
+    @abstractmethod
+    def complete(self, successes: Sequence[Success]) -> set[str]:
+        """Record successes together; return the ids saved by these deliveries.
+
+        A success is taken while the job has no outcome (first success wins, so a late
+        one from an earlier delivery counts: the work was done). A job whose success was
+        already saved by the same delivery (a commit whose reply was lost) counts as saved.
+        """
+
+    @abstractmethod
+    def fail(self, job: Job, error: TaskError, finished_at: datetime) -> bool:
+        """Record a final failure, if this delivery still holds the job (or already did)."""
+
+    @abstractmethod
+    def retry(self, job: Job, error: TaskError, run_after: datetime) -> bool:
+        """Record a failed attempt; the job is scheduled again for ``run_after``."""
+
+    @abstractmethod
+    def unclaim(self, jobs: Sequence[Job]) -> int:
+        """Give back deliveries that never started: uncounted, keeping their place in line."""
+
+    @abstractmethod
+    def requeue(self, job: Job, reason: str, *, counts_as_attempt: bool = True) -> bool:
+        """Put back a delivery whose run was cut short (its process died, or was stopped).
+
+        With ``counts_as_attempt`` the loss counts toward ``MAX_ATTEMPTS``, and the job is
+        failed once it was lost that many times; a stop the operator asked for never does.
+        """
+
+    @abstractmethod
+    def release(self, worker_id: str, reason: str, *, counts_as_attempt: bool = True) -> int:
+        """Requeue every delivery ``worker_id`` holds (its process ended); return how many."""
+
+    # --- leases and the workers registry -----------------------------------------------
+
+    @abstractmethod
+    def heartbeat(self, worker_ids: Sequence[str]) -> int:
+        """Renew the leases these workers hold and their registry rows; return leases renewed."""
+
+    @abstractmethod
+    def recover(self) -> int:
+        """Requeue deliveries whose lease expired and whose worker is stale; return how many."""
+
+    @abstractmethod
+    def register_worker(self, info: WorkerInfo) -> None:
+        """Add a running supervisor or process to the workers registry."""
+
+    @abstractmethod
+    def end_worker(self, worker_id: str, ended: str) -> None:
+        """Mark a registered worker stopped, saying how it ended."""
+
+    @abstractmethod
+    def workers(self, *, alive: bool = True) -> list[WorkerInfo]:
+        """The registered workers of this backend (only running ones, unless ``alive=False``)."""
+
+    # --- operations ------------------------------------------------------------------------
+
+    @abstractmethod
+    def cancel(self, result_id: str) -> bool:
+        """Cancel a job that has not started; return whether it was cancelled."""
+
+    @abstractmethod
+    def stats(
+        self, queues: QueueSelector | None = None, *, finished_since: datetime | None = None
+    ) -> QueueStats:
+        """Count jobs by queue and state (finished ones only since ``finished_since``)."""
+
+    @abstractmethod
+    def prune(self, finished_before: datetime, *, batch: int = 1000, pause: float = 0.01) -> int:
+        """Delete finished jobs that ended before ``finished_before``, ``batch`` at a time."""
+
+    # --- process life ----------------------------------------------------------------------
+
+    def waiter(self, queues: QueueSelector) -> Waiter:
+        """Return an object an idle worker blocks on until work may be there."""
+        return Waiter()
+
+    @abstractmethod
+    def before_fork(self) -> None:
+        """Close what a forked child must not share (connections, pools)."""
+
+    @abstractmethod
+    def after_fork(self) -> None:
+        """Start afresh in a forked child."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections this store opened for the worker."""
 
 
-def unavailable_task(path: str, alias: str, queue_name: str, priority: int) -> Task:
-    """A stand-in ``Task`` for a stored job whose task cannot be loaded here any more.
-
-    It keeps the stored path, so ``result.task.module_path`` still says what ran; calling
-    it raises ``TaskNotFound``. Built without validation, as the real task is gone.
-    """
-    module, _, name = path.rpartition(".")
-
-    def unavailable(*args: Any, **kwargs: Any) -> Any:
-        raise TaskNotFound(f"Task {path!r} is not available in this process.")
-
-    unavailable.__module__, unavailable.__name__, unavailable.__qualname__ = module, name, name
-    task = object.__new__(Task)
-    values = {
-        "func": unavailable,
-        "priority": priority,
-        "backend": alias,
-        "queue_name": queue_name,
-        "run_after": None,
-        "takes_context": False,
-    }
-    for field_name, value in values.items():
-        object.__setattr__(task, field_name, value)
-    return task
-
-
-def encode_arguments(task: Task, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Call:
-    """Return ``args``/``kwargs`` as they read back from JSON, or name the one that can't."""
-    try:
-        return json.loads(json.dumps([list(args), dict(kwargs)], allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise InvalidTaskArguments(_describe_bad_argument(task, args, kwargs, e)) from e
-
-
-def _describe_bad_argument(
-    task: Task, args: Sequence[Any], kwargs: Mapping[str, Any], error: Exception
-) -> str:
-    named = [(f"positional argument {i}", value) for i, value in enumerate(args)]
-    named += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
-    for where, value in named:
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            return (
-                f"Cannot enqueue task {task.module_path!r}: {where} ({type(value).__name__}) "
-                f"is not JSON-serialisable: {e}. Arguments must be JSON values; nothing was "
-                "stored."
-            )
-    return (
-        f"Cannot enqueue task {task.module_path!r}: its arguments are not JSON-serialisable: "
-        f"{error}. Nothing was stored."
-    )
-
-
-def error_from_exception(exc: BaseException, traceback_text: str) -> TaskError:
-    """Describe an exception the way ``TaskResult.errors`` does."""
-    cls = type(exc)
-    return TaskError(
-        exception_class_path=f"{cls.__module__}.{cls.__qualname__}", traceback=traceback_text
-    )
+class StoreBackend(ConveyorBackend, WorkerStore):
+    """A ``django.tasks`` backend that is also a store a Conveyor worker can drive."""

@@ -19,8 +19,8 @@ from django.tasks import Task, TaskResult, TaskResultStatus
 from django.tasks.signals import task_finished, task_started
 from django.utils import timezone
 
-from conveyor.backends.base import ConveyorBackend, Waiter, error_from_exception
-from conveyor.records import Job, Outcome, QueueSelector
+from conveyor.backends.base import StoreBackend, Waiter
+from conveyor.records import Job, Outcome, QueueSelector, error_from_exception
 from conveyor.runtime.invocation import invoke
 from conveyor.runtime.middleware import DEFAULT_MIDDLEWARE, Middleware
 
@@ -38,6 +38,7 @@ FLUSH_DELAY = 0.02  # longest a success waits to be saved together with others
 RETRY_DELAY = 0.5  # wait before saving again after the store failed
 IDLE_WAKEUP_WAIT = 5.0  # with NOTIFY wake-ups, the longest idle wait when nothing is due
 POOL_THREAD_TRIES = 5  # tries of a store call made from a task thread
+STAGE_EVERY = 0.05  # how often a busy process makes due scheduled jobs ready
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,7 +89,7 @@ class Executor:
 
     def __init__(
         self,
-        backend: ConveyorBackend,
+        backend: StoreBackend,
         config: ExecutorConfig,
         middleware: Sequence[Middleware] | None = None,
     ) -> None:
@@ -111,6 +112,7 @@ class Executor:
         self.finished: queue.SimpleQueue[Finished] = queue.SimpleQueue()
         self.unsaved: list[Finished] = []
         self.flush_at = 0.0
+        self.next_stage = 0.0
 
     @property
     def worker_id(self) -> str:
@@ -180,7 +182,7 @@ class Executor:
         for future, job in list(self.inflight.items()):
             if future.cancel():
                 del self.inflight[future]
-                self._try_hard("give back", self.backend.unclaim, job, self.worker_id)
+                self._try_hard("give back", self.backend.unclaim, [job])
         while self.inflight:
             self._wait_changed(
                 min(self.backend.conveyor_options.poll_interval, self._until_flush())
@@ -231,11 +233,19 @@ class Executor:
 
     def _claim(self, room: int) -> list[Job] | None:
         try:
+            self._stage()
             return self.backend.claim(self.worker_id, self.config.queues, room)
         except Exception:
             logger.exception("Worker %s could not claim jobs; retrying shortly.", self.worker_id)
             close_old_connections()
             return None
+
+    def _stage(self, force: bool = False) -> None:
+        """Make scheduled jobs that fell due ready, at most every ``STAGE_EVERY`` seconds."""
+        now = time.monotonic()
+        if force or now >= self.next_stage:
+            self.next_stage = now + STAGE_EVERY
+            self.backend.stage()
 
     def _orphaned(self) -> bool:
         return self.config.parent_pid is not None and os.getppid() != self.config.parent_pid
@@ -265,7 +275,7 @@ class Executor:
 
     def _run_job(self, job: Job) -> None:
         if self.stopping.is_set():
-            self._try_hard("give back", self.backend.unclaim, job, self.worker_id)
+            self._try_hard("give back", self.backend.unclaim, [job])
             return
         try:
             task = self.backend.load_task(job)
@@ -295,7 +305,7 @@ class Executor:
     def _reject(self, job: Job, e: Exception) -> None:
         logger.error("Job %s cannot run: %s", job.id, e)
         error = error_from_exception(e, "".join(traceback.format_exception(e)))
-        self._try_hard("failure", self.backend.fail, job, self.worker_id, error, timezone.now())
+        self._try_hard("failure", self.backend.fail, job, error, timezone.now())
 
     def _note_duration(self, outcome: Outcome) -> None:
         took = (outcome.finished_at - outcome.started_at).total_seconds()
@@ -350,7 +360,7 @@ class Executor:
         saved: set[str] = set()
         if successes:
             values = [(f.job, f.outcome.return_value, f.outcome.finished_at) for f in successes]
-            answer = self._try("results", self.backend.complete_many, self.worker_id, values)
+            answer = self._try("results", self.backend.complete, values)
             if answer is None:
                 return batch
             saved = answer
@@ -362,7 +372,7 @@ class Executor:
         error = item.outcome.error
         assert error is not None
         recorded = self._try(
-            "failure", self.backend.fail, item.job, self.worker_id, error, item.outcome.finished_at
+            "failure", self.backend.fail, item.job, error, item.outcome.finished_at
         )
         if recorded is None:
             return False

@@ -9,8 +9,7 @@ from typing import Any
 from django.tasks import Task, TaskContext, TaskResult
 from django.utils import timezone
 
-from conveyor.backends.base import error_from_exception
-from conveyor.records import Outcome
+from conveyor.records import Outcome, error_from_exception
 
 
 def invoke(task: Task, result: TaskResult) -> Outcome:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 
+from django.utils import timezone
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
-from conveyor.backends.base import ConveyorBackend
+from conveyor.backends.base import StoreBackend
 from conveyor.records import QueueSelector, QueueStats
 
 REFRESH = 0.25
@@ -18,13 +19,15 @@ class Progress:
     """Draw how many jobs have finished out of those there were, from backend stats."""
 
     def __init__(
-        self, backend: ConveyorBackend, queues: QueueSelector, console: Console | None = None
+        self, backend: StoreBackend, queues: QueueSelector, console: Console | None = None
     ) -> None:
         self.backend = backend
         self.queues = queues
         self.console = console or Console(stderr=True)
-        self.first = backend.stats(queues)
-        self.last = self.first
+        # Finished jobs are counted from now on only: a count that stays small however
+        # many finished jobs the table keeps.
+        self.since = timezone.now()
+        self.first = self.last = self._stats()
         self.started = time.monotonic()
         self.next_draw = 0.0
         self.bar = RichProgress(
@@ -46,7 +49,7 @@ class Progress:
         if not force and now < self.next_draw:
             return
         self.next_draw = now + REFRESH
-        self.last = self.backend.stats(self.queues)
+        self.last = self._stats()
         done = self.done(self.last)
         elapsed = max(now - self.started, 1e-9)
         self.bar.update(
@@ -57,6 +60,9 @@ class Progress:
             failed=self.last.failed - self.first.failed,
         )
         self.bar.refresh()
+
+    def _stats(self) -> QueueStats:
+        return self.backend.stats(self.queues, finished_since=self.since)
 
     def done(self, stats: QueueStats) -> int:
         """Jobs finished since the run started."""

@@ -22,10 +22,11 @@ from types import FrameType
 
 from django.db import connections
 from django.tasks import task_backends
+from django.utils import timezone
 
-from conveyor.backends.base import ConveyorBackend
+from conveyor.backends.base import StoreBackend
 from conveyor.exceptions import ConveyorImproperlyConfigured
-from conveyor.records import QueueSelector
+from conveyor.records import QueueSelector, WorkerInfo
 from conveyor.runtime.executor import (
     EXIT_DONE,
     EXIT_ORPHANED,
@@ -76,12 +77,12 @@ class Supervisor:
 
     def __init__(self, settings: WorkerSettings) -> None:
         backend = task_backends[settings.backend]
-        if not isinstance(backend, ConveyorBackend):
+        if not isinstance(backend, StoreBackend):
             raise ConveyorImproperlyConfigured(
                 f"TASKS[{settings.backend!r}] uses {type(backend).__name__}, which a Conveyor "
                 "worker cannot drive; use a conveyor.backends backend."
             )
-        self.backend: ConveyorBackend = backend
+        self.backend: StoreBackend = backend
         self.settings = settings
         self.children: list[Child] = []
         self.spawned = 0
@@ -89,7 +90,8 @@ class Supervisor:
         self.stop_deadline: float | None = None
         self.forced = False
         self.context = multiprocessing.get_context("fork")
-        self.host = f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(2)}"
+        self.hostname = socket.gethostname()
+        self.host = f"{self.hostname[:50]}:{os.getpid()}:{secrets.token_hex(8)}"
         self.progress = Progress(self.backend, settings.queues) if settings.progress else None
         lease = self.backend.conveyor_options.lease
         self.tick = min(TICK, lease / 3, PROGRESS_TICK if settings.progress else TICK)
@@ -108,6 +110,7 @@ class Supervisor:
             self.settings.threads,
             self.backend.alias,
         )
+        self._register(self.host, "supervisor", os.getpid())
         self._recover()
         for _ in range(self.settings.processes):
             self._spawn()
@@ -128,6 +131,7 @@ class Supervisor:
                 self.progress.update()
         if self.progress:
             self.progress.finish()
+        self._end(self.host, "forced stop" if self.forced else "stopped")
         connections.close_all()
         return EXIT_FORCED if self.forced else EXIT_OK
 
@@ -144,7 +148,7 @@ class Supervisor:
             until_done=self.settings.until_done,
             parent_pid=os.getpid(),
         )
-        _close_connections_before_fork()
+        self.backend.before_fork()
         process = self.context.Process(
             target=_child_main,
             args=(self.backend.alias, config),
@@ -160,6 +164,7 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self.children.append(Child(process=process, worker_id=worker_id))
         logger.info("Started worker process %s (%s)", process.pid, worker_id)
+        self._register(worker_id, "process", process.pid or 0)
 
     def _sleep(self) -> None:
         # Wakes when a child exits, a signal arrives (through the wake-up pipe), or a tick.
@@ -178,6 +183,7 @@ class Supervisor:
             code = child.process.exitcode
             crashed = code not in (EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED)
             self._release(child, _describe_exit(child.process.pid, code), counts=crashed)
+            self._end(child.worker_id, _describe_exit(None, code))
             if self.signals or code == EXIT_DONE:
                 continue
             delay = 0.0
@@ -249,6 +255,7 @@ class Supervisor:
         for child in self.children:
             child.process.join()
             self._release(child, "the worker was stopped before the task finished", counts=False)
+            self._end(child.worker_id, "killed by a forced stop")
         self.children.clear()
 
     def _signal_children(self, signum: int) -> None:
@@ -261,14 +268,14 @@ class Supervisor:
 
     def _heartbeat(self) -> None:
         try:
-            self.backend.heartbeat([child.worker_id for child in self.children])
+            self.backend.heartbeat([self.host, *(child.worker_id for child in self.children)])
         except Exception:
             logger.exception("Heartbeat failed; retrying on the next beat.")
             connections.close_all()
 
     def _recover(self) -> None:
         try:
-            count = self.backend.recover_stale()
+            count = self.backend.recover()
         except Exception:
             logger.exception("Could not look for jobs with expired leases.")
             connections.close_all()
@@ -276,20 +283,47 @@ class Supervisor:
         if count:
             logger.warning("Recovered %d job(s) whose worker stopped heartbeating.", count)
 
+    # --- the workers registry ------------------------------------------------------------
+
+    def _register(self, worker_id: str, kind: str, pid: int) -> None:
+        info = WorkerInfo(
+            id=worker_id,
+            backend=self.backend.alias,
+            kind=kind,
+            host=self.hostname,
+            pid=pid,
+            supervisor=None if kind == "supervisor" else self.host,
+            queues=_describe_queues(self.settings.queues),
+            threads=self.settings.threads,
+            started_at=timezone.now(),
+        )
+        try:
+            self.backend.register_worker(info)
+        except Exception:
+            logger.exception("Could not register %s %s in the workers registry.", kind, worker_id)
+            connections.close_all()
+
+    def _end(self, worker_id: str, ended: str) -> None:
+        try:
+            self.backend.end_worker(worker_id, ended)
+        except Exception:
+            logger.exception("Could not mark worker %s stopped in the registry.", worker_id)
+            connections.close_all()
+
+
+def _describe_queues(queues: QueueSelector) -> str:
+    if queues.include is not None:
+        return ",".join(sorted(queues.include))
+    if queues.exclude:
+        return "* -" + ",".join(sorted(queues.exclude))
+    return "*"
+
 
 def _describe_exit(pid: int | None, code: int | None) -> str:
     who = f"worker process {pid}" if pid else "it"
     if code is not None and code < 0:
         return f"{who} was killed by signal {signal.Signals(-code).name}"
     return f"{who} exited with code {code}"
-
-
-def _close_connections_before_fork() -> None:
-    """A forked child must not share the parent's database sockets, pooled ones included."""
-    for conn in connections.all(initialized_only=True):
-        conn.close()
-        if conn.settings_dict.get("OPTIONS", {}).get("pool") and hasattr(conn, "close_pool"):
-            conn.close_pool()
 
 
 def _die_with_parent(parent_pid: int | None) -> None:
@@ -317,7 +351,8 @@ def _child_main(alias: str, config: ExecutorConfig) -> None:
     signal.set_wakeup_fd(-1)  # the pipe is the supervisor's
     _die_with_parent(config.parent_pid)
     backend = task_backends[alias]
-    assert isinstance(backend, ConveyorBackend)  # the supervisor checked it
+    assert isinstance(backend, StoreBackend)  # the supervisor checked it
+    backend.after_fork()
     executor = Executor(backend, config)
     threading.Thread(
         target=_watch_signals, args=(executor,), daemon=True, name="conveyor-signals"

@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, task_backends
 from django.utils import timezone
 
-from conveyor.backends.base import ConveyorBackend
+from conveyor.backends.base import StoreBackend
 from conveyor.records import QueueSelector
 
 
@@ -112,18 +112,18 @@ class Command(BaseCommand):
             cutoff = timezone.now() - timedelta(days=options["older_than"])
             self.stdout.write(f"Deleted {backend.prune(cutoff)} finished job(s).")
 
-    def _backend(self, alias: str) -> ConveyorBackend:
+    def _backend(self, alias: str) -> StoreBackend:
         try:
             backend = task_backends[alias]
         except Exception as e:
             raise CommandError(f"--backend {alias!r}: {e}") from e
-        if not isinstance(backend, ConveyorBackend):
+        if not isinstance(backend, StoreBackend):
             raise CommandError(
                 f"--backend {alias!r} is a {type(backend).__name__}, not a Conveyor backend."
             )
         return backend
 
-    def _queues(self, backend: ConveyorBackend, options: dict[str, Any]) -> QueueSelector:
+    def _queues(self, backend: StoreBackend, options: dict[str, Any]) -> QueueSelector:
         include, exclude = options.get("queues"), options.get("exclude") or []
         if include and exclude:
             raise CommandError("--queue and --exclude-queue cannot be combined.")
@@ -138,7 +138,7 @@ class Command(BaseCommand):
             include=frozenset(include) if include else None, exclude=frozenset(exclude)
         )
 
-    def _worker(self, backend: ConveyorBackend, options: dict[str, Any]) -> int:
+    def _worker(self, backend: StoreBackend, options: dict[str, Any]) -> int:
         from conveyor.runtime.supervisor import Supervisor, WorkerSettings
 
         settings = WorkerSettings(
@@ -153,7 +153,7 @@ class Command(BaseCommand):
         )
         return Supervisor(settings).run()
 
-    def _status(self, backend: ConveyorBackend, queues: QueueSelector) -> None:
+    def _status(self, backend: StoreBackend, queues: QueueSelector) -> None:
         from conveyor.monitoring import render_stats
 
         render_stats(backend.stats(queues), backend.alias, self.stdout)

@@ -1,0 +1,5 @@
+"""The database backend: ``conveyor.backends.database.DatabaseBackend``."""
+
+from conveyor.backends.database.backend import DatabaseBackend, DatabaseOptions
+
+__all__ = ["DatabaseBackend", "DatabaseOptions"]

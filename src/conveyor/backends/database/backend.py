@@ -1,0 +1,297 @@
+"""The database backend: SQLite (the embedded default), PostgreSQL and MySQL/MariaDB."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar
+
+from django.core import checks
+from django.db import DatabaseError, connections
+from django.tasks import Task, TaskResult
+from django.tasks.base import TaskError
+from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
+from django.tasks.signals import task_enqueued
+from django.utils import timezone
+
+from conveyor.backends import tasks as task_rules
+from conveyor.backends.base import Call, StoreBackend, Waiter
+from conveyor.backends.database import transitions
+from conveyor.backends.database.dialects import SUPPORTED_VENDORS, dialect_for
+from conveyor.backends.database.models import Job
+from conveyor.conf import BackendOptions
+from conveyor.exceptions import NotMigrated, TaskNotFound
+from conveyor.records import Job as JobRecord
+from conveyor.records import QueueSelector, QueueStats, State, Success, WorkerInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatabaseOptions(BackendOptions):
+    """``DATABASE``: the alias in ``DATABASES`` that holds the jobs."""
+
+    database: str = "default"
+
+
+class DatabaseBackend(StoreBackend):
+    """Store jobs in a Django database; workers claim them with row locks and leases."""
+
+    options_class: ClassVar[type[BackendOptions]] = DatabaseOptions
+    supports_defer = True  # run_after is honoured.
+    supports_async_task = True  # async def tasks run on an event loop in the worker.
+    supports_get_result = True  # any process can read a result back.
+    supports_priority = True  # higher priority is claimed first.
+
+    def __init__(self, alias: str, params: dict[str, Any]) -> None:
+        super().__init__(alias, params)
+        options = self.conveyor_options
+        assert isinstance(options, DatabaseOptions)
+        self.database: str = options.database
+        self.store = transitions.Store(
+            backend=alias,
+            using=self.database,
+            lease=options.lease,
+            max_attempts=options.max_attempts,
+        )
+
+    @property
+    def vendor(self) -> str:
+        return connections[self.database].vendor
+
+    @property
+    def supports_wakeup(self) -> bool:  # type: ignore[override]
+        return self.vendor == "postgresql" or self._sqlite_file() is not None
+
+    def _sqlite_file(self) -> str | None:
+        conn = connections[self.database]
+        if conn.vendor != "sqlite" or conn.is_in_memory_db():  # type: ignore[attr-defined]
+            return None
+        return str(conn.settings_dict["NAME"])
+
+    @property
+    def channel(self) -> str:
+        """The LISTEN/NOTIFY channel of this backend."""
+        return f"conveyor_{self.alias}"[:63]
+
+    # --- the django.tasks face ----------------------------------------------------------
+
+    def validate_task(self, task: Task) -> None:
+        super().validate_task(task)
+        problems = task_rules.task_problems(task)
+        if problems:
+            raise InvalidTask(" ".join(problems))
+
+    def enqueue(self, task: Task, args: Sequence[Any], kwargs: dict[str, Any]) -> TaskResult:
+        """Store one call of ``task``; inside ``atomic()`` it exists only if that commits."""
+        return self.bulk_enqueue(task, [(args, kwargs)])[0]
+
+    def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:
+        """Store many calls of one task in one statement per 500: all of them, or none."""
+        encoded = [self.encode_call(task, args, kwargs) for args, kwargs in calls]
+        now = timezone.now()
+        rows = [self._new_row(task, args, kwargs, now) for args, kwargs in encoded]
+        notify = (self.channel, task.queue_name) if self.vendor == "postgresql" else None
+        try:
+            transitions.insert(self.store, rows, notify)
+        except DatabaseError as e:
+            self._raise_if_not_migrated(e)
+            raise
+        results = [
+            self.to_task_result(transitions.to_record(row), task, State.READY.django_status)
+            for row in rows
+        ]
+        for result in results:
+            task_enqueued.send(type(self), task_result=result)
+        return results
+
+    def _new_row(self, task: Task, args: Any, kwargs: Any, now: datetime) -> Job:
+        due = task.run_after if task.run_after is not None and task.run_after > now else None
+        return Job(
+            uuid=uuid.uuid4(),
+            backend_name=self.alias,
+            queue_name=task.queue_name,
+            task_path=task.module_path,
+            priority=task.priority,
+            state=State.SCHEDULED if due else State.READY,
+            args=args,
+            kwargs=kwargs,
+            enqueued_at=now,
+            run_after=task.run_after,
+            available_at=due or now,
+        )
+
+    def _raise_if_not_migrated(self, error: DatabaseError) -> None:
+        if dialect_for(connections[self.database]).missing_table(error):
+            raise NotMigrated(
+                f"Conveyor's tables do not exist in database {self.database!r} (backend "
+                f"{self.alias!r}): run `python manage.py migrate`. Nothing was stored."
+            ) from error
+
+    def get_result(self, result_id: str) -> TaskResult:
+        """Read a result back by id, from any process."""
+        try:
+            row = Job.objects.using(self.database).get(
+                backend_name=self.alias, uuid=uuid.UUID(str(result_id))
+            )
+        except (Job.DoesNotExist, ValueError) as e:
+            raise TaskResultDoesNotExist(result_id) from e
+        except DatabaseError as e:
+            self._raise_if_not_migrated(e)
+            raise
+        return self.row_to_result(row)
+
+    def row_to_result(self, row: Job) -> TaskResult:
+        """The ``TaskResult`` a stored job stands for, even if its task is gone."""
+        try:
+            task = task_rules.stored_task(
+                row.task_path, self.alias, row.queue_name, row.priority, row.run_after
+            )
+        except (TaskNotFound, InvalidTask):
+            task = task_rules.unavailable_task(
+                row.task_path, self.alias, row.queue_name, row.priority
+            )
+        return self.to_task_result(
+            transitions.to_record(row),
+            task,
+            State(row.state).django_status,
+            finished_at=row.finished_at,
+            return_value=row.return_value,
+        )
+
+    def load_task(self, job: JobRecord) -> Task:
+        return task_rules.stored_task(
+            job.task_path, self.alias, job.queue_name, job.priority, job.run_after
+        )
+
+    # --- the worker store ---------------------------------------------------------------
+
+    def claim(self, worker_id: str, queues: QueueSelector, limit: int) -> list[JobRecord]:
+        return transitions.claim(self.store, worker_id, queues.narrowed(self.queues), limit)
+
+    def stage(self, limit: int = 1000) -> int:
+        return transitions.stage(self.store, limit)
+
+    def next_due(self, queues: QueueSelector) -> datetime | None:
+        return transitions.next_due(self.store)
+
+    def complete(self, successes: Sequence[Success]) -> set[str]:
+        return transitions.complete(self.store, successes)
+
+    def fail(self, job: JobRecord, error: TaskError, finished_at: datetime) -> bool:
+        return transitions.fail(self.store, job, error, finished_at)
+
+    def retry(self, job: JobRecord, error: TaskError, run_after: datetime) -> bool:
+        return self._notify(transitions.retry(self.store, job, error, run_after))
+
+    def unclaim(self, jobs: Sequence[JobRecord]) -> int:
+        return self._notify(transitions.unclaim(self.store, jobs))
+
+    def requeue(self, job: JobRecord, reason: str, *, counts_as_attempt: bool = True) -> bool:
+        return self._notify(transitions.requeue(self.store, job, reason, counts_as_attempt))
+
+    def release(self, worker_id: str, reason: str, *, counts_as_attempt: bool = True) -> int:
+        return self._notify(transitions.release(self.store, worker_id, reason, counts_as_attempt))
+
+    def heartbeat(self, worker_ids: Sequence[str]) -> int:
+        return transitions.heartbeat(self.store, worker_ids)
+
+    def recover(self) -> int:
+        return self._notify(transitions.recover(self.store))
+
+    def register_worker(self, info: WorkerInfo) -> None:
+        transitions.register_worker(self.store, info)
+
+    def end_worker(self, worker_id: str, ended: str) -> None:
+        transitions.end_worker(self.store, worker_id, ended)
+
+    def workers(self, *, alive: bool = True) -> list[WorkerInfo]:
+        return transitions.workers(self.store, alive)
+
+    def cancel(self, result_id: str) -> bool:
+        try:
+            key = (
+                Job.objects.using(self.database)
+                .filter(backend_name=self.alias, uuid=uuid.UUID(str(result_id)))
+                .values_list("pk", flat=True)
+                .get()
+            )
+        except (Job.DoesNotExist, ValueError) as e:
+            raise TaskResultDoesNotExist(result_id) from e
+        return transitions.cancel(self.store, key)
+
+    def stats(
+        self, queues: QueueSelector | None = None, *, finished_since: datetime | None = None
+    ) -> QueueStats:
+        return transitions.stats(self.store, queues, finished_since)
+
+    def prune(self, finished_before: datetime, *, batch: int = 1000, pause: float = 0.01) -> int:
+        return transitions.prune(self.store, finished_before, batch, pause)
+
+    def _notify(self, count: int | bool) -> Any:
+        """Wake idle workers after jobs were made ready again; return ``count``."""
+        if count and self.vendor == "postgresql":
+            with connections[self.database].cursor() as cursor:
+                cursor.execute("SELECT pg_notify(%s, %s)", [self.channel, ""])
+        return count
+
+    def waiter(self, queues: QueueSelector) -> Waiter:
+        if self.vendor == "postgresql":
+            from conveyor.backends.database.waiters import NotifyWaiter
+
+            return NotifyWaiter(connections[self.database].get_connection_params(), self.channel)
+        if (path := self._sqlite_file()) is not None:
+            from conveyor.backends.database.waiters import FileChangeWaiter
+
+            return FileChangeWaiter(path)
+        return Waiter()
+
+    def before_fork(self) -> None:
+        """A forked child must not share the parent's database sockets, pooled ones included."""
+        for conn in connections.all(initialized_only=True):
+            conn.close()
+            if conn.settings_dict.get("OPTIONS", {}).get("pool") and hasattr(conn, "close_pool"):
+                conn.close_pool()
+
+    def after_fork(self) -> None:
+        """Nothing to do: Django opens this process's own connections on first use."""
+
+    def close(self) -> None:
+        connections[self.database].close()
+
+    # --- configuration ----------------------------------------------------------------
+
+    def check(self, **kwargs: Any) -> list[checks.CheckMessage]:
+        from django.conf import settings
+
+        errors: list[checks.CheckMessage] = []
+        if self.database not in settings.DATABASES:
+            errors.append(
+                checks.Error(
+                    f"TASKS[{self.alias!r}] stores jobs in database {self.database!r}, which is "
+                    "not in DATABASES.",
+                    hint="Set OPTIONS['DATABASE'] to a DATABASES alias.",
+                    id="conveyor.E001",
+                )
+            )
+        elif self.vendor not in SUPPORTED_VENDORS:
+            errors.append(
+                checks.Error(
+                    f"TASKS[{self.alias!r}] uses a {self.vendor} database; Conveyor supports "
+                    f"{', '.join(SUPPORTED_VENDORS)}.",
+                    id="conveyor.E002",
+                )
+            )
+        if "conveyor" not in settings.INSTALLED_APPS:
+            errors.append(
+                checks.Error(
+                    f"TASKS[{self.alias!r}] uses Conveyor's DatabaseBackend, but 'conveyor' is "
+                    "not in INSTALLED_APPS.",
+                    hint="Add 'conveyor' to INSTALLED_APPS.",
+                    id="conveyor.E003",
+                )
+            )
+        return errors

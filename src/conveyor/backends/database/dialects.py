@@ -1,0 +1,219 @@
+"""What differs between SQLite, PostgreSQL and MySQL/MariaDB, in one place per engine.
+
+The transitions are written once, in ``transitions.py``, and ask a dialect for the few
+pieces of SQL that differ: the store's clock, JSON appends, typed parameters, row locks,
+and the shape of a claim. Like Django's ``connection.ops``, one object per engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.utils import DatabaseError
+
+SUPPORTED_VENDORS = ("sqlite", "postgresql", "mysql")
+
+
+class Dialect:
+    """The SQL pieces of one engine; ``%s`` marks one parameter."""
+
+    vendor = ""
+    # UPDATE ... RETURNING exists, so a claim is one statement.
+    update_returning = True
+    # Text appended to a SELECT that locks its rows, skipping rows others hold.
+    lock_rows = ""
+
+    def __init__(self, connection: BaseDatabaseWrapper) -> None:
+        self.connection = connection
+        self.use_tz = bool(settings.USE_TZ)
+
+    def now(self) -> str:
+        """The store's clock, as the engine stores a datetime."""
+        raise NotImplementedError
+
+    def later(self) -> str:
+        """The store's clock plus ``%s`` seconds."""
+        raise NotImplementedError
+
+    def earlier(self) -> str:
+        """The store's clock minus ``%s`` seconds."""
+        raise NotImplementedError
+
+    def json_value(self) -> str:
+        """A parameter holding JSON text, typed for a JSON column."""
+        return "%s"
+
+    def time_value(self) -> str:
+        """A parameter holding a datetime, typed for a datetime column."""
+        return "%s"
+
+    def append_text(self, column: str) -> str:
+        """``column`` (a JSON array) with the string parameter ``%s`` appended."""
+        raise NotImplementedError
+
+    def append_json(self, column: str) -> str:
+        """``column`` (a JSON array) with the JSON text parameter ``%s`` appended as a value."""
+        raise NotImplementedError
+
+    def claim_statement(self, table: str, pick: str, assign: str, columns: str) -> str:
+        """One statement that takes the rows ``pick`` selects (``id`` first) and returns them.
+
+        Parameters: those of ``assign``, then those of ``pick``.
+        """
+        raise NotImplementedError
+
+    def missing_table(self, error: DatabaseError) -> bool:
+        """Say whether ``error`` means the tables were never created (no ``migrate``)."""
+        return False
+
+    @contextmanager
+    def write_transaction(self) -> Iterator[None]:
+        """A transaction that may write; on SQLite it takes the write lock at once."""
+        with transaction.atomic(using=self.connection.alias):
+            yield
+
+
+class SQLiteDialect(Dialect):
+    vendor = "sqlite"
+
+    def _clock(self, shift: str = "") -> str:
+        zone = "" if self.use_tz else ", 'localtime'"
+        return f"strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now'{zone}{shift})"
+
+    def now(self) -> str:
+        return self._clock()
+
+    def later(self) -> str:
+        return self._clock(", '+' || %s || ' seconds'")
+
+    def earlier(self) -> str:
+        return self._clock(", '-' || %s || ' seconds'")
+
+    def append_text(self, column: str) -> str:
+        return f"json_insert({column}, '$[#]', %s)"
+
+    def append_json(self, column: str) -> str:
+        return f"json_insert({column}, '$[#]', json(%s))"
+
+    def claim_statement(self, table: str, pick: str, assign: str, columns: str) -> str:
+        # One UPDATE takes the write lock before it reads, so the rows it picks are its own.
+        return (
+            f"UPDATE {table} SET {assign} WHERE id IN (SELECT id FROM ({pick})) "
+            f"AND state = 'ready' RETURNING {columns}"
+        )
+
+    def missing_table(self, error: DatabaseError) -> bool:
+        return "no such table" in str(error)
+
+    @contextmanager
+    def write_transaction(self) -> Iterator[None]:
+        # A deferred transaction that reads first may fail to upgrade to a write when
+        # another connection wrote meanwhile ("database is locked", without waiting).
+        # BEGIN IMMEDIATE makes writers queue on the busy timeout instead.
+        conn: Any = self.connection
+        if conn.in_atomic_block:
+            with transaction.atomic(using=conn.alias):
+                yield
+            return
+        conn.ensure_connection()
+        previous = conn.transaction_mode
+        conn.transaction_mode = "IMMEDIATE"
+        try:
+            with transaction.atomic(using=conn.alias):
+                conn.transaction_mode = previous  # BEGIN IMMEDIATE has been sent
+                yield
+        finally:
+            conn.transaction_mode = previous
+
+
+class PostgreSQLDialect(Dialect):
+    vendor = "postgresql"
+    lock_rows = " FOR UPDATE SKIP LOCKED"
+
+    def now(self) -> str:
+        return "statement_timestamp()"
+
+    def later(self) -> str:
+        return "(statement_timestamp() + %s * interval '1 second')"
+
+    def earlier(self) -> str:
+        return "(statement_timestamp() - %s * interval '1 second')"
+
+    def json_value(self) -> str:
+        return "%s::jsonb"
+
+    def time_value(self) -> str:
+        return "%s::timestamptz"
+
+    def append_text(self, column: str) -> str:
+        return f"({column} || to_jsonb((%s)::text))"
+
+    def append_json(self, column: str) -> str:
+        return f"({column} || jsonb_build_array(%s::jsonb))"
+
+    def claim_statement(self, table: str, pick: str, assign: str, columns: str) -> str:
+        # MATERIALIZED: the locking subquery runs once, so exactly ``limit`` rows are taken.
+        return (
+            f"WITH picked AS MATERIALIZED ({pick}) UPDATE {table} SET {assign} FROM picked "
+            f"WHERE {table}.id = picked.id RETURNING {columns}"
+        )
+
+    def missing_table(self, error: DatabaseError) -> bool:
+        return getattr(getattr(error, "__cause__", None), "sqlstate", None) == "42P01"
+
+    def notify_after(self, sql: str) -> str:
+        """Wrap an INSERT so that the same statement sends one NOTIFY (``%s``, ``%s``)."""
+        return (
+            f"WITH inserted AS ({sql} RETURNING 1) "
+            "SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM inserted LIMIT 1) AS one"
+        )
+
+
+class MySQLDialect(Dialect):
+    vendor = "mysql"
+    update_returning = False
+    lock_rows = " FOR UPDATE SKIP LOCKED"
+
+    def now(self) -> str:
+        return "UTC_TIMESTAMP(6)" if self.use_tz else "NOW(6)"
+
+    def later(self) -> str:
+        return f"({self.now()} + INTERVAL ROUND(%s * 1000000) MICROSECOND)"
+
+    def earlier(self) -> str:
+        return f"({self.now()} - INTERVAL ROUND(%s * 1000000) MICROSECOND)"
+
+    def append_text(self, column: str) -> str:
+        return f"JSON_ARRAY_APPEND({column}, '$', %s)"
+
+    def append_json(self, column: str) -> str:
+        return f"JSON_ARRAY_APPEND({column}, '$', JSON_EXTRACT(%s, '$'))"
+
+    def claim_statement(self, table: str, pick: str, assign: str, columns: str) -> str:
+        raise NotImplementedError("MySQL has no UPDATE ... RETURNING; claims lock, then update")
+
+    def missing_table(self, error: DatabaseError) -> bool:
+        return bool(error.args) and error.args[0] == 1146
+
+
+_DIALECTS: dict[str, type[Dialect]] = {
+    "sqlite": SQLiteDialect,
+    "postgresql": PostgreSQLDialect,
+    "mysql": MySQLDialect,
+}
+
+
+def dialect_for(connection: BaseDatabaseWrapper) -> Dialect:
+    """The dialect of ``connection``'s engine; raise for an engine Conveyor does not know."""
+    try:
+        return _DIALECTS[connection.vendor](connection)
+    except KeyError:
+        raise DatabaseError(
+            f"Conveyor does not support the {connection.vendor} database; it supports "
+            f"{', '.join(SUPPORTED_VENDORS)}."
+        ) from None

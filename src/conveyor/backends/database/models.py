@@ -1,0 +1,153 @@
+"""The database backend's tables: fields and indexes only (the state changes are elsewhere)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.db import models
+from django.db.models import Q
+from django.utils.translation import gettext_lazy as _
+
+from conveyor.records import State
+
+
+class StateIndex(models.Index):
+    """An index of the rows in some states only.
+
+    A partial index (``WHERE state IN (...)``) where the engine has them, so that claims,
+    staging and pruning each read an index holding just their rows; elsewhere (MySQL,
+    MariaDB) a full index led by ``state``, which keeps each state's rows together.
+    """
+
+    def __init__(self, *, states: tuple[str, ...], **kwargs: Any) -> None:
+        self.states = tuple(str(state) for state in states)
+        super().__init__(**kwargs)
+
+    def create_sql(self, model: Any, schema_editor: Any, using: str = "", **kwargs: Any) -> Any:
+        if schema_editor.connection.features.supports_partial_indexes:
+            index = models.Index(
+                fields=self.fields, name=self.name, condition=Q(state__in=self.states)
+            )
+        else:
+            fields = ["state", *(f for f in self.fields if f != "state")]
+            index = models.Index(fields=fields, name=self.name)
+        return index.create_sql(model, schema_editor, using=using, **kwargs)
+
+    def deconstruct(self) -> Any:
+        path, args, kwargs = super().deconstruct()
+        return path, args, {**kwargs, "states": self.states}
+
+    def clone(self) -> StateIndex:
+        _, args, kwargs = self.deconstruct()
+        return self.__class__(*args, **kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other) and getattr(other, "states", None) == self.states
+
+    __hash__ = models.Index.__hash__
+
+
+class Job(models.Model):
+    """One enqueued call of a task, and everything that happened to it."""
+
+    id = models.BigAutoField(primary_key=True)
+    uuid = models.UUIDField(_("result id"), unique=True, default=uuid.uuid4, editable=False)
+    backend_name = models.CharField(_("backend"), max_length=100)
+    queue_name = models.CharField(_("queue"), max_length=100)
+    task_path = models.CharField(_("task"), max_length=255)
+    priority = models.SmallIntegerField(_("priority"), default=0)
+    state = models.CharField(
+        _("state"),
+        max_length=10,
+        choices=[(s.value, s.name.title()) for s in State],
+        default="ready",
+    )
+    args = models.JSONField(_("positional arguments"), default=list)
+    kwargs = models.JSONField(_("keyword arguments"), default=dict)
+    return_value = models.JSONField(_("return value"), null=True, default=None)
+    errors = models.JSONField(_("errors"), default=list)
+    worker_ids = models.JSONField(_("worker ids"), default=list)
+    # Deliveries (claims that were not given back), and those lost to a dying worker.
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    lost = models.PositiveIntegerField(_("deliveries lost"), default=0)
+    enqueued_at = models.DateTimeField(_("enqueued at"))
+    run_after = models.DateTimeField(_("run after"), null=True, blank=True)
+    # Scheduled jobs: when they fall due. Ready jobs: their place in line, kept on put-back.
+    available_at = models.DateTimeField(_("available at"))
+    started_at = models.DateTimeField(_("started at"), null=True, blank=True)
+    last_attempted_at = models.DateTimeField(_("last attempted at"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+    # The current delivery: the process holding it, until when (store clock), and its
+    # token. The token stays after the delivery ends, naming the one that wrote the outcome.
+    lease_owner = models.CharField(_("held by"), max_length=100, null=True, blank=True)  # noqa: DJ001
+    lease_expires_at = models.DateTimeField(_("lease expires at"), null=True, blank=True)
+    delivery = models.CharField(_("delivery token"), max_length=32, blank=True, default="")
+
+    class Meta:
+        verbose_name = _("job")
+        verbose_name_plural = _("jobs")
+        indexes = [
+            StateIndex(
+                fields=["backend_name", "-priority", "available_at", "id"],
+                name="conveyor_job_ready_idx",
+                states=(State.READY,),
+            ),
+            StateIndex(
+                fields=["backend_name", "queue_name", "-priority", "available_at", "id"],
+                name="conveyor_job_ready_queue_idx",
+                states=(State.READY,),
+            ),
+            StateIndex(
+                fields=["backend_name", "available_at", "queue_name"],
+                name="conveyor_job_scheduled_idx",
+                states=(State.SCHEDULED,),
+            ),
+            StateIndex(
+                fields=["lease_owner", "lease_expires_at"],
+                name="conveyor_job_running_idx",
+                states=(State.RUNNING,),
+            ),
+            StateIndex(
+                fields=["backend_name", "finished_at", "state", "queue_name"],
+                name="conveyor_job_finished_idx",
+                states=(State.SUCCEEDED, State.FAILED, State.CANCELLED),
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(priority__gte=-100, priority__lte=100),
+                name="conveyor_job_priority_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_path} [{self.state}] {self.uuid}"
+
+
+class Worker(models.Model):
+    """One running (or stopped) supervisor or worker process: the workers registry."""
+
+    id = models.CharField(_("worker id"), max_length=100, primary_key=True)
+    backend_name = models.CharField(_("backend"), max_length=100)
+    kind = models.CharField(_("kind"), max_length=20)
+    supervisor = models.CharField(_("supervisor"), max_length=100, blank=True, default="")
+    host = models.CharField(_("host"), max_length=255)
+    pid = models.PositiveIntegerField(_("process id"))
+    queues = models.TextField(_("queues"), default="*")
+    threads = models.PositiveSmallIntegerField(_("threads"), default=1)
+    started_at = models.DateTimeField(_("started at"))
+    # Written with the store's clock, like leases.
+    last_beat_at = models.DateTimeField(_("last heartbeat"))
+    stopped_at = models.DateTimeField(_("stopped at"), null=True, blank=True)
+    ended = models.TextField(_("how it ended"), blank=True, default="")
+
+    class Meta:
+        verbose_name = _("worker")
+        verbose_name_plural = _("workers")
+        indexes = [
+            models.Index(fields=["backend_name", "last_beat_at"], name="conveyor_worker_beat_idx")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.id}"
