@@ -15,8 +15,6 @@ from typing import Any
 from django.db import connections
 from django.tasks import Task, task_backends
 
-from conveyor.models import Job
-
 ROOT = Path(__file__).resolve().parent.parent
 MANAGE = ROOT / "tests" / "manage.py"
 FAST = {"LEASE": 1.0, "POLL_INTERVAL": 0.05}
@@ -27,9 +25,9 @@ def on(task: Task, alias: str, **changes: Any) -> Task:
     return task.using(backend=alias, **changes)
 
 
-def job(result: Any) -> Job:
-    """The stored row behind a ``TaskResult``."""
-    return task_backends[result.backend].jobs().get(uuid=result.id)  # type: ignore[no-any-return]
+def job(result: Any) -> Any:
+    """A ``TaskResult`` read afresh from its backend."""
+    return task_backends[result.backend].get_result(result.id)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 15.0, every: float = 0.02) -> Any:

@@ -98,8 +98,8 @@ def test_second_signal_stops_tasks_and_puts_their_jobs_back(backend, backend_ali
     assert code != 0
 
     row = job(result)
-    assert row.status == TaskResultStatus.READY and row.lease_owner is None
-    assert "stopped before the task finished" in row.errors[-1]["traceback"]
+    assert row.status == TaskResultStatus.READY
+    assert "stopped before the task finished" in row.errors[-1].traceback
     assert not any(line.startswith("end") for line in lines(log))
 
 
@@ -117,7 +117,7 @@ def test_two_workers_never_run_the_same_job(backend, backend_alias, tmp_path: Pa
     log = tmp_path / "log"
     conveyor.bulk_enqueue(
         on(tasks.log_line, backend_alias),
-        [conveyor.call(str(log), f"job{i}", sleep=0.01) for i in range(80)],
+        [conveyor.call(str(log), f"job{i}", sleep=0.05) for i in range(100)],
     )
     first = Worker(backend_alias, "--processes", "2", "--until-done")
     second = Worker(backend_alias, "--processes", "2", "--threads", "2", "--until-done")
@@ -125,11 +125,12 @@ def test_two_workers_never_run_the_same_job(backend, backend_alias, tmp_path: Pa
     assert second.wait() == 0, second.output
 
     starts = [line.split()[1] for line in lines(log) if line.startswith("start")]
-    assert sorted(starts) == sorted(f"job{i}" for i in range(80))
+    assert sorted(starts) == sorted(f"job{i}" for i in range(100))
     db = connections[backend.database].alias
     assert set(Job.objects.using(db).values_list("attempts", flat=True)) == {1}
     owners = {w for ids in Job.objects.using(db).values_list("worker_ids", flat=True) for w in ids}
-    assert len(owners) >= 2
+    supervisors = {owner.rsplit(":", 1)[0] for owner in owners}
+    assert len(supervisors) == 2  # each supervisor ran some of the jobs
 
 
 def test_a_vanished_machine_s_jobs_are_taken_over(backend, backend_alias, tmp_path: Path):
@@ -188,9 +189,9 @@ def test_jobs_naming_missing_or_unregistered_code_fail_and_the_worker_goes_on(
 
     gone_row, plain_row = job(gone), job(plain)
     assert gone_row.status == plain_row.status == TaskResultStatus.FAILED
-    assert "'tests.testapp.tasks.vanished' cannot be imported" in gone_row.errors[0]["traceback"]
-    assert "not a task" in plain_row.errors[0]["traceback"]
-    assert gone_row.errors[0]["exception_class_path"] == "conveyor.exceptions.TaskNotFound"
+    assert "'tests.testapp.tasks.vanished' cannot be imported" in gone_row.errors[0].traceback
+    assert "not a task" in plain_row.errors[0].traceback
+    assert gone_row.errors[0].exception_class_path == "conveyor.exceptions.TaskNotFound"
     good.refresh()
     assert good.return_value == 6
 

@@ -58,7 +58,7 @@ def test_prune_deletes_old_finished_jobs():
     backend = task_backends["default"]
     tasks.add.enqueue(1, 2)
     [job] = backend.claim("w", QueueSelector(), 1)
-    backend.complete(job, "w", 3, timezone.now() - timedelta(days=30))
+    backend.complete([(job, 3, timezone.now() - timedelta(days=30))])
     out = StringIO()
     call_command("conveyor", "prune", "--older-than", "7", stdout=out)
     assert "Deleted 1 finished job(s)." in out.getvalue()

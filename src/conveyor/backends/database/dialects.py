@@ -17,6 +17,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.utils import DatabaseError
 
 SUPPORTED_VENDORS = ("sqlite", "postgresql", "mysql")
+Statement = tuple[str, list[Any]]  # SQL with %s marks, and its parameters
 
 
 class Dialect:
@@ -60,11 +61,10 @@ class Dialect:
         """``column`` (a JSON array) with the JSON text parameter ``%s`` appended as a value."""
         raise NotImplementedError
 
-    def claim_statement(self, table: str, pick: str, assign: str, columns: str) -> str:
-        """One statement that takes the rows ``pick`` selects (``id`` first) and returns them.
-
-        Parameters: those of ``assign``, then those of ``pick``.
-        """
+    def claim_statement(
+        self, table: str, pick: Statement, assign: Statement, columns: str
+    ) -> Statement:
+        """One statement that takes the rows ``pick`` selects (``id`` first) and returns them."""
         raise NotImplementedError
 
     def missing_table(self, error: DatabaseError) -> bool:
@@ -100,11 +100,14 @@ class SQLiteDialect(Dialect):
     def append_json(self, column: str) -> str:
         return f"json_insert({column}, '$[#]', json(%s))"
 
-    def claim_statement(self, table: str, pick: str, assign: str, columns: str) -> str:
+    def claim_statement(
+        self, table: str, pick: Statement, assign: Statement, columns: str
+    ) -> Statement:
         # One UPDATE takes the write lock before it reads, so the rows it picks are its own.
         return (
-            f"UPDATE {table} SET {assign} WHERE id IN (SELECT id FROM ({pick})) "
-            f"AND state = 'ready' RETURNING {columns}"
+            f"UPDATE {table} SET {assign[0]} WHERE id IN (SELECT id FROM ({pick[0]})) "
+            f"AND state = 'ready' RETURNING {columns}",
+            [*assign[1], *pick[1]],
         )
 
     def missing_table(self, error: DatabaseError) -> bool:
@@ -156,11 +159,14 @@ class PostgreSQLDialect(Dialect):
     def append_json(self, column: str) -> str:
         return f"({column} || jsonb_build_array(%s::jsonb))"
 
-    def claim_statement(self, table: str, pick: str, assign: str, columns: str) -> str:
+    def claim_statement(
+        self, table: str, pick: Statement, assign: Statement, columns: str
+    ) -> Statement:
         # MATERIALIZED: the locking subquery runs once, so exactly ``limit`` rows are taken.
         return (
-            f"WITH picked AS MATERIALIZED ({pick}) UPDATE {table} SET {assign} FROM picked "
-            f"WHERE {table}.id = picked.id RETURNING {columns}"
+            f"WITH picked AS MATERIALIZED ({pick[0]}) UPDATE {table} SET {assign[0]} "
+            f"FROM picked WHERE {table}.id = picked.id RETURNING {columns}",
+            [*pick[1], *assign[1]],
         )
 
     def missing_table(self, error: DatabaseError) -> bool:
@@ -194,7 +200,9 @@ class MySQLDialect(Dialect):
     def append_json(self, column: str) -> str:
         return f"JSON_ARRAY_APPEND({column}, '$', JSON_EXTRACT(%s, '$'))"
 
-    def claim_statement(self, table: str, pick: str, assign: str, columns: str) -> str:
+    def claim_statement(
+        self, table: str, pick: Statement, assign: Statement, columns: str
+    ) -> Statement:
         raise NotImplementedError("MySQL has no UPDATE ... RETURNING; claims lock, then update")
 
     def missing_table(self, error: DatabaseError) -> bool:
