@@ -237,8 +237,10 @@ def claim(store: Store, worker_id: str, queues: QueueSelector, limit: int) -> li
         if d.vendor == "sqlite" and not store.fetch(*_arms(store, queues, 1)):
             return []  # nothing to take: a read, so no write lock is taken
         returning = ", ".join(f"{TABLE}.{column}" for column in COLUMNS.split(", "))
-        sql = d.claim_statement(TABLE, pick, assign, returning)
-        rows = list(Job.objects.raw(sql, [*assign_params, *pick_params]).using(store.using))
+        sql, params = d.claim_statement(
+            TABLE, (pick, pick_params), (assign, assign_params), returning
+        )
+        rows = list(Job.objects.raw(sql, params).using(store.using))
     else:
         rows = _claim_locked(store, pick, pick_params, assign, assign_params, token)
     rows.sort(key=lambda row: (-row.priority, row.available_at or row.enqueued_at, row.pk))
