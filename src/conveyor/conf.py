@@ -51,16 +51,27 @@ class BackendOptions:
         return options
 
     def validate(self, alias: str) -> None:
-        """Raise if a value is of the wrong kind or out of its range."""
+        """Raise if a value is of the wrong kind or out of its range.
+
+        Numbers must be finite and within ``ranges`` (booleans, strings, NaN and infinities
+        are refused); options whose default is a string, such as ``DATABASE``, must be
+        non-empty strings.
+        """
         where = f"TASKS[{alias!r}]['OPTIONS']"
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(field.default, str) and not (isinstance(value, str) and value):
+                raise ConveyorImproperlyConfigured(
+                    f"{where}[{field.name.upper()!r}] must be a non-empty string, not {value!r}."
+                )
         for name, (low, high) in self.ranges.items():
             value = getattr(self, name)
             whole = name in _WHOLE
             if not _in_range(value, low, high, whole):
                 kind = "a whole number" if whole else "a number"
+                bounds = f"from {_shown(low)} to {_shown(high)}"
                 raise ConveyorImproperlyConfigured(
-                    f"{where}[{name.upper()!r}] must be {kind} from {low:g} to {high:g}, "
-                    f"not {value!r}."
+                    f"{where}[{name.upper()!r}] must be {kind} {bounds}, not {value!r}."
                 )
 
 
@@ -72,4 +83,9 @@ def _in_range(value: Any, low: float, high: float, whole: bool) -> bool:
         return False
     if whole and not isinstance(value, int):
         return False
-    return math.isfinite(value) and low <= value <= high
+    # Compared first: math.isfinite() overflows on a whole number beyond a float's range.
+    return low <= value <= high and math.isfinite(value)
+
+
+def _shown(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"

@@ -92,22 +92,50 @@ class Job:
     key: Any = None
 
 
-Success = tuple[Job, Any, datetime]  # a delivery, its return value, when it finished
+class Disposition(StrEnum):
+    """What becomes of a job once its outcome is recorded."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    RETRY = "retry"  # failed this time; scheduled again at ``Outcome.retry_at``
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Outcome:
-    """What one invocation of a task produced."""
+    """What one invocation of a task produced, and what is to become of the job.
+
+    Middleware may replace it (``dataclasses.replace``): set ``retry_at`` to retry a
+    failure later, or ``error`` to fail a task that returned.
+    """
 
     started_at: datetime
     finished_at: datetime
     return_value: Any = None
     error: TaskError | None = None
+    retry_at: datetime | None = None
 
     @property
     def succeeded(self) -> bool:
         """Say whether the task returned without raising."""
         return self.error is None
+
+    @property
+    def disposition(self) -> Disposition:
+        if self.error is None:
+            return Disposition.SUCCEEDED
+        return Disposition.FAILED if self.retry_at is None else Disposition.RETRY
+
+
+Success = tuple[Job, Outcome]  # a delivery and what its task returned
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PutBack:
+    """A delivery a worker gave up, and what became of its job."""
+
+    job: Job
+    counted: bool  # the loss counts toward MAX_ATTEMPTS
+    failed: bool  # ... and the job was failed for it
 
 
 STAT_NAMES = ("ready", "scheduled", "running", "successful", "failed")

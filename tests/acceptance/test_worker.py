@@ -65,7 +65,9 @@ def test_sigkill_of_a_worker_process_loses_nothing(backend, backend_alias, tmp_p
     starts = [line for line in lines(log) if line.startswith("start")]
     ends = [line for line in lines(log) if line.startswith("end")]
     assert len(starts) == 2 and len(ends) == 1
-    assert "died" in worker.output
+    # The log names the job and its task, and why it runs again.
+    assert f"Job {result.id} (tests.testapp.tasks.log_line) runs again" in worker.output
+    assert "killed by signal SIGKILL" in worker.output
 
 
 def test_first_signal_finishes_running_tasks_and_exits_zero(backend, backend_alias, tmp_path: Path):
@@ -127,7 +129,8 @@ def test_two_workers_never_run_the_same_job(backend, backend_alias, tmp_path: Pa
     starts = [line.split()[1] for line in lines(log) if line.startswith("start")]
     assert sorted(starts) == sorted(f"job{i}" for i in range(100))
     db = connections[backend.database].alias
-    assert set(Job.objects.using(db).values_list("attempts", flat=True)) == {1}
+    attempts = dict(Job.objects.using(db).values_list("uuid", "attempts"))
+    assert set(attempts.values()) == {1}, (attempts, first.output, second.output)
     owners = {w for ids in Job.objects.using(db).values_list("worker_ids", flat=True) for w in ids}
     supervisors = {owner.rsplit(":", 1)[0] for owner in owners}
     assert len(supervisors) == 2  # each supervisor ran some of the jobs

@@ -12,8 +12,8 @@ from django.tasks import TaskResultStatus
 from django.tasks.base import TaskError
 from django.utils import timezone
 
-from conveyor.records import QueueSelector, WorkerInfo
-from tests.contract.stores import enqueue, total, with_options
+from conveyor.records import Outcome, QueueSelector, WorkerInfo
+from tests.contract.stores import enqueue, raised, returned, total, with_options
 from tests.helpers import on
 from tests.testapp import tasks
 
@@ -31,8 +31,13 @@ def test_claim_marks_running_and_records_the_worker(backend, backend_alias):
     seen = backend.get_result(result.id)
     assert seen.status == TaskResultStatus.RUNNING
     assert seen.worker_ids == ["worker-a"] and seen.attempts == 1
-    assert seen.started_at == seen.last_attempted_at and seen.started_at >= before
+    assert seen.started_at is None  # written when the task really starts
     assert backend.claim("worker-b", ALL, 10) == []
+    began = timezone.now()
+    outcome = Outcome(started_at=began, finished_at=timezone.now(), return_value=3)
+    backend.complete([(claimed, outcome)])
+    done = backend.get_result(result.id)
+    assert done.started_at == done.last_attempted_at == began >= before
 
 
 def test_each_delivery_gets_its_own_token(backend, backend_alias):
@@ -83,7 +88,8 @@ def test_complete_records_the_return_value(backend, backend_alias):
     result = on(tasks.add, backend_alias).enqueue(1, 2)
     [claimed] = backend.claim("w", ALL, 1)
     finished = timezone.now()
-    assert backend.complete([(claimed, {"sum": 3, "items": [1, None]}, finished)]) == {result.id}
+    value = {"sum": 3, "items": [1, None]}
+    assert backend.complete([(claimed, returned(value, finished))]) == {result.id}
 
     done = backend.get_result(result.id)
     assert done.status == TaskResultStatus.SUCCESSFUL
@@ -99,7 +105,7 @@ def test_complete_saves_each_value(backend, backend_alias):
     values = [None, 0, "text", [1, 2], {"a": {"b": True}}]
     saved = backend.complete(
         [
-            (j, v, now + timedelta(seconds=i))
+            (j, returned(v, now + timedelta(seconds=i)))
             for i, (j, v) in enumerate(zip(claimed, values, strict=True))
         ]
     )
@@ -114,7 +120,7 @@ def test_complete_saves_each_value(backend, backend_alias):
 def test_fail_records_the_error(backend, backend_alias):
     result = on(tasks.explode, backend_alias).enqueue("boom")
     [claimed] = backend.claim("w", ALL, 1)
-    assert backend.fail(claimed, BOOM, timezone.now())
+    assert backend.fail(claimed, raised(BOOM, timezone.now()))
 
     failed = backend.get_result(result.id)
     assert failed.status == TaskResultStatus.FAILED
@@ -128,10 +134,10 @@ def test_fail_records_the_error(backend, backend_alias):
 def test_a_recorded_success_is_never_overwritten(backend, backend_alias):
     result = on(tasks.add, backend_alias).enqueue(1, 2)
     [claimed] = backend.claim("w", ALL, 1)
-    assert backend.complete([(claimed, 3, timezone.now())]) == {result.id}
+    assert backend.complete([(claimed, returned(3, timezone.now()))]) == {result.id}
 
-    assert not backend.fail(claimed, BOOM, timezone.now())
-    assert not backend.retry(claimed, BOOM, timezone.now())
+    assert not backend.fail(claimed, raised(BOOM, timezone.now()))
+    assert not backend.retry(claimed, raised(BOOM, retry_at=timezone.now()))
     assert not backend.requeue(claimed, "late")
     assert backend.unclaim([claimed]) == 0
     done = backend.get_result(result.id)
@@ -145,10 +151,10 @@ def test_an_outcome_sent_again_by_the_same_delivery_counts_as_saved(backend, bac
     bad = on(tasks.add, backend_alias).enqueue(2, 2)
     first, second = backend.claim("w", ALL, 2)
     finished = timezone.now()
-    assert backend.complete([(first, 3, finished)]) == {ok.id}
-    assert backend.complete([(first, 3, finished)]) == {ok.id}
-    assert backend.fail(second, BOOM, finished)
-    assert backend.fail(second, BOOM, finished)
+    assert backend.complete([(first, returned(3, finished))]) == {ok.id}
+    assert backend.complete([(first, returned(3, finished))]) == {ok.id}
+    assert backend.fail(second, raised(BOOM, finished))
+    assert backend.fail(second, raised(BOOM, finished))
     assert len(backend.get_result(bad.id).errors) == 1
 
 
@@ -159,13 +165,14 @@ def test_a_stale_delivery_is_refused_but_a_late_success_counts(backend, backend_
     [second] = backend.claim("new", ALL, 1)
     assert second.attempt == 2
 
-    assert not backend.fail(first, BOOM, timezone.now())  # an older delivery
+    assert not backend.fail(first, raised(BOOM, timezone.now()))  # an older delivery
     assert not backend.requeue(first, "stale")
     assert backend.unclaim([first]) == 0
     assert backend.get_result(result.id).status == TaskResultStatus.RUNNING
-    assert backend.complete([(first, 3, timezone.now())]) == {result.id}  # the work was done
-    assert backend.complete([(second, 4, timezone.now())]) == set()  # first success wins
-    assert not backend.fail(second, BOOM, timezone.now())
+    # The work was done: a late success counts, and the first success wins.
+    assert backend.complete([(first, returned(3, timezone.now()))]) == {result.id}
+    assert backend.complete([(second, returned(4, timezone.now()))]) == set()
+    assert not backend.fail(second, raised(BOOM, timezone.now()))
     done = backend.get_result(result.id)
     assert done.status == TaskResultStatus.SUCCESSFUL and done.return_value == 3
 
@@ -174,7 +181,7 @@ def test_retry_schedules_the_job_again(backend, backend_alias):
     result = on(tasks.explode, backend_alias).enqueue("again")
     [claimed] = backend.claim("w", ALL, 1)
     later = timezone.now() + timedelta(hours=1)
-    assert backend.retry(claimed, BOOM, later)
+    assert backend.retry(claimed, raised(BOOM, retry_at=later))
 
     again = backend.get_result(result.id)
     assert again.status == TaskResultStatus.READY and len(again.errors) == 1
@@ -186,7 +193,7 @@ def test_retry_schedules_the_job_again(backend, backend_alias):
 def test_a_retry_due_now_is_ready_at_once(backend, backend_alias):
     result = on(tasks.explode, backend_alias).enqueue("again")
     [claimed] = backend.claim("w", ALL, 1)
-    assert backend.retry(claimed, BOOM, timezone.now() - timedelta(seconds=1))
+    assert backend.retry(claimed, raised(BOOM, retry_at=timezone.now() - timedelta(seconds=1)))
     [again] = backend.claim("w", ALL, 1)
     assert again.id == result.id and again.attempt == 2
 
@@ -221,14 +228,63 @@ def test_requeue_counts_the_loss_and_the_job_runs_again(backend, backend_alias):
     assert again.attempt == 2 and list(again.worker_ids) == ["w", "w2"]
 
 
-def test_release_requeues_everything_a_worker_holds(backend, backend_alias):
-    results = [on(tasks.add, backend_alias).enqueue(i, i) for i in range(3)]
-    backend.claim("gone", ALL, 2)
+def test_release_counts_only_what_was_executing(backend, backend_alias):
+    results = [on(tasks.add, backend_alias).enqueue(i, i) for i in range(4)]
+    running, ahead, behind = backend.claim("gone", ALL, 3)
     backend.claim("other", ALL, 1)
-    assert backend.release("gone", "its process died") == 2
-    stats = backend.stats()
-    assert stats.ready == 2 and stats.running == 1
-    assert backend.get_result(results[2].id).status == TaskResultStatus.RUNNING
+    put_back = backend.release(
+        "gone", "its process was killed", executing={(running.key, running.delivery)}
+    )
+
+    assert {(p.job.id, p.counted, p.failed) for p in put_back} == {
+        (running.id, True, False),
+        (ahead.id, False, False),
+        (behind.id, False, False),
+    }
+    lost = backend.get_result(running.id)
+    assert lost.status == TaskResultStatus.READY and lost.attempts == 1
+    assert "its process was killed" in lost.errors[0].traceback
+    for job in (ahead, behind):
+        back = backend.get_result(job.id)
+        assert back.attempts == 0 and back.errors == []
+    assert backend.get_result(results[3].id).status == TaskResultStatus.RUNNING
+    # Uncounted put-backs keep their place in line.
+    assert [j.id for j in backend.claim("next", ALL, 3)] == [r.id for r in results[:3]]
+
+
+def test_a_stopped_worker_s_running_job_is_not_counted(backend_alias):
+    backend = with_options(backend_alias, max_attempts=1)
+    result = enqueue(backend, on(tasks.add, backend_alias), 1, 2)
+    [claimed] = backend.claim("w", ALL, 1)
+    executing = {(claimed.key, claimed.delivery)}
+    [put_back] = backend.release("w", "stopped", executing=executing, counts_as_attempt=False)
+    assert not put_back.counted and not put_back.failed
+    assert backend.get_result(result.id).status == TaskResultStatus.READY
+
+
+def test_heartbeat_renews_the_deliveries_named_and_marks_started(backend_alias):
+    backend = with_options(backend_alias, lease=0.4)
+    task = on(tasks.add, backend_alias)
+    named = enqueue(backend, task, 1, 1)
+    unnamed = enqueue(backend, task, 2, 2)
+    first, second = backend.claim("w", ALL, 2)
+    assert backend.get_result(named.id).started_at is None  # not started yet
+    began = timezone.now()
+
+    time.sleep(0.25)
+    assert backend.heartbeat(["w"], [(first.key, first.delivery, began)]) == 1
+    assert backend.heartbeat(["w"], [(second.key, "0" * 16, None)]) == 0  # a stale token
+    assert backend.reclaim(["w"]) == []  # expired, but not for a whole lease yet
+    time.sleep(0.6)
+    # Unrenewed for two leases while its worker lives: given back uncounted.
+    [reclaimed] = backend.reclaim(["w"])
+    assert reclaimed.id == unnamed.id
+    assert backend.reclaim(["w"]) == []
+    again = backend.get_result(unnamed.id)
+    assert again.status == TaskResultStatus.READY and again.attempts == 0
+    running = backend.get_result(named.id)
+    assert running.status == TaskResultStatus.RUNNING
+    assert running.started_at == began and running.last_attempted_at == began
 
 
 def test_a_job_that_keeps_losing_its_worker_is_failed(backend_alias):
@@ -276,11 +332,11 @@ def test_heartbeat_keeps_a_lease_and_an_expired_lease_is_recovered(backend_alias
     task = on(tasks.add, backend_alias)
     kept = enqueue(backend, task, 1, 1)
     lost = enqueue(backend, task, 2, 2)
-    backend.claim("alive", ALL, 1)
+    [alive] = backend.claim("alive", ALL, 1)
     backend.claim("vanished", ALL, 1)
 
     time.sleep(0.4)
-    assert backend.heartbeat(["alive"]) == 1
+    assert backend.heartbeat(["alive"], [(alive.key, alive.delivery, None)]) == 1
     assert backend.recover() == 1
     assert backend.recover() == 0
 
@@ -307,7 +363,7 @@ def test_only_expired_leases_are_recovered(backend_alias):
 def test_the_workers_registry(backend, backend_alias):
     backend.register_worker(_info(backend_alias, "sup", kind="supervisor"))
     backend.register_worker(_info(backend_alias, "sup:1", supervisor="sup"))
-    backend.heartbeat(["sup", "sup:1"])
+    backend.heartbeat(["sup", "sup:1"], [])
     alive = {w.id: w for w in backend.workers()}
     assert set(alive) == {"sup", "sup:1"}
     assert alive["sup:1"].supervisor == "sup" and alive["sup:1"].last_beat_at is not None
@@ -366,8 +422,8 @@ def test_stats_and_prune(backend, backend_alias):
         on(tasks.add, backend_alias).enqueue(i, i)
     on(tasks.add, backend_alias, run_after=timezone.now() + timedelta(days=1)).enqueue(0, 0)
     a, b = backend.claim("w", ALL, 2)
-    backend.complete([(a, 1, timezone.now() - timedelta(days=10))])
-    backend.fail(b, BOOM, timezone.now())
+    backend.complete([(a, returned(1, timezone.now() - timedelta(days=10)))])
+    backend.fail(b, raised(BOOM, timezone.now()))
 
     stats = backend.stats()
     counts = (stats.ready, stats.scheduled, stats.running, stats.successful, stats.failed)
@@ -386,7 +442,7 @@ def test_prune_works_in_batches(backend, backend_alias):
     conveyor.bulk_enqueue(on(tasks.add, backend_alias), [(i, i) for i in range(7)])
     claimed = backend.claim("w", ALL, 7)
     old = timezone.now() - timedelta(days=3)
-    backend.complete([(job, None, old) for job in claimed])
+    backend.complete([(job, returned(None, old)) for job in claimed])
     assert backend.prune(timezone.now(), batch=2, pause=0) == 7
     assert total(backend) == 0
 

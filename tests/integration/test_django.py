@@ -14,6 +14,7 @@ from django.utils import timezone
 from conveyor.backends.database import DatabaseBackend
 from conveyor.checks import check_sqlite_timeout, sqlite_timeout_messages
 from conveyor.records import QueueSelector
+from tests.contract.stores import returned
 from tests.testapp import tasks
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -58,7 +59,7 @@ def test_prune_deletes_old_finished_jobs():
     backend = task_backends["default"]
     tasks.add.enqueue(1, 2)
     [job] = backend.claim("w", QueueSelector(), 1)
-    backend.complete([(job, 3, timezone.now() - timedelta(days=30))])
+    backend.complete([(job, returned(3, timezone.now() - timedelta(days=30)))])
     out = StringIO()
     call_command("conveyor", "prune", "--older-than", "7", stdout=out)
     assert "Deleted 1 finished job(s)." in out.getvalue()

@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
 from django.tasks import Task, TaskResult, TaskResultStatus
 from django.tasks.backends.base import BaseTaskBackend
-from django.tasks.base import TaskError
 
 from conveyor.backends.tasks import encode_arguments, resolve_task
 from conveyor.conf import BackendOptions
-from conveyor.records import Job, QueueSelector, QueueStats, Success, WorkerInfo
+from conveyor.records import Job, Outcome, PutBack, QueueSelector, QueueStats, Success, WorkerInfo
 
 Call = tuple[Sequence[Any], Mapping[str, Any]]
+# A delivery a worker holds: job key, token, and when its task started (None: not yet).
+Held = tuple[int, str, datetime | None]
 
 
 class Waiter:
@@ -132,12 +133,12 @@ class WorkerStore(ABC):
         """
 
     @abstractmethod
-    def fail(self, job: Job, error: TaskError, finished_at: datetime) -> bool:
+    def fail(self, job: Job, outcome: Outcome) -> bool:
         """Record a final failure, if this delivery still holds the job (or already did)."""
 
     @abstractmethod
-    def retry(self, job: Job, error: TaskError, run_after: datetime) -> bool:
-        """Record a failed attempt; the job is scheduled again for ``run_after``."""
+    def retry(self, job: Job, outcome: Outcome) -> bool:
+        """Record a failed attempt; the job is scheduled again for ``outcome.retry_at``."""
 
     @abstractmethod
     def unclaim(self, jobs: Sequence[Job]) -> int:
@@ -152,14 +153,41 @@ class WorkerStore(ABC):
         """
 
     @abstractmethod
-    def release(self, worker_id: str, reason: str, *, counts_as_attempt: bool = True) -> int:
-        """Requeue every delivery ``worker_id`` holds (its process ended); return how many."""
+    def release(
+        self,
+        worker_id: str,
+        reason: str,
+        *,
+        executing: Collection[tuple[int, str]] = (),
+        counts_as_attempt: bool = True,
+    ) -> list[PutBack]:
+        """Put back every delivery ``worker_id`` holds: its process ended.
+
+        Deliveries in ``executing`` (job key, token) were running: they are requeued
+        (counted if ``counts_as_attempt``); the rest never started and go back uncounted,
+        keeping their place in line.
+        """
+
+    @abstractmethod
+    def reclaim(self, worker_ids: Sequence[str]) -> list[Job]:
+        """Give back, uncounted, deliveries these live workers hold but no longer renew.
+
+        A claim whose reply was lost leaves a delivery its worker never heard of; its
+        lease runs out (store clock) while the worker renews all it knows.
+        """
 
     # --- leases and the workers registry -----------------------------------------------
 
     @abstractmethod
-    def heartbeat(self, worker_ids: Sequence[str]) -> int:
-        """Renew the leases these workers hold and their registry rows; return leases renewed."""
+    def heartbeat(self, worker_ids: Sequence[str], deliveries: Sequence[Held] = ()) -> int:
+        """Renew the leases of ``deliveries`` and the registry rows of ``worker_ids``.
+
+        A delivery whose task started gets its ``started_at``. Return the leases renewed.
+        """
+
+    @abstractmethod
+    def reachable(self) -> bool:
+        """Say whether the store answers a trivial request now."""
 
     @abstractmethod
     def recover(self) -> int:

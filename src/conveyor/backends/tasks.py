@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -21,9 +22,11 @@ from conveyor.exceptions import InvalidTaskArguments, TaskNotFound
 if TYPE_CHECKING:
     from conveyor.conf import BackendOptions
 
-# MariaDB refuses JSON nested deeper than 32 levels; the stored arguments are one level
-# inside the args list or kwargs object, so values may nest this deep.
+# MariaDB refuses JSON nested deeper than 32 levels; each argument is stored one level
+# inside the args list or kwargs object, so an argument may nest this deep.
 MAX_DEPTH = 30
+# Whole numbers every engine keeps exactly (MySQL turns bigger ones into doubles).
+MIN_INT, MAX_INT = -(2**63), 2**63 - 1
 QUEUE_NAME_LENGTH = 100
 TASK_PATH_LENGTH = 255
 # The range of datetimes every engine stores (MySQL's DATETIME starts at year 1000).
@@ -101,29 +104,65 @@ def task_problems(task: Task) -> list[str]:
             f"Queue name {task.queue_name[:40]!r}... of task {task.module_path!r} is "
             f"{len(task.queue_name)} characters long; at most {QUEUE_NAME_LENGTH} can be stored."
         )
-    run_after = task.run_after
-    if run_after is not None and run_after.tzinfo is not None:
-        try:
-            outside = not EARLIEST <= run_after <= LATEST
-        except OverflowError:
-            outside = True
-        if outside:
-            problems.append(
-                f"run_after {run_after.isoformat()} of task {task.module_path!r} is outside "
-                f"the range every database stores ({EARLIEST.date()} to {LATEST.date()})."
-            )
+    text = text_problem(task.queue_name)
+    if text is not None:
+        problems.append(f"Queue name {task.queue_name!r} of task {task.module_path!r} {text}.")
+    if task.run_after is not None and not _storable_time(task.run_after):
+        problems.append(
+            f"run_after {task.run_after.isoformat()} of task {task.module_path!r} is outside "
+            f"the range every database stores ({EARLIEST.date()} to {LATEST.date()}, UTC)."
+        )
     return problems
+
+
+def text_problem(text: str) -> str | None:
+    """Why the string ``text`` cannot be stored on every engine, or None if it can."""
+    if "\x00" in text:
+        return "contains a NUL character (\\x00), which PostgreSQL cannot store"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone surrogate (half of a UTF-16 pair), which is not valid Unicode"
+    return None
+
+
+def _storable_time(moment: datetime) -> bool:
+    earliest, latest = EARLIEST, LATEST
+    if moment.utcoffset() is None:  # naive (USE_TZ = False): local time, kept as it is
+        earliest, latest = EARLIEST.replace(tzinfo=None), LATEST.replace(tzinfo=None)
+    try:
+        return earliest <= moment <= latest
+    except OverflowError:
+        return False
 
 
 def encode_arguments(
     task: Task, args: Sequence[Any], kwargs: Mapping[str, Any], options: BackendOptions
 ) -> tuple[list[Any], dict[str, Any]]:
-    """Return ``args``/``kwargs`` as they read back from JSON, or name the one that can't."""
-    value = [list(args), dict(kwargs)]
-    problem = json_problem(value, options.max_payload)
-    if problem is not None:
-        raise InvalidTaskArguments(_describe(task, args, kwargs, options.max_payload, problem))
-    decoded: list[Any] = json.loads(encode_json(value))
+    """Return ``args``/``kwargs`` as they read back from JSON, or name the one that can't.
+
+    Raises ``InvalidTaskArguments`` (also a ``TypeError``) before anything is stored.
+    """
+    named = [(f"positional argument {i}", value) for i, value in enumerate(args)]
+    named += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
+    for where, value in named:
+        problem = json_problem(value, options.max_payload)
+        if problem is not None:
+            raise InvalidTaskArguments(
+                f"Cannot enqueue task {task.module_path!r}: {where} ({type(value).__name__}) "
+                f"cannot be stored: {problem}. Arguments must be JSON values; nothing was "
+                "stored."
+            )
+    text = encode_json([list(args), dict(kwargs)])
+    size = len(text.encode("utf-8"))
+    if size > options.max_payload:
+        where, largest = max(((w, _size(v)) for w, v in named), key=lambda pair: pair[1])
+        raise InvalidTaskArguments(
+            f"Cannot enqueue task {task.module_path!r}: its arguments take {size} bytes as "
+            f"JSON, more than MAX_PAYLOAD ({options.max_payload}); the largest is {where} "
+            f"({largest} bytes). Nothing was stored."
+        )
+    decoded: list[Any] = json.loads(text)
     return decoded[0], decoded[1]
 
 
@@ -133,31 +172,79 @@ def encode_json(value: Any) -> str:
 
 
 def json_problem(value: Any, max_bytes: int | None = None) -> str | None:
-    """Why ``value`` cannot be stored as JSON on every engine, or None if it can."""
+    """Why ``value`` cannot be stored as JSON on every engine, or None if it can.
+
+    The rules: JSON types only (no NaN or infinities); lists and dicts nested at most
+    ``MAX_DEPTH`` deep (``value`` itself counts as one level if it is a list or dict);
+    whole numbers within 64 bits; strings and dict keys without NUL characters or lone
+    surrogates; dict keys that stay distinct once made strings; and, with ``max_bytes``, at
+    most that many bytes as JSON text. Nesting of any depth is refused with a reason,
+    never with ``RecursionError``.
+    """
     try:
         text = encode_json(value)
     except RecursionError:
-        return f"it is nested deeper than {MAX_DEPTH} levels"
+        return f"it is nested deeper than {MAX_DEPTH} levels of lists and dicts"
     except (TypeError, ValueError) as e:
         return f"it is not JSON-serialisable: {e}"
-    if "\x00" in text:
+    if _ESCAPED_NUL.search(text):
         return "it contains a NUL character (\\x00), which PostgreSQL cannot store"
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
-        return "it contains a lone surrogate character, which is not valid Unicode text"
+        return (
+            "it contains a lone surrogate (half of a UTF-16 pair), which is not valid Unicode text"
+        )
     if max_bytes is not None and size > max_bytes:
         return f"it is {size} bytes as JSON, more than MAX_PAYLOAD ({max_bytes})"
-    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
-        return f"it is nested deeper than {MAX_DEPTH} levels"
-    try:
-        json.loads(text, object_pairs_hook=_unique_keys)
-    except _DuplicateKey as e:
-        return (
-            f"its dict keys {e.key!r} collide once made JSON (keys become strings, so 1 "
-            'and "1" are the same key)'
-        )
+    problem = _shape_problem(value, text)
+    if problem is None and "{" in text:
+        try:
+            json.loads(text, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            problem = (
+                f"its dict keys collide once made JSON: {e.key!r} appears twice (JSON keys "
+                'are strings, so 1 and "1", or True and "true", are the same key)'
+            )
+    return problem
+
+
+# A ``\u0000`` escape in JSON text: preceded by an even number of backslashes, so that it
+# is not the text "\\u0000" (an escaped backslash followed by "u0000").
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+# A run of 19 digits may be a whole number beyond 64 bits (2**63 has 19 digits).
+_LONG_NUMBER = re.compile(r"\d{19}")
+
+
+def _shape_problem(value: Any, text: str) -> str | None:
+    """Nesting too deep or a whole number too big, looked for only where the text hints."""
+    deep = text.count("[") + text.count("{") > MAX_DEPTH
+    if not deep and not _LONG_NUMBER.search(text):
+        return None
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list | tuple):
+            if level + 1 > MAX_DEPTH:
+                return f"it is nested deeper than {MAX_DEPTH} levels of lists and dicts"
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+        elif isinstance(item, int) and not MIN_INT <= item <= MAX_INT:
+            return (
+                f"it holds the whole number {_abbreviated(item)}, outside the 64-bit range "
+                "every database stores exactly (-2**63 to 2**63-1); send big numbers as "
+                "strings"
+            )
     return None
+
+
+def _abbreviated(number: int) -> str:
+    digits = str(number)
+    return digits if len(digits) <= 30 else f"{digits[:12]}...{digits[-6:]}"
+
+
+def _size(value: Any) -> int:
+    return len(encode_json(value).encode("utf-8"))
 
 
 class _DuplicateKey(ValueError):
@@ -175,35 +262,3 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                 raise _DuplicateKey(key)
             seen.add(key)
     return result
-
-
-def _depth(value: Any) -> int:
-    """How deeply lists and dicts nest in ``value`` (a scalar is 0), without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        children = item.values() if isinstance(item, dict) else item
-        if isinstance(item, dict | list | tuple):
-            deepest = max(deepest, level)
-            if level <= MAX_DEPTH:
-                stack.extend((child, level + 1) for child in children)
-    return deepest
-
-
-def _describe(
-    task: Task, args: Sequence[Any], kwargs: Mapping[str, Any], max_payload: int, problem: str
-) -> str:
-    named = [(f"positional argument {i}", value) for i, value in enumerate(args)]
-    named += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
-    for where, value in named:
-        # Each argument sits one level inside the stored list or object.
-        own = json_problem([value])
-        if own is not None:
-            return (
-                f"Cannot enqueue task {task.module_path!r}: {where} ({type(value).__name__}) "
-                f"cannot be stored: {own}. Arguments must be JSON values; nothing was stored."
-            )
-    return (
-        f"Cannot enqueue task {task.module_path!r}: its arguments cannot be stored: {problem}. "
-        "Nothing was stored."
-    )

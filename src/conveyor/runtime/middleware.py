@@ -13,13 +13,20 @@ logger = logging.getLogger(__name__)
 
 
 class Middleware:
-    """A hook set the executor calls around every job; override what you need."""
+    """A hook set the worker calls around every job; override what you need."""
 
     def before_invoke(self, job: Job, task: Task) -> None:
         """Run just before the task is called."""
 
-    def after_invoke(self, job: Job, task: Task, outcome: Outcome) -> None:
-        """Run just after the task returned or raised, before the outcome is saved."""
+    def after_invoke(self, job: Job, task: Task, outcome: Outcome) -> Outcome | None:
+        """Run just after the task returned or raised, before the outcome is saved.
+
+        Return a replaced outcome (to retry a failure, say), or None to keep it.
+        """
+        return None
+
+    def after_record(self, job: Job, task: Task, outcome: Outcome, recorded: bool) -> None:
+        """Run once the outcome was saved (``recorded``) or refused as stale."""
 
 
 class ConnectionHygiene(Middleware):
@@ -30,7 +37,7 @@ class ConnectionHygiene(Middleware):
     and a connection that errored and no longer answers is closed, to reconnect on use.
     """
 
-    def after_invoke(self, job: Job, task: Task, outcome: Outcome) -> None:
+    def after_invoke(self, job: Job, task: Task, outcome: Outcome) -> Outcome | None:
         for conn in connections.all(initialized_only=True):
             if conn.connection is None:
                 continue
@@ -46,6 +53,7 @@ class ConnectionHygiene(Middleware):
                 conn.errors_occurred = False
                 if not conn.is_usable():
                     conn.close()
+        return None
 
 
 DEFAULT_MIDDLEWARE: tuple[type[Middleware], ...] = (ConnectionHygiene,)

@@ -1,10 +1,14 @@
-"""The parent process: starts worker processes, watches them, renews their leases."""
+"""The parent process: starts worker processes, watches them, renews their leases.
+
+It reads each child's slots (``channel.py``) to renew exactly the deliveries the child
+holds, and, when a child dies, to count only what it was executing. It is the only process
+that acts on signals: the first SIGTERM, SIGINT or SIGHUP stops gracefully, a second one
+(or the grace period) stops at once.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import multiprocessing
 import os
@@ -12,10 +16,9 @@ import random
 import secrets
 import signal
 import socket
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from multiprocessing.connection import wait as wait_for_sentinels
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -24,29 +27,24 @@ from django.db import connections
 from django.tasks import task_backends
 from django.utils import timezone
 
-from conveyor.backends.base import StoreBackend
-from conveyor.exceptions import ConveyorImproperlyConfigured
-from conveyor.records import QueueSelector, WorkerInfo
-from conveyor.runtime.executor import (
-    EXIT_DONE,
-    EXIT_ORPHANED,
-    EXIT_RECYCLE,
-    EXIT_STOPPED,
-    Executor,
-    ExecutorConfig,
-)
+from conveyor.backends.base import Held, StoreBackend
+from conveyor.exceptions import ConveyorImproperlyConfigured, NotMigrated
+from conveyor.records import PutBack, QueueSelector, WorkerInfo
+from conveyor.runtime.channel import Slots
+from conveyor.runtime.child import STOP_SIGNALS, child_main
+from conveyor.runtime.loop import EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED, WorkerConfig
 from conveyor.runtime.progress import Progress
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FORCED = 1  # a forced stop interrupted running tasks
+EXIT_NOT_MIGRATED = 2  # the store has no tables: nothing to do until ``migrate``
 TICK = 1.0  # longest the supervisor sleeps between looks at its children
 PROGRESS_TICK = 0.25
-QUICK_CRASH = 2.0  # a child that dies sooner than this after starting is respawned later
+BEAT_RETRY = 1.0  # after a failed heartbeat, the next try comes this soon
 MAX_RESPAWN_DELAY = 10.0
-STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-PR_SET_PDEATHSIG = 1
+STORE_WAITS = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,11 +63,22 @@ class WorkerSettings:
 
 @dataclass(slots=True)
 class Child:
-    """One running worker process and the id its jobs are leased under."""
+    """One running worker process, the id its jobs are leased under, and its slots."""
 
     process: BaseProcess
     worker_id: str
+    slots: Slots
     started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRelease:
+    """Deliveries of a dead child still to be put back (the store was unreachable)."""
+
+    worker_id: str
+    reason: str
+    executing: frozenset[tuple[int, str]]
+    counts: bool
 
 
 class Supervisor:
@@ -84,6 +93,7 @@ class Supervisor:
             )
         self.backend: StoreBackend = backend
         self.settings = settings
+        self.lease = backend.conveyor_options.lease
         self.children: list[Child] = []
         self.spawned = 0
         self.signals = 0
@@ -92,17 +102,20 @@ class Supervisor:
         self.context = multiprocessing.get_context("fork")
         self.hostname = socket.gethostname()
         self.host = f"{self.hostname[:50]}:{os.getpid()}:{secrets.token_hex(8)}"
-        self.progress = Progress(self.backend, settings.queues) if settings.progress else None
-        lease = self.backend.conveyor_options.lease
-        self.tick = min(TICK, lease / 3, PROGRESS_TICK if settings.progress else TICK)
+        self.progress: Progress | None = None
+        self.tick = min(TICK, self.lease / 3, PROGRESS_TICK if settings.progress else TICK)
         self.wake_read, self.wake_write = os.pipe()
         self.respawn_at: list[float] = []
         self.crash_streak = 0
+        self.pending: list[PendingRelease] = []
+        self.contact_since: float | None = None
+        self.next_beat = self.next_recover = 0.0
 
     def run(self) -> int:
         """Supervise until stopped (or, with ``until_done``, until the queue is empty)."""
         self._install_signals()
-        opts = self.backend.conveyor_options
+        if not self._wait_for_store():
+            return EXIT_NOT_MIGRATED if not self.signals else EXIT_OK
         logger.info(
             "Conveyor supervisor %s: %d process(es) x %d thread(s) on backend %r",
             self.host,
@@ -110,37 +123,70 @@ class Supervisor:
             self.settings.threads,
             self.backend.alias,
         )
-        self._register(self.host, "supervisor", os.getpid())
-        self._recover()
+        self._start_progress()
         for _ in range(self.settings.processes):
             self._spawn()
-        next_beat = next_recover = time.monotonic()
         while self.children or (self.respawn_at and not self.signals):
-            self._sleep()
-            self._reap()
-            self._respawn_due()
-            self._handle_stop()
-            now = time.monotonic()
-            if now >= next_beat:
-                self._heartbeat()
-                next_beat = now + opts.lease / 3
-            if now >= next_recover:
-                self._recover()
-                next_recover = now + opts.lease / 2 * random.uniform(0.8, 1.2)
-            if self.progress:
-                self.progress.update()
+            self._cycle()
+        self._finish()
+        return EXIT_FORCED if self.forced else EXIT_OK
+
+    def _cycle(self) -> None:
+        self._sleep()
+        self._reap()
+        self._respawn_due()
+        self._handle_stop()
+        now = time.monotonic()
+        if now >= self.next_beat:
+            self._beat()
+        if now >= self.next_recover and self._in_contact_for(self.lease):
+            self._recover()
+            self.next_recover = now + self.lease / 2 * random.uniform(0.8, 1.2)
+        self._update_progress()
+
+    def _finish(self) -> None:
+        self._retry_releases()
         if self.progress:
-            self.progress.finish()
+            with contextlib.suppress(Exception):
+                self.progress.finish()
         self._end(self.host, "forced stop" if self.forced else "stopped")
         connections.close_all()
-        return EXIT_FORCED if self.forced else EXIT_OK
+
+    # --- the store at start-up ------------------------------------------------------------
+
+    def _wait_for_store(self) -> bool:
+        """Register this supervisor, waiting while the store cannot be reached."""
+        for attempt in range(10**9):
+            try:
+                self.backend.register_worker(self._info(self.host, "supervisor", os.getpid()))
+            except NotMigrated as e:
+                logger.error("%s", e)
+                return False
+            except Exception as e:
+                connections.close_all()
+                wait = STORE_WAITS[min(attempt, len(STORE_WAITS) - 1)]
+                log = logger.warning if attempt == 0 else logger.debug
+                log(
+                    "Cannot use backend %r: %s: %s. Retrying every %.0fs or so.",
+                    self.backend.alias,
+                    type(e).__name__,
+                    str(e).strip().splitlines()[0] if str(e).strip() else "",
+                    wait,
+                )
+                self._sleep(wait)
+                if self.signals:
+                    return False
+                continue
+            self.contact_since = time.monotonic()
+            return True
+        return False
 
     # --- children ------------------------------------------------------------------------
 
     def _spawn(self) -> None:
         self.spawned += 1
         worker_id = f"{self.host}:{self.spawned}"
-        config = ExecutorConfig(
+        config = WorkerConfig(
             worker_id=worker_id,
             queues=self.settings.queues,
             threads=self.settings.threads,
@@ -148,30 +194,34 @@ class Supervisor:
             until_done=self.settings.until_done,
             parent_pid=os.getpid(),
         )
+        slots = Slots(
+            self.context, self.settings.threads + self.backend.conveyor_options.batch_size
+        )
         self.backend.before_fork()
         process = self.context.Process(
-            target=_child_main,
-            args=(self.backend.alias, config),
+            target=child_main,
+            args=(self.backend.alias, config, slots),
             name=f"conveyor-{worker_id}",
             daemon=False,
         )
-        # The child inherits these signals blocked, and takes them with sigwait() once it
-        # is ready: no signal is lost or handled by the parent's handler in between.
+        # Blocked only across the fork: the child installs its own handlers, then unblocks.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        self.children.append(Child(process=process, worker_id=worker_id))
+        self.children.append(Child(process=process, worker_id=worker_id, slots=slots))
         logger.info("Started worker process %s (%s)", process.pid, worker_id)
-        self._register(worker_id, "process", process.pid or 0)
+        with contextlib.suppress(Exception):
+            self.backend.register_worker(self._info(worker_id, "process", process.pid or 0))
 
-    def _sleep(self) -> None:
+    def _sleep(self, timeout: float | None = None) -> None:
         # Wakes when a child exits, a signal arrives (through the wake-up pipe), or a tick.
         waitables = [self.wake_read, *(child.process.sentinel for child in self.children)]
-        timeout = self.tick
-        if self.respawn_at:
-            timeout = max(0.0, min(timeout, min(self.respawn_at) - time.monotonic()))
+        if timeout is None:
+            timeout = min(self.tick, max(self.next_beat - time.monotonic(), 0.0))
+            if self.respawn_at:
+                timeout = max(0.0, min(timeout, min(self.respawn_at) - time.monotonic()))
         with contextlib.suppress(InterruptedError):
             if self.wake_read in wait_for_sentinels(waitables, timeout=timeout):
                 os.read(self.wake_read, 512)
@@ -182,23 +232,31 @@ class Supervisor:
             self.children.remove(child)
             code = child.process.exitcode
             crashed = code not in (EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED)
-            self._release(child, _describe_exit(child.process.pid, code), counts=crashed)
-            self._end(child.worker_id, _describe_exit(None, code))
+            how = _describe_exit(code)
+            self._release(child, f"worker process {child.process.pid} {how}", counts=crashed)
+            self._end(child.worker_id, how)
             if self.signals or code == EXIT_DONE:
                 continue
-            delay = 0.0
-            if crashed:
-                quick = time.monotonic() - child.started < QUICK_CRASH
-                self.crash_streak = self.crash_streak + 1 if quick else 0
-                delay = min(0.1 * 2**self.crash_streak, MAX_RESPAWN_DELAY) if quick else 0.0
-                logger.error(
-                    "Worker process %s died (%s); starting another in %.1fs.",
-                    child.process.pid,
-                    _describe_exit(None, code),
-                    delay,
-                )
-            self.respawn_at.append(time.monotonic() + delay)
+            self.respawn_at.append(time.monotonic() + self._respawn_delay(child, crashed, how))
         self._respawn_due()
+
+    def _respawn_delay(self, child: Child, crashed: bool, how: str) -> float:
+        """No delay for a child that was working; backoff for one that never got ready."""
+        if not crashed:
+            return 0.0
+        if child.slots.is_ready:
+            self.crash_streak = 0
+            logger.error("Worker process %s %s; starting another.", child.process.pid, how)
+            return 0.0
+        self.crash_streak += 1
+        delay = min(0.1 * 2**self.crash_streak, MAX_RESPAWN_DELAY)
+        logger.error(
+            "Worker process %s %s before it was ready; starting another in %.1fs.",
+            child.process.pid,
+            how,
+            delay,
+        )
+        return delay
 
     def _respawn_due(self) -> None:
         if self.signals:
@@ -210,23 +268,46 @@ class Supervisor:
             self._spawn()
 
     def _release(self, child: Child, reason: str, *, counts: bool) -> None:
+        executing = frozenset((d.key, d.token) for d in child.slots.read() if d.executing)
+        self._put_back(PendingRelease(child.worker_id, reason, executing, counts))
+
+    def _put_back(self, pending: PendingRelease) -> bool:
         try:
-            count = self.backend.release(child.worker_id, reason, counts_as_attempt=counts)
-        except Exception:
-            logger.exception(
-                "Could not put back the jobs of %s; their leases will expire.", child.worker_id
+            put_back = self.backend.release(
+                pending.worker_id,
+                pending.reason,
+                executing=pending.executing,
+                counts_as_attempt=pending.counts,
             )
+        except Exception as e:
+            connections.close_all()
+            logger.warning(
+                "Could not put back the jobs of %s yet (%s: %s); trying again.",
+                pending.worker_id,
+                type(e).__name__,
+                e,
+            )
+            self.pending.append(pending)
+            return False
+        _log_put_back(put_back, pending.reason, self.backend.conveyor_options.max_attempts)
+        return True
+
+    def _retry_releases(self) -> None:
+        pending, self.pending = self.pending, []
+        for item in pending:
+            if not self._put_back(item):
+                break
+        else:
             return
-        if count:
-            logger.warning("Put back %d job(s) of worker %s: %s", count, child.worker_id, reason)
+        self.pending += [p for p in pending if p not in self.pending]
 
     # --- stopping --------------------------------------------------------------------------
 
     def _install_signals(self) -> None:
         os.set_blocking(self.wake_write, False)
         signal.set_wakeup_fd(self.wake_write)
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signals += 1
@@ -266,27 +347,73 @@ class Supervisor:
 
     # --- leases ------------------------------------------------------------------------------
 
-    def _heartbeat(self) -> None:
+    def _beat(self) -> None:
+        """Renew what the children hold, then give back what they hold but never reported."""
+        ids = [child.worker_id for child in self.children]
         try:
-            self.backend.heartbeat([self.host, *(child.worker_id for child in self.children)])
-        except Exception:
-            logger.exception("Heartbeat failed; retrying on the next beat.")
+            self.backend.heartbeat([self.host, *ids], self._deliveries())
+            if self.contact_since is not None:
+                reclaimed = self.backend.reclaim(ids)
+        except Exception as e:
             connections.close_all()
+            if self.contact_since is not None:
+                logger.warning(
+                    "Heartbeat failed (%s: %s); retrying every %.0fs.",
+                    type(e).__name__,
+                    e,
+                    BEAT_RETRY,
+                )
+            self.contact_since = None
+            self.next_beat = time.monotonic() + BEAT_RETRY
+            return
+        if self.contact_since is None:
+            logger.info("The store answers again; leases renewed.")
+            self.contact_since = time.monotonic()
+        else:
+            for job in reclaimed:
+                logger.warning(
+                    "Gave back job %s (%s): held under worker %s, which never reported it "
+                    "(a claim whose reply was lost).",
+                    job.id,
+                    job.task_path,
+                    job.worker_ids[-1] if job.worker_ids else "?",
+                )
+        self.next_beat = time.monotonic() + self.lease / 3
+        self._retry_releases()
+
+    def _deliveries(self) -> list[Held]:
+        held: list[Held] = []
+        for child in self.children:
+            for d in child.slots.read():
+                started = datetime.fromtimestamp(d.started, UTC) if d.executing else None
+                held.append((d.key, d.token, started))
+        return held
+
+    def _in_contact_for(self, seconds: float) -> bool:
+        """Say whether every heartbeat of the last ``seconds`` reached the store.
+
+        After an outage every lease has run out; peers that are alive beat within a third
+        of a lease of the store coming back, so recovery waits a whole lease first.
+        """
+        since = self.contact_since
+        return since is not None and time.monotonic() - since >= seconds
 
     def _recover(self) -> None:
         try:
             count = self.backend.recover()
-        except Exception:
-            logger.exception("Could not look for jobs with expired leases.")
+        except Exception as e:
+            logger.warning(
+                "Could not look for jobs with expired leases (%s: %s).", type(e).__name__, e
+            )
             connections.close_all()
             return
         if count:
             logger.warning("Recovered %d job(s) whose worker stopped heartbeating.", count)
 
-    # --- the workers registry ------------------------------------------------------------
+    # --- the workers registry and progress -----------------------------------------------
 
-    def _register(self, worker_id: str, kind: str, pid: int) -> None:
-        info = WorkerInfo(
+    def _info(self, worker_id: str, kind: str, pid: int) -> WorkerInfo:
+        return WorkerInfo(
             id=worker_id,
             backend=self.backend.alias,
             kind=kind,
@@ -297,18 +424,53 @@ class Supervisor:
             threads=self.settings.threads,
             started_at=timezone.now(),
         )
-        try:
-            self.backend.register_worker(info)
-        except Exception:
-            logger.exception("Could not register %s %s in the workers registry.", kind, worker_id)
-            connections.close_all()
 
     def _end(self, worker_id: str, ended: str) -> None:
         try:
             self.backend.end_worker(worker_id, ended)
-        except Exception:
-            logger.exception("Could not mark worker %s stopped in the registry.", worker_id)
+        except Exception as e:
+            logger.warning("Could not mark worker %s stopped in the registry (%s).", worker_id, e)
             connections.close_all()
+
+    def _start_progress(self) -> None:
+        if self.settings.progress:
+            try:
+                self.progress = Progress(self.backend, self.settings.queues)
+            except Exception as e:
+                logger.warning("No progress bar: %s: %s", type(e).__name__, e)
+                connections.close_all()
+
+    def _update_progress(self) -> None:
+        if self.progress is None:
+            return
+        try:
+            self.progress.update()
+        except Exception:
+            connections.close_all()  # a blip in the store: the bar catches up next time
+
+
+def _log_put_back(put_back: list[PutBack], reason: str, most: int) -> None:
+    """One line per job that counted a loss; one line for those given back uncounted."""
+    for p in put_back:
+        if p.counted and p.failed:
+            logger.error(
+                "Job %s (%s) failed: %s while it ran, for the %dth time (the most allowed).",
+                p.job.id,
+                p.job.task_path,
+                reason,
+                most,
+            )
+        elif p.counted:
+            logger.warning(
+                "Job %s (%s) runs again: %s while it ran.", p.job.id, p.job.task_path, reason
+            )
+    uncounted = [p.job for p in put_back if not p.counted]
+    if uncounted:
+        shown = ", ".join(f"{job.id} ({job.task_path})" for job in uncounted[:5])
+        more = f" and {len(uncounted) - 5} more" if len(uncounted) > 5 else ""
+        logger.warning(
+            "Put back %d job(s), uncounted (%s): %s%s", len(uncounted), reason, shown, more
+        )
 
 
 def _describe_queues(queues: QueueSelector) -> str:
@@ -319,45 +481,7 @@ def _describe_queues(queues: QueueSelector) -> str:
     return "*"
 
 
-def _describe_exit(pid: int | None, code: int | None) -> str:
-    who = f"worker process {pid}" if pid else "it"
+def _describe_exit(code: int | None) -> str:
     if code is not None and code < 0:
-        return f"{who} was killed by signal {signal.Signals(-code).name}"
-    return f"{who} exited with code {code}"
-
-
-def _die_with_parent(parent_pid: int | None) -> None:
-    """Have the kernel kill this process if the supervisor dies (Linux).
-
-    Nobody renews this process's leases once its supervisor is gone, so another worker may
-    take its jobs over; it must not go on running them.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(EXIT_ORPHANED)
-
-
-def _watch_signals(executor: Executor) -> None:
-    """Take the stop signals in a thread of their own; SIGINT is the supervisor's to act on."""
-    while True:
-        if signal.sigwait(STOP_SIGNALS) == signal.SIGTERM:
-            executor.request_stop()
-
-
-def _child_main(alias: str, config: ExecutorConfig) -> None:
-    """Entry point of a worker process (stop signals arrive blocked, see Supervisor._spawn)."""
-    signal.set_wakeup_fd(-1)  # the pipe is the supervisor's
-    _die_with_parent(config.parent_pid)
-    backend = task_backends[alias]
-    assert isinstance(backend, StoreBackend)  # the supervisor checked it
-    backend.after_fork()
-    executor = Executor(backend, config)
-    threading.Thread(
-        target=_watch_signals, args=(executor,), daemon=True, name="conveyor-signals"
-    ).start()
-    time.sleep(random.uniform(0, 0.02))  # spread the first claims of sibling processes
-    code = executor.run()
-    connections.close_all()
-    sys.exit(code)
+        return f"was killed by signal {signal.Signals(-code).name}"
+    return f"exited with code {code}"

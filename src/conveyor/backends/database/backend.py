@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
@@ -12,20 +12,27 @@ from typing import Any, ClassVar
 from django.core import checks
 from django.db import DatabaseError, connections
 from django.tasks import Task, TaskResult
-from django.tasks.base import TaskError
 from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
 from django.tasks.signals import task_enqueued
 from django.utils import timezone
 
 from conveyor.backends import tasks as task_rules
-from conveyor.backends.base import Call, StoreBackend, Waiter
+from conveyor.backends.base import Call, Held, StoreBackend, Waiter
 from conveyor.backends.database import transitions
 from conveyor.backends.database.dialects import SUPPORTED_VENDORS, dialect_for
 from conveyor.backends.database.models import Job
 from conveyor.conf import BackendOptions
 from conveyor.exceptions import NotMigrated, TaskNotFound
 from conveyor.records import Job as JobRecord
-from conveyor.records import QueueSelector, QueueStats, State, Success, WorkerInfo
+from conveyor.records import (
+    Outcome,
+    PutBack,
+    QueueSelector,
+    QueueStats,
+    State,
+    Success,
+    WorkerInfo,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -181,29 +188,49 @@ class DatabaseBackend(StoreBackend):
     def complete(self, successes: Sequence[Success]) -> set[str]:
         return transitions.complete(self.store, successes)
 
-    def fail(self, job: JobRecord, error: TaskError, finished_at: datetime) -> bool:
-        return transitions.fail(self.store, job, error, finished_at)
+    def fail(self, job: JobRecord, outcome: Outcome) -> bool:
+        return transitions.fail(self.store, job, outcome)
 
-    def retry(self, job: JobRecord, error: TaskError, run_after: datetime) -> bool:
-        return self._notify(transitions.retry(self.store, job, error, run_after))
+    def retry(self, job: JobRecord, outcome: Outcome) -> bool:
+        return self._notify(transitions.retry(self.store, job, outcome))
 
     def unclaim(self, jobs: Sequence[JobRecord]) -> int:
         return self._notify(transitions.unclaim(self.store, jobs))
 
     def requeue(self, job: JobRecord, reason: str, *, counts_as_attempt: bool = True) -> bool:
-        return self._notify(transitions.requeue(self.store, job, reason, counts_as_attempt))
+        put_back = transitions.requeue(self.store, job, reason, counts_as_attempt)
+        return self._notify(put_back is not None)
 
-    def release(self, worker_id: str, reason: str, *, counts_as_attempt: bool = True) -> int:
-        return self._notify(transitions.release(self.store, worker_id, reason, counts_as_attempt))
+    def release(
+        self,
+        worker_id: str,
+        reason: str,
+        *,
+        executing: Collection[tuple[int, str]] = (),
+        counts_as_attempt: bool = True,
+    ) -> list[PutBack]:
+        return self._notify(
+            transitions.release(self.store, worker_id, reason, executing, counts_as_attempt)
+        )
 
-    def heartbeat(self, worker_ids: Sequence[str]) -> int:
-        return transitions.heartbeat(self.store, worker_ids)
+    def reclaim(self, worker_ids: Sequence[str]) -> list[JobRecord]:
+        return self._notify(transitions.reclaim(self.store, worker_ids))
+
+    def heartbeat(self, worker_ids: Sequence[str], deliveries: Sequence[Held] = ()) -> int:
+        return transitions.heartbeat(self.store, worker_ids, deliveries)
+
+    def reachable(self) -> bool:
+        return transitions.reachable(self.store)
 
     def recover(self) -> int:
         return self._notify(transitions.recover(self.store))
 
     def register_worker(self, info: WorkerInfo) -> None:
-        transitions.register_worker(self.store, info)
+        try:
+            transitions.register_worker(self.store, info)
+        except DatabaseError as e:
+            self._raise_if_not_migrated(e)
+            raise
 
     def end_worker(self, worker_id: str, ended: str) -> None:
         transitions.end_worker(self.store, worker_id, ended)
@@ -231,7 +258,7 @@ class DatabaseBackend(StoreBackend):
     def prune(self, finished_before: datetime, *, batch: int = 1000, pause: float = 0.01) -> int:
         return transitions.prune(self.store, finished_before, batch, pause)
 
-    def _notify(self, count: int | bool) -> Any:
+    def _notify[T](self, count: T) -> T:
         """Wake idle workers after jobs were made ready again; return ``count``."""
         if count and self.vendor == "postgresql":
             with connections[self.database].cursor() as cursor:

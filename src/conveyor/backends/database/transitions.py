@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,10 +22,13 @@ from django.db.models.sql import InsertQuery
 from django.tasks.base import TaskError
 from django.utils import timezone
 
+from conveyor.backends.base import Held
 from conveyor.backends.database.dialects import Dialect, dialect_for
 from conveyor.backends.database.models import Job, Worker
 from conveyor.records import (
     FINISHED_STATES,
+    Outcome,
+    PutBack,
     QueueSelector,
     QueueStats,
     State,
@@ -43,11 +46,17 @@ WORKERS = Worker._meta.db_table
 # Columns a claim reads back; what ``to_record`` needs.
 COLUMNS = (
     "id, uuid, backend_name, queue_name, task_path, priority, args, kwargs, attempts, "
-    "enqueued_at, run_after, started_at, last_attempted_at, worker_ids, errors, delivery"
+    "enqueued_at, run_after, started_at, last_attempted_at, worker_ids, errors, delivery, "
+    "available_at"  # the claim's sort key: left out, each row would be read again
 )
 CLAIM_ORDER = "priority DESC, available_at, id"
 OPEN = "('scheduled', 'ready', 'waiting', 'running')"
 FINISHED = "(" + ", ".join(f"'{s}'" for s in FINISHED_STATES) + ")"
+# One state's rows, written as the partial indexes' conditions are (``IN``): SQLite uses a
+# partial index only when the query repeats its condition, and ``state = 'ready'`` does not.
+IS_READY = "state IN ('ready')"
+IS_SCHEDULED = "state IN ('scheduled')"
+IS_RUNNING = "state IN ('running')"
 LOST_ERROR = "conveyor.exceptions.WorkerLost"
 
 
@@ -168,11 +177,13 @@ def stage(store: Store, limit: int) -> int:
     """Make scheduled jobs that are due by the store's clock ready, oldest due first."""
     d = store.dialect
     due = (
-        f"SELECT id FROM {TABLE} WHERE state = 'scheduled' AND backend_name = %s "
+        f"SELECT id FROM {TABLE} WHERE {IS_SCHEDULED} AND backend_name = %s "
         f"AND available_at <= {d.now()}"
     )
-    if not store.fetch(f"{due} LIMIT 1", [store.backend]):
-        return 0  # a read: no write lock is taken while nothing is due
+    # A read, so no write lock is taken while nothing is due. In index order: a bare LIMIT 1
+    # lets PostgreSQL guess a match is near and scan the whole table when none is.
+    if not store.fetch(f"{due} ORDER BY available_at LIMIT 1", [store.backend]):
+        return 0
     with d.write_transaction():
         ids = [
             row[0]
@@ -197,7 +208,7 @@ def _arms(store: Store, queues: QueueSelector, limit: int) -> tuple[str, list[An
     """
     d = store.dialect
     columns = "SELECT id, priority, available_at"
-    base = f"{columns} FROM {TABLE} WHERE state = 'ready' AND backend_name = %s"
+    base = f"{columns} FROM {TABLE} WHERE {IS_READY} AND backend_name = %s"
     tail = f" ORDER BY {CLAIM_ORDER} LIMIT %s{d.lock_rows}"
     if queues.include is None:
         sql, params = base, list[Any]([store.backend])
@@ -226,13 +237,12 @@ def claim(store: Store, worker_id: str, queues: QueueSelector, limit: int) -> li
     d = store.dialect
     pick, pick_params = _arms(store, queues, limit)
     token = secrets.token_hex(8)
-    now = store.time(timezone.now())
+    # started_at and last_attempted_at are written when the task really starts.
     assign = (
         f"state = 'running', lease_owner = %s, delivery = %s, lease_expires_at = {d.later()}, "
-        "attempts = attempts + 1, started_at = COALESCE(started_at, %s), "
-        f"last_attempted_at = %s, worker_ids = {d.append_text('worker_ids')}"
+        f"attempts = attempts + 1, worker_ids = {d.append_text('worker_ids')}"
     )
-    assign_params = [worker_id, token, store.lease, now, now, worker_id]
+    assign_params = [worker_id, token, store.lease, worker_id]
     if d.update_returning:
         if d.vendor == "sqlite" and not store.fetch(*_arms(store, queues, 1)):
             return []  # nothing to take: a read, so no write lock is taken
@@ -271,7 +281,7 @@ def _claim_locked(
 def next_due(store: Store) -> datetime | None:
     """When the earliest scheduled job of the backend falls due."""
     rows = Job.objects.raw(
-        f"SELECT id, available_at FROM {TABLE} WHERE state = 'scheduled' AND backend_name = %s "
+        f"SELECT id, available_at FROM {TABLE} WHERE {IS_SCHEDULED} AND backend_name = %s "
         "ORDER BY available_at LIMIT 1",
         [store.backend],
     ).using(store.using)
@@ -290,25 +300,41 @@ def complete(store: Store, successes: Sequence[Success]) -> set[str]:
     if not successes:
         return set()
     d = store.dialect
-    keys = [job.key for job, _, _ in successes]
-    cases: dict[str, list[Any]] = {"return_value": [], "finished_at": [], "delivery": []}
-    for job, value, finished_at in successes:
-        cases["return_value"] += [job.key, None if value is None else json.dumps(value)]
-        cases["finished_at"] += [job.key, store.time(finished_at)]
-        cases["delivery"] += [job.key, job.delivery]
-    kinds = {"return_value": d.json_value(), "finished_at": d.time_value(), "delivery": "%s"}
-    assign = ", ".join(
-        f"{column} = CASE id " + " ".join([f"WHEN %s THEN {kinds[column]}"] * len(keys)) + " END"
-        for column in cases
-    )
+    keys = [job.key for job, _ in successes]
+    values = {
+        "return_value": [_json(outcome.return_value) for _, outcome in successes],
+        "finished_at": [store.time(outcome.finished_at) for _, outcome in successes],
+        "last_attempted_at": [store.time(outcome.started_at) for _, outcome in successes],
+        "delivery": [job.delivery for job, _ in successes],
+    }
+    kinds = {"return_value": d.json_value(), "delivery": "%s"}
+    assign, params = [], []
+    for column, column_values in values.items():
+        assign.append(f"{column} = {_per_row(len(keys), kinds.get(column, d.time_value()))}")
+        params += [p for pair in zip(keys, column_values, strict=True) for p in pair]
     marks = ", ".join(["%s"] * len(keys))
     store.execute(
-        f"UPDATE {TABLE} SET state = 'succeeded', {assign}, lease_owner = NULL, "
+        f"UPDATE {TABLE} SET state = 'succeeded', {', '.join(assign)}, "
+        f"started_at = COALESCE(started_at, {_per_row(len(keys), d.time_value())}), "
+        "lease_owner = NULL, "
         f"lease_expires_at = NULL WHERE id IN ({marks}) AND state IN {OPEN}",
-        [*cases["return_value"], *cases["finished_at"], *cases["delivery"], *keys],
+        [*params, *values_pairs(keys, values["last_attempted_at"]), *keys],
     )
     saved = _saved_by(store, keys, State.SUCCEEDED)
-    return {job.id for job, _, _ in successes if saved.get(job.key) == job.delivery}
+    return {job.id for job, _ in successes if saved.get(job.key) == job.delivery}
+
+
+def values_pairs(keys: Sequence[Any], values: Sequence[Any]) -> list[Any]:
+    return [p for pair in zip(keys, values, strict=True) for p in pair]
+
+
+def _per_row(count: int, value: str) -> str:
+    """``CASE id WHEN %s THEN <value> ...`` for ``count`` rows (parameters: key, value)."""
+    return "CASE id " + " ".join([f"WHEN %s THEN {value}"] * count) + " END"
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, allow_nan=False)
 
 
 def _saved_by(store: Store, keys: Sequence[Any], *states: State) -> dict[Any, str]:
@@ -334,62 +360,90 @@ def _end_delivery(
     return bool(changed) or _saved_by(store, [job.key], *done).get(job.key) == job.delivery
 
 
-def fail(store: Store, job: JobRecord, error: TaskError, finished_at: datetime) -> bool:
-    """Record a final failure of this delivery."""
+def _attempt(store: Store, outcome: Outcome) -> tuple[str, list[Any]]:
+    """What every end of a delivery writes: when it ran, and the error it raised."""
     d = store.dialect
+    assert outcome.error is not None
+    started = store.time(outcome.started_at)
+    return (
+        f"started_at = COALESCE(started_at, %s), last_attempted_at = %s, "
+        f"errors = {d.append_json('errors')}",
+        [started, started, error_json(outcome.error)],
+    )
+
+
+def fail(store: Store, job: JobRecord, outcome: Outcome) -> bool:
+    """Record a final failure of this delivery."""
+    attempt, params = _attempt(store, outcome)
     return _end_delivery(
         store,
         job,
-        f"state = 'failed', finished_at = %s, errors = {d.append_json('errors')}",
-        [store.time(finished_at), error_json(error)],
+        f"state = 'failed', finished_at = %s, {attempt}",
+        [store.time(outcome.finished_at), *params],
         State.FAILED,
     )
 
 
-def retry(store: Store, job: JobRecord, error: TaskError, run_after: datetime) -> bool:
-    """Record a failed attempt; the job falls due again at ``run_after`` (store clock)."""
-    d = store.dialect
-    due = store.time(run_after)
+def retry(store: Store, job: JobRecord, outcome: Outcome) -> bool:
+    """Record a failed attempt; the job falls due again at ``retry_at`` (store clock)."""
+    assert outcome.retry_at is not None
+    attempt, params = _attempt(store, outcome)
+    due = store.time(outcome.retry_at)
     return _end_delivery(
         store,
         job,
-        f"state = CASE WHEN %s <= {d.now()} THEN 'ready' ELSE 'scheduled' END, "
-        f"available_at = %s, errors = {d.append_json('errors')}",
-        [due, due, error_json(error)],
+        f"state = CASE WHEN %s <= {store.dialect.now()} THEN 'ready' ELSE 'scheduled' END, "
+        f"available_at = %s, {attempt}",
+        [due, due, *params],
         State.SCHEDULED,
         State.READY,
     )
 
 
-def unclaim(store: Store, jobs: Sequence[JobRecord]) -> int:
-    """Undo deliveries that never started: uncounted, in their old place in line."""
+def unclaim(store: Store, jobs: Sequence[JobRecord], unless_renewed: float | None = None) -> int:
+    """Undo deliveries that never started: uncounted, in their old place in line.
+
+    With ``unless_renewed``, only those whose lease ran out that many seconds ago: a
+    heartbeat that lands meanwhile keeps its delivery.
+    """
     d = store.dialect
+    guard, guard_params = _lapsed_for(store, unless_renewed)
     undone = 0
     for job in jobs:
         worker_ids = json.dumps(list(job.worker_ids[:-1]))
         undone += store.execute(
-            # MySQL assigns left to right, seeing earlier assignments: attempts goes last.
             f"UPDATE {TABLE} SET state = 'ready', lease_owner = NULL, lease_expires_at = NULL, "
-            "started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END, "
-            "last_attempted_at = CASE WHEN attempts = 1 THEN NULL ELSE last_attempted_at END, "
             f"worker_ids = {d.json_value()}, attempts = attempts - 1 "
-            "WHERE id = %s AND delivery = %s AND state = 'running'",
-            [worker_ids, job.key, job.delivery],
+            f"WHERE id = %s AND delivery = %s AND state = 'running'{guard}",
+            [worker_ids, job.key, job.delivery, *guard_params],
         )
     return undone
 
 
-def requeue(store: Store, job: JobRecord, reason: str, counts: bool) -> bool:
-    """Put back a delivery cut short; fail the job once it was lost ``max_attempts`` times."""
+def _lapsed_for(store: Store, seconds: float | None) -> tuple[str, list[Any]]:
+    """An extra condition: the lease ran out at least ``seconds`` ago (store clock)."""
+    if seconds is None:
+        return "", []
+    return f" AND lease_expires_at < {store.dialect.earlier()}", [seconds]
+
+
+def requeue(
+    store: Store, job: JobRecord, reason: str, counts: bool, unless_renewed: float | None = None
+) -> PutBack | None:
+    """Put back a delivery cut short; fail the job once it was lost ``max_attempts`` times.
+
+    ``unless_renewed`` as for ``unclaim``.
+    """
     rows = store.fetch(
         f"SELECT lost FROM {TABLE} WHERE id = %s AND delivery = %s AND state = 'running'",
         [job.key, job.delivery],
     )
     if not rows:
-        return False
+        return None
     lost = rows[0][0] + (1 if counts else 0)
     d = store.dialect
-    if counts and lost >= store.max_attempts:
+    failed = counts and lost >= store.max_attempts
+    if failed:
         message = (
             f"{reason}; the job was lost {lost} times (the most allowed is "
             f"{store.max_attempts}) and is given up."
@@ -399,47 +453,96 @@ def requeue(store: Store, job: JobRecord, reason: str, counts: bool) -> bool:
     else:
         message, assign, params = reason, "state = 'ready'", []
     error = error_json(error_from_text(LOST_ERROR, message))
-    return bool(
-        store.execute(
-            f"UPDATE {TABLE} SET {assign}, lost = %s, errors = {d.append_json('errors')}, "
-            "lease_owner = NULL, lease_expires_at = NULL "
-            "WHERE id = %s AND delivery = %s AND state = 'running'",
-            [*params, lost, error, job.key, job.delivery],
-        )
+    guard, guard_params = _lapsed_for(store, unless_renewed)
+    changed = store.execute(
+        f"UPDATE {TABLE} SET {assign}, lost = %s, errors = {d.append_json('errors')}, "
+        "lease_owner = NULL, lease_expires_at = NULL "
+        f"WHERE id = %s AND delivery = %s AND state = 'running'{guard}",
+        [*params, lost, error, job.key, job.delivery, *guard_params],
     )
+    return PutBack(job=job, counted=counts, failed=failed) if changed else None
 
 
 def _held(store: Store, where: str, params: Sequence[Any]) -> list[JobRecord]:
     rows = Job.objects.raw(
-        f"SELECT {COLUMNS} FROM {TABLE} WHERE state = 'running' AND {where}", params
+        f"SELECT {COLUMNS} FROM {TABLE} WHERE {IS_RUNNING} AND {where}", params
     ).using(store.using)
     return [to_record(row) for row in rows]
 
 
-def release(store: Store, worker_id: str, reason: str, counts: bool) -> int:
-    """Requeue every delivery ``worker_id`` holds."""
-    held = _held(store, "lease_owner = %s", [worker_id])
-    return sum(requeue(store, job, reason, counts) for job in held)
+def release(
+    store: Store, worker_id: str, reason: str, executing: Collection[tuple[int, str]], counts: bool
+) -> list[PutBack]:
+    """Requeue what ``worker_id`` was executing; give back the rest uncounted."""
+    done: list[PutBack] = []
+    for job in _held(store, "lease_owner = %s", [worker_id]):
+        if (job.key, job.delivery) in executing:
+            put_back = requeue(store, job, reason, counts)
+        elif unclaim(store, [job]):
+            put_back = PutBack(job=job, counted=False, failed=False)
+        else:
+            put_back = None
+        if put_back is not None:
+            done.append(put_back)
+    return done
+
+
+def reclaim(store: Store, worker_ids: Sequence[str]) -> list[JobRecord]:
+    """Give back, uncounted, deliveries of these workers not renewed for two leases.
+
+    Their worker renews every delivery it knows of each third of a lease; one it has not
+    renewed for a whole lease past expiry is one it never heard of.
+    """
+    if not worker_ids:
+        return []
+    marks = ", ".join(["%s"] * len(worker_ids))
+    lapsed = _held(
+        store,
+        f"lease_owner IN ({marks}) AND lease_expires_at < {store.dialect.earlier()}",
+        [*worker_ids, store.lease],
+    )
+    return [job for job in lapsed if unclaim(store, [job], unless_renewed=store.lease)]
 
 
 # --- leases and the workers registry ---------------------------------------------------
 
 
-def heartbeat(store: Store, worker_ids: Sequence[str]) -> int:
-    """Renew the leases of these workers and beat their registry rows (store clock)."""
-    if not worker_ids:
-        return 0
+def heartbeat(store: Store, worker_ids: Sequence[str], deliveries: Sequence[Held]) -> int:
+    """Renew the leases of these deliveries and beat the workers' rows (store clock).
+
+    A delivery whose task has started gets ``started_at`` (if it has none yet) and
+    ``last_attempted_at``: a long task shows when it started while it runs.
+    """
     d = store.dialect
-    marks = ", ".join(["%s"] * len(worker_ids))
-    renewed = store.execute(
-        f"UPDATE {TABLE} SET lease_expires_at = {d.later()} "
-        f"WHERE state = 'running' AND lease_owner IN ({marks})",
-        [store.lease, *worker_ids],
+    if worker_ids:
+        marks = ", ".join(["%s"] * len(worker_ids))
+        store.execute(
+            f"UPDATE {WORKERS} SET last_beat_at = {d.now()} WHERE id IN ({marks})",
+            list(worker_ids),
+        )
+    if not deliveries:
+        return 0
+    keys = [key for key, _, _ in deliveries]
+    started = [store.time(at) for _, _, at in deliveries]
+    marks = ", ".join(["%s"] * len(keys))
+    when = _per_row(len(keys), d.time_value())
+    return store.execute(
+        f"UPDATE {TABLE} SET lease_expires_at = {d.later()}, "
+        f"started_at = COALESCE(started_at, {when}), "
+        f"last_attempted_at = COALESCE({when}, last_attempted_at) "
+        f"WHERE id IN ({marks}) AND state = 'running' AND delivery = {_per_row(len(keys), '%s')}",
+        [
+            store.lease,
+            *values_pairs(keys, started),
+            *values_pairs(keys, started),
+            *keys,
+            *values_pairs(keys, [token for _, token, _ in deliveries]),
+        ],
     )
-    store.execute(
-        f"UPDATE {WORKERS} SET last_beat_at = {d.now()} WHERE id IN ({marks})", list(worker_ids)
-    )
-    return renewed
+
+
+def reachable(store: Store) -> bool:
+    return bool(store.fetch("SELECT 1"))
 
 
 def recover(store: Store) -> int:
@@ -457,7 +560,7 @@ def recover(store: Store) -> int:
         [store.backend, store.lease],
     )
     reason = "its lease expired without a heartbeat (the worker or its machine stopped)"
-    return sum(requeue(store, job, reason, True) for job in stale)
+    return sum(requeue(store, job, reason, True, unless_renewed=0.0) is not None for job in stale)
 
 
 def register_worker(store: Store, info: WorkerInfo) -> None:
@@ -547,8 +650,8 @@ def stats(store: Store, queues: QueueSelector | None, since: datetime | None) ->
         finished += " AND finished_at >= %s"
         finished_params.append(store.time(since))
     groups = [
-        ("state = 'ready'", params),
-        ("state = 'scheduled'", params),
+        (IS_READY, params),
+        (IS_SCHEDULED, params),
         ("state IN ('running', 'waiting')", params),
         (finished, finished_params),
     ]

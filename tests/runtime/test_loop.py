@@ -1,4 +1,4 @@
-"""The executor in this process: signals, outcomes, graceful hand-back, recycling."""
+"""The claim loop in this process: signals, outcomes, graceful hand-back, recycling."""
 
 from __future__ import annotations
 
@@ -14,13 +14,7 @@ from django.tasks.signals import task_finished, task_started
 import conveyor
 from conveyor.backends.database import DatabaseBackend
 from conveyor.records import QueueSelector
-from conveyor.runtime.executor import (
-    EXIT_DONE,
-    EXIT_RECYCLE,
-    EXIT_STOPPED,
-    Executor,
-    ExecutorConfig,
-)
+from conveyor.runtime.loop import EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED, Loop, WorkerConfig
 from tests.helpers import job, on
 from tests.testapp import tasks
 
@@ -39,7 +33,7 @@ def receiving(*pairs: tuple[Signal, Callable[..., Any]]) -> Iterator[None]:
 
 def run(backend, **config) -> int:  # type: ignore[no-untyped-def]
     settings = {"worker_id": "test-worker", "queues": QueueSelector(), "until_done": True, **config}
-    return Executor(backend, ExecutorConfig(**settings)).run()
+    return Loop(backend, WorkerConfig(**settings)).run()
 
 
 def test_started_and_finished_signals_come_from_the_backend_class(backend, backend_alias):
@@ -80,11 +74,10 @@ def test_every_result_field_is_filled(backend, backend_alias):
 def test_a_stop_hands_back_claimed_jobs_that_never_started(backend, backend_alias):
     results = conveyor.bulk_enqueue(on(tasks.noop, backend_alias), [() for _ in range(5)])
     claimed = backend.claim("test-worker", QueueSelector(), 5)
-    executor = Executor(backend, ExecutorConfig(worker_id="test-worker", queues=QueueSelector()))
-    executor.request_stop()
-    for item in claimed:
-        executor._submit(item)
-    assert executor.run() == EXIT_STOPPED
+    loop = Loop(backend, WorkerConfig(worker_id="test-worker", queues=QueueSelector()))
+    loop._hold(claimed)
+    loop.request_stop()
+    assert loop.run() == EXIT_STOPPED
     for result in results:
         row = job(result)
         assert row.status == TaskResultStatus.READY and row.attempts == 0
@@ -97,9 +90,9 @@ def test_max_tasks_recycles(backend, backend_alias):
 
 
 def test_an_idle_worker_stops_on_request(backend):
-    executor = Executor(backend, ExecutorConfig(worker_id="idle", queues=QueueSelector()))
-    threading.Timer(0.3, executor.request_stop).start()
-    assert executor.run() == EXIT_STOPPED
+    loop = Loop(backend, WorkerConfig(worker_id="idle", queues=QueueSelector()))
+    threading.Timer(0.3, loop.request_stop).start()
+    assert loop.run() == EXIT_STOPPED
 
 
 def test_a_task_calling_sys_exit_fails_and_the_worker_goes_on(backend, backend_alias):

@@ -1,0 +1,105 @@
+"""What a worker process holds and runs, told to its supervisor through shared memory.
+
+Each child gets a small table of slots, made before the fork. A slot is one delivery the
+child holds: its job key and token, and from the moment the task starts, when it started
+and until when it may run. The child writes its own table without a system call; the
+supervisor reads every table on its tick (to renew exactly those leases) and the table of
+a child that died (to count only what was executing). A ``ready`` flag says the child got
+through its start-up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.context import BaseContext
+
+from conveyor.records import Job
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One slot as the supervisor reads it."""
+
+    key: int
+    token: str
+    started: float  # wall-clock time the task started; 0.0 while only held
+    deadline: float  # wall-clock time it must end by; 0.0 for none
+
+    @property
+    def executing(self) -> bool:
+        return self.started > 0.0
+
+
+class Slots:
+    """The shared table of one child; ``size`` is the most deliveries it may hold."""
+
+    def __init__(self, context: BaseContext, size: int) -> None:
+        self.size = size
+        self.keys = context.RawArray(ctypes.c_int64, size)
+        self.tokens = context.RawArray(ctypes.c_uint64, size)
+        self.started = context.RawArray(ctypes.c_double, size)
+        self.deadlines = context.RawArray(ctypes.c_double, size)
+        self.ready = context.RawValue(ctypes.c_int, 0)
+        # Child side only: free slots, and which job each used slot holds.
+        self._lock = threading.Lock()
+        self._free = list(range(size))
+        self._jobs: dict[int, Job] = {}
+
+    # --- the child's side ------------------------------------------------------------------
+
+    @property
+    def free(self) -> int:
+        """How many more deliveries the child may hold."""
+        return len(self._free)
+
+    def hold(self, job: Job) -> int:
+        """Note a delivery the child now holds; return its slot."""
+        with self._lock:
+            index = self._free.pop()
+            self._jobs[index] = job
+        self.tokens[index] = int(job.delivery or "0", 16)
+        self.started[index] = 0.0
+        self.deadlines[index] = 0.0
+        self.keys[index] = int(job.key)  # written last: a reader sees a whole slot or none
+        return index
+
+    def start(self, index: int, deadline: float = 0.0) -> None:
+        """The task of the delivery in ``index`` starts now."""
+        self.deadlines[index] = deadline
+        self.started[index] = time.time()
+
+    def release(self, index: int) -> None:
+        """The delivery in ``index`` is over (recorded or given back)."""
+        self.keys[index] = 0  # cleared first, for the same reason
+        self.started[index] = 0.0
+        with self._lock:
+            self._jobs.pop(index, None)
+            self._free.append(index)
+
+    def mark_ready(self) -> None:
+        self.ready.value = 1
+
+    # --- the supervisor's side -------------------------------------------------------------
+
+    def read(self) -> list[Delivery]:
+        """Every delivery the child holds now."""
+        found = []
+        for index in range(self.size):
+            key = self.keys[index]
+            if key:
+                found.append(
+                    Delivery(
+                        key=key,
+                        token=f"{self.tokens[index]:016x}",
+                        started=self.started[index],
+                        deadline=self.deadlines[index],
+                    )
+                )
+        return found
+
+    @property
+    def is_ready(self) -> bool:
+        return bool(self.ready.value)

@@ -1,0 +1,433 @@
+"""One worker process's loop: claim, run (inline or on threads), record, wait.
+
+Jobs are claimed ahead only as far as they will start soon: a process holds what its
+threads run now plus what recent tasks say will finish within ``HORIZON``. When every
+thread is busy with a task that has run past the horizon, the jobs still waiting behind it
+are given back at once (uncounted, in their place), so another process takes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from django.db import close_old_connections, connections
+from django.utils import timezone
+
+from conveyor.backends.base import StoreBackend, Waiter
+from conveyor.records import Job, QueueSelector
+from conveyor.runtime.channel import Slots
+from conveyor.runtime.middleware import DEFAULT_MIDDLEWARE, Middleware
+from conveyor.runtime.recorder import Recorder
+from conveyor.runtime.runner import Finished, Runner
+
+logger = logging.getLogger(__name__)
+
+# Exit codes of a worker process, read by the supervisor.
+EXIT_STOPPED = 0  # asked to stop, and did
+EXIT_DONE = 3  # --until-done: nothing was left to do
+EXIT_RECYCLE = 4  # --max-tasks-per-child reached: start a fresh process
+EXIT_ORPHANED = 5  # the supervisor went away
+
+HORIZON = 0.05  # claim ahead only what starts within this many seconds
+MIN_POLL = 0.005  # first idle wait where nothing wakes workers; doubles to POLL_INTERVAL
+IDLE_WAKEUP_WAIT = 5.0  # with wake-ups, the longest idle wait when nothing is due
+STAGE_EVERY = 0.05  # how often a busy process makes due scheduled jobs ready
+STORE_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # waits while the store cannot be reached
+RECENT = 16  # durations remembered to judge how far to claim ahead
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerConfig:
+    """How one worker process runs."""
+
+    worker_id: str
+    queues: QueueSelector
+    threads: int = 1
+    max_tasks: int | None = None
+    until_done: bool = False
+    parent_pid: int | None = None
+
+
+class Loop:
+    """The claim -> run -> record loop of one process."""
+
+    def __init__(
+        self,
+        backend: StoreBackend,
+        config: WorkerConfig,
+        slots: Slots | None = None,
+        middleware: Sequence[Middleware] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.config = config
+        size = config.threads + backend.conveyor_options.batch_size
+        self.slots = slots or Slots(multiprocessing.get_context("fork"), size)
+        hooks = list(middleware) if middleware is not None else [m() for m in DEFAULT_MIDDLEWARE]
+        self.runner = Runner(backend, hooks)
+        self.recorder = Recorder(backend, hooks, self._settled)
+        self.cond = threading.Condition()
+        self.waiting: deque[tuple[int, Job]] = deque()  # held, not started
+        self.running: dict[int, float] = {}  # slot -> when its task started (monotonic)
+        self.slot_of: dict[tuple[int, str], int] = {}
+        self.results: queue.SimpleQueue[tuple[int, Finished]] = queue.SimpleQueue()
+        self.stopping = threading.Event()
+        self.closed = False
+        self.started = 0
+        self.recent: deque[float] = deque(maxlen=RECENT)
+        self.waiter: Waiter = Waiter()
+        self.next_stage = 0.0
+        self.store_errors = 0
+        self.idle_poll = MIN_POLL
+        self.threads: list[threading.Thread] = []
+
+    @property
+    def worker_id(self) -> str:
+        return self.config.worker_id
+
+    def request_stop(self) -> None:
+        """Stop claiming; running tasks finish, claimed but unstarted jobs go back.
+
+        Call it from a thread, never from a signal handler (it takes locks).
+        """
+        self.stopping.set()
+        with self.cond:
+            self.cond.notify_all()
+        self.waiter.interrupt()
+
+    def run(self) -> int:
+        """Work until told to stop (or done, or recycled); return the exit code."""
+        self.waiter = self.backend.waiter(self.config.queues)
+        self._start_threads()
+        try:
+            code = self._loop()
+            self._drain()
+            return code
+        finally:
+            self._close()
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def _loop(self) -> int:
+        while not self.stopping.is_set():
+            code = self._step()
+            if code is not None:
+                return code
+        return EXIT_STOPPED
+
+    def _step(self) -> int | None:
+        """One turn of the loop; an exit code once the process should end."""
+        self._collect()
+        self._record(busy=self._busy())
+        if self._orphaned():
+            logger.warning("Supervisor went away; worker %s stops.", self.worker_id)
+            return EXIT_ORPHANED
+        if self._budget_spent() and not self._in_hand():
+            return EXIT_RECYCLE
+        if self.recorder.blocked:
+            self._pause(self.recorder.due_in(busy=True))
+            return None
+        jobs = self._claim() if self._wants_work() else []
+        if jobs is None:
+            self._pause(self._store_backoff())
+            return None
+        if jobs:
+            self._hold(jobs)
+            self.idle_poll = MIN_POLL
+        return self._work_or_wait(claimed=bool(jobs))
+
+    def _work_or_wait(self, claimed: bool) -> int | None:
+        if self.config.threads == 1 and self.waiting:
+            self._run_next_inline()
+        elif self._in_hand():
+            self._pause(self._busy_wait(), on_change=True)
+        elif not claimed and self.config.until_done:
+            return EXIT_DONE
+        elif not claimed:
+            self.idle_poll = self._idle(self.idle_poll)
+        return None
+
+    def _busy_wait(self) -> float:
+        """How long to wait for a thread to finish before looking for work again."""
+        wait = self.recorder.due_in(busy=True)
+        if len(self.running) < self.config.threads:  # a thread is free: look again soon
+            wait = min(wait, self.backend.conveyor_options.poll_interval)
+        return wait
+
+    def _busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _in_hand(self) -> bool:
+        return self._busy() or self.recorder.backlog > 0
+
+    def _wants_work(self) -> bool:
+        return not self.waiting and not self._budget_spent() and self._room() > 0
+
+    def _room(self) -> int:
+        """How many jobs to claim now: free threads, plus those that will start soon."""
+        free_threads = max(self.config.threads - len(self.running), 0)
+        slowest = max(self.recent, default=HORIZON)
+        ahead = int(HORIZON / max(slowest, 1e-4)) if slowest < HORIZON else 0
+        room = min(free_threads + ahead, self.slots.free, self.backend.conveyor_options.batch_size)
+        if self.config.max_tasks is not None:
+            room = min(room, self.config.max_tasks - self.started - len(self.waiting))
+        return max(room, 0)
+
+    def _budget_spent(self) -> bool:
+        return self.config.max_tasks is not None and self.started >= self.config.max_tasks
+
+    def _orphaned(self) -> bool:
+        return self.config.parent_pid is not None and os.getppid() != self.config.parent_pid
+
+    # --- claiming and waiting ------------------------------------------------------------------
+
+    def _claim(self) -> list[Job] | None:
+        """Claim what there is room for; None if the store could not be reached."""
+        try:
+            self._stage()
+            jobs = self.backend.claim(self.worker_id, self.config.queues, self._room())
+        except Exception as e:
+            self._store_failed("claim jobs", e)
+            return None
+        self._store_ok()
+        return jobs
+
+    def _stage(self, force: bool = False) -> None:
+        """Make scheduled jobs that fell due ready, at most every ``STAGE_EVERY`` seconds."""
+        now = time.monotonic()
+        if force or now >= self.next_stage:
+            self.next_stage = now + STAGE_EVERY
+            self.backend.stage()
+
+    def _hold(self, jobs: list[Job]) -> None:
+        with self.cond:
+            for job in jobs:
+                index = self.slots.hold(job)
+                self.slot_of[(job.key, job.delivery)] = index
+                self.waiting.append((index, job))
+            self.cond.notify_all()
+
+    def _idle(self, poll: float) -> float:
+        """Wait for work; return the next poll interval where nothing wakes workers."""
+        longest = self.backend.conveyor_options.poll_interval
+        if not self.backend.supports_wakeup:
+            self._wait_for_work(poll)
+            return min(poll * 2, longest)
+        # Woken workers need no ladder: a wake that finds nothing waits long again.
+        woke = self._wait_for_work(self._until_due())
+        if not woke:
+            self.next_stage = 0.0  # a due time may have come
+        return poll
+
+    def _until_due(self) -> float:
+        try:
+            due = self.backend.next_due(self.config.queues)
+        except Exception as e:
+            self._store_failed("read the next due time", e)
+            return self._store_backoff()
+        if due is None:
+            return IDLE_WAKEUP_WAIT
+        return min(max((due - timezone.now()).total_seconds(), MIN_POLL), IDLE_WAKEUP_WAIT)
+
+    def _wait_for_work(self, timeout: float) -> bool:
+        try:
+            return self.waiter.wait(timeout)
+        except Exception as e:
+            logger.warning(
+                "Worker %s cannot wait for wake-ups (%s: %s); polling every %.2fs instead.",
+                self.worker_id,
+                type(e).__name__,
+                e,
+                self.backend.conveyor_options.poll_interval,
+            )
+            self.waiter = Waiter()
+            self.waiter.wait(min(timeout, self.backend.conveyor_options.poll_interval))
+            return False
+
+    def _pause(self, timeout: float, on_change: bool = False) -> None:
+        """Wait up to ``timeout``; with ``on_change``, until a thread finishes a job."""
+        timeout = max(timeout, 0.0)
+        if on_change and self.config.threads > 1:
+            with contextlib.suppress(queue.Empty):
+                self._add_result(self.results.get(timeout=timeout))
+        else:
+            self.stopping.wait(timeout)
+
+    # --- store trouble ---------------------------------------------------------------------
+
+    def _store_failed(self, what: str, error: Exception) -> None:
+        close_old_connections()
+        self.store_errors += 1
+        log = logger.warning if self.store_errors == 1 else logger.debug
+        log(
+            "Worker %s could not %s (%s: %s); retrying.",
+            self.worker_id,
+            what,
+            type(error).__name__,
+            error,
+        )
+
+    def _store_ok(self) -> None:
+        if self.store_errors:
+            logger.info("Worker %s reaches the store again.", self.worker_id)
+        self.store_errors = 0
+
+    def _store_backoff(self) -> float:
+        return STORE_BACKOFF[min(self.store_errors, len(STORE_BACKOFF)) - 1]
+
+    # --- running -----------------------------------------------------------------------------
+
+    def _run_next_inline(self) -> None:
+        with self.cond:
+            if not self.waiting:
+                return
+            index, job = self.waiting.popleft()
+            self._begin(index)
+        self._add_result((index, self._run(index, job)))
+
+    def _begin(self, index: int) -> None:
+        """Under ``cond``: the job in ``index`` starts now."""
+        self.started += 1
+        self.running[index] = time.monotonic()
+        self.slots.start(index)
+        self.cond.notify_all()
+
+    def _run(self, index: int, job: Job) -> Finished:
+        finished = self.runner.run_one(job)
+        with self.cond:
+            began = self.running.pop(index, time.monotonic())
+            self.recent.append(time.monotonic() - began)
+            self.cond.notify_all()
+        return finished
+
+    def _add_result(self, item: tuple[int, Finished]) -> None:
+        self.recorder.add(item[1])
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                self._add_result(self.results.get_nowait())
+            except queue.Empty:
+                return
+
+    def _record(self, busy: bool) -> None:
+        if self.recorder.backlog and self.recorder.due_in(busy) <= 0:
+            self.recorder.flush()
+
+    def _settled(self, item: Finished) -> None:
+        """The recorder is done with a delivery: free its slot."""
+        index = self.slot_of.pop((item.job.key, item.job.delivery), None)
+        if index is not None:
+            self.slots.release(index)
+
+    # --- threads -------------------------------------------------------------------------------
+
+    def _start_threads(self) -> None:
+        targets = [self._watch]
+        if self.config.threads > 1:
+            targets += [self._serve] * self.config.threads
+        for n, target in enumerate(targets):
+            thread = threading.Thread(target=target, name=f"conveyor-{n}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _serve(self) -> None:
+        """A task thread: run waiting jobs until the loop closes."""
+        try:
+            while True:
+                with self.cond:
+                    while not self.waiting and not self.closed:
+                        self.cond.wait()
+                    if self.closed:
+                        return
+                    index, job = self.waiting.popleft()
+                    self._begin(index)
+                self.results.put((index, self._run(index, job)))
+        finally:
+            connections.close_all()
+
+    def _watch(self) -> None:
+        """Give back waiting jobs while every thread is stuck past the horizon."""
+        try:
+            while True:
+                with self.cond:
+                    stray = self._overrun()
+                    while not stray and not self.closed:
+                        self.cond.wait(self._next_look())
+                        stray = self._overrun()
+                    if self.closed:
+                        return
+                self._give_back(stray, "a task ahead of it ran long")
+        finally:
+            connections.close_all()
+
+    def _next_look(self) -> float | None:
+        if not self.waiting or len(self.running) < self.config.threads:
+            return None
+        return max(max(self.running.values()) + HORIZON - time.monotonic(), 0.001)
+
+    def _overrun(self) -> list[tuple[int, Job]]:
+        """Under ``cond``: take the waiting jobs if every thread is past the horizon."""
+        if not self.waiting or len(self.running) < self.config.threads:
+            return []
+        if time.monotonic() - max(self.running.values()) < HORIZON:
+            return []
+        stray = list(self.waiting)
+        self.waiting.clear()
+        return stray
+
+    def _give_back(self, items: list[tuple[int, Job]], why: str) -> None:
+        if not items:
+            return
+        try:
+            self.backend.unclaim([job for _, job in items])
+        except Exception as e:
+            close_old_connections()
+            logger.warning(
+                "Worker %s could not give back %d job(s) (%s); their leases will lapse.",
+                self.worker_id,
+                len(items),
+                e,
+            )
+        else:
+            logger.debug("Worker %s gave back %d job(s): %s.", self.worker_id, len(items), why)
+        for index, job in items:
+            self.slot_of.pop((job.key, job.delivery), None)
+            self.slots.release(index)
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Give back jobs not started yet; let running ones finish and record them."""
+        with self.cond:
+            stray = list(self.waiting)
+            self.waiting.clear()
+        self._give_back(stray, "the worker is stopping")
+        while self.running or self.recorder.backlog:
+            self._collect()
+            if self.recorder.backlog and self.recorder.due_in(busy=False) <= 0:
+                self.recorder.flush()
+            if self.recorder.failures > len(STORE_BACKOFF) and not self.running:
+                break  # the store stayed unreachable: give up (the jobs go back)
+            if self.running or self.recorder.backlog:
+                self._pause(min(self.recorder.due_in(busy=False), 0.5), on_change=True)
+
+    def _close(self) -> None:
+        self.stopping.set()
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        for thread in self.threads:
+            thread.join(timeout=5)
+        self._collect()
+        self.recorder.give_up_all()
+        self.waiter.close()
+        self.backend.close()

@@ -1,0 +1,241 @@
+"""Save outcomes: together under load, at once when idle, and never wedged by one bad row.
+
+A failed save is one of two things. The store is unreachable: keep the outcomes and try
+again later (the loop stops taking work meanwhile). Or the store refused this row (a value
+the database cannot hold): the job alone is failed with the database's message and its
+neighbours are saved without it. An outcome that cannot be recorded even as a failure
+puts the job back counted, so the poison limit ends it. ``task_finished`` is sent once
+for each outcome recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from django.db import close_old_connections
+from django.tasks import TaskResult, TaskResultStatus
+from django.tasks.signals import task_finished
+
+from conveyor.backends.base import StoreBackend
+from conveyor.records import Disposition, Outcome, error_from_text
+from conveyor.runtime.middleware import Middleware
+from conveyor.runtime.runner import Finished, send
+
+logger = logging.getLogger(__name__)
+
+FLUSH_DELAY = 0.02  # longest a success waits to be saved together with others
+RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)  # between tries while the store is unreachable
+REFUSED = "conveyor.exceptions.OutcomeRefused"
+
+
+class Recorder:
+    """The outcomes of one worker process, on their way to the store."""
+
+    def __init__(
+        self,
+        backend: StoreBackend,
+        middleware: Sequence[Middleware],
+        done: Callable[[Finished], None],
+    ) -> None:
+        self.backend = backend
+        self.middleware = list(middleware)
+        self.done = done  # called once an item is settled: recorded, refused or given up
+        self.batch_size = backend.conveyor_options.batch_size
+        self.pending: list[Finished] = []
+        self.oldest = 0.0
+        self.failures = 0
+        self.retry_at = 0.0
+
+    def add(self, item: Finished) -> None:
+        if not self.pending:
+            self.oldest = time.monotonic()
+        self.pending.append(item)
+
+    @property
+    def backlog(self) -> int:
+        return len(self.pending)
+
+    @property
+    def blocked(self) -> bool:
+        """The store was unreachable at the last try: take no more work for now."""
+        return self.failures > 0
+
+    def due_in(self, busy: bool) -> float:
+        """Seconds until ``flush`` should run; 0 for now."""
+        if not self.pending:
+            return 60.0
+        if self.failures:
+            return max(0.0, self.retry_at - time.monotonic())
+        if not busy or len(self.pending) >= self.batch_size:
+            return 0.0  # nothing else in hand: save at once (group commit only under load)
+        return max(0.0, self.oldest + FLUSH_DELAY - time.monotonic())
+
+    def flush(self) -> None:
+        """Try to save every pending outcome; keep those the store could not take now."""
+        batch, self.pending = self.pending, []
+        kept: list[Finished] = []
+        successes = [i for i in batch if i.outcome.disposition is Disposition.SUCCEEDED]
+        for start in range(0, len(successes), self.batch_size):
+            kept += self._save_successes(successes[start : start + self.batch_size])
+        for item in batch:
+            if item.outcome.disposition is not Disposition.SUCCEEDED:
+                kept += self._save_other(item)
+        self._after_try(kept)
+
+    def _after_try(self, kept: list[Finished]) -> None:
+        if not kept:
+            self.failures = 0
+            return
+        delay = RETRY_DELAYS[min(self.failures, len(RETRY_DELAYS) - 1)]
+        self.failures += 1
+        self.retry_at = time.monotonic() + delay
+        self.pending = kept + self.pending
+        self.oldest = time.monotonic()
+        logger.warning(
+            "The store is unreachable; %d outcome(s) wait to be saved (next try in %.1fs): %s",
+            len(kept),
+            delay,
+            _names(kept),
+        )
+
+    # --- successes ------------------------------------------------------------------------
+
+    def _save_successes(self, batch: list[Finished]) -> list[Finished]:
+        """Save ``batch``; return what must wait for the store to be reachable again."""
+        try:
+            saved = self.backend.complete([(item.job, item.outcome) for item in batch])
+        except Exception as e:
+            return self._after_error(batch, e, self._save_successes)
+        for item in batch:
+            self._announce(item, item.job.id in saved)
+        return []
+
+    def _after_error(
+        self,
+        batch: list[Finished],
+        error: Exception,
+        again: Callable[[list[Finished]], list[Finished]],
+    ) -> list[Finished]:
+        close_old_connections()
+        if not self._reachable():
+            return batch
+        if len(batch) > 1:  # find the row the store refused: save the others alone
+            return [kept for item in batch for kept in again([item])]
+        self._refused(batch[0], error)
+        return []
+
+    def _reachable(self) -> bool:
+        try:
+            return self.backend.reachable()
+        except Exception:
+            close_old_connections()
+            return False
+
+    # --- failures and retries -------------------------------------------------------------
+
+    def _save_other(self, item: Finished) -> list[Finished]:
+        try:
+            recorded = self._write_other(item)
+        except Exception as e:
+            return self._after_error([item], e, lambda items: self._save_other(items[0]))
+        self._announce(item, recorded)
+        return []
+
+    def _write_other(self, item: Finished) -> bool:
+        if item.outcome.disposition is Disposition.RETRY:
+            return self.backend.retry(item.job, item.outcome)
+        return self.backend.fail(item.job, item.outcome)
+
+    def _refused(self, item: Finished, error: Exception) -> None:
+        """The store refused this outcome: fail the job with the database's message."""
+        job = item.job
+        message = _plain(
+            f"the database refused the outcome of task {job.task_path!r} (job {job.id}): "
+            f"{type(error).__name__}: {error}"
+        )
+        logger.error("Job %s (%s): %s", job.id, job.task_path, message)
+        failure = Outcome(
+            started_at=item.outcome.started_at,
+            finished_at=item.outcome.finished_at,
+            error=error_from_text(REFUSED, message),
+        )
+        refused = Finished(job, item.task, item.result, failure)
+        try:
+            recorded = self.backend.fail(job, failure)
+        except Exception as e:
+            close_old_connections()
+            self._give_up(refused, e)
+            return
+        self._announce(refused, recorded)
+
+    def _give_up(self, item: Finished, error: Exception) -> None:
+        job = item.job
+        reason = _plain(f"its outcome could not be recorded ({type(error).__name__}: {error})")
+        logger.error("Job %s (%s): %s; it is put back.", job.id, job.task_path, reason)
+        try:
+            self.backend.requeue(job, reason, counts_as_attempt=True)
+        except Exception:
+            close_old_connections()
+            logger.exception("Job %s (%s) could not be put back either.", job.id, job.task_path)
+        self.done(item)
+
+    # --- after a save -----------------------------------------------------------------------
+
+    def _announce(self, item: Finished, recorded: bool) -> None:
+        job, outcome = item.job, item.outcome
+        if not recorded:
+            logger.warning(
+                "The outcome of job %s (%s) was not recorded: the job had already ended, or "
+                "was delivered again after its lease ran out.",
+                job.id,
+                job.task_path,
+            )
+        elif outcome.disposition is not Disposition.RETRY:
+            send(self.backend, task_finished, self._final(item))
+        for hook in reversed(self.middleware):
+            try:
+                hook.after_record(job, item.task, outcome, recorded)
+            except Exception:
+                logger.exception("after_record of %r failed for job %s", hook, job.id)
+        self.done(item)
+
+    def _final(self, item: Finished) -> TaskResult:
+        outcome = item.outcome
+        succeeded = outcome.disposition is Disposition.SUCCEEDED
+        errors = list(item.result.errors) + ([outcome.error] if outcome.error else [])
+        return self.backend.to_task_result(
+            item.job,
+            item.task,
+            TaskResultStatus.SUCCESSFUL if succeeded else TaskResultStatus.FAILED,
+            started_at=item.result.started_at,
+            last_attempted_at=outcome.started_at,
+            finished_at=outcome.finished_at,
+            return_value=outcome.return_value,
+            errors=errors,
+        )
+
+    def give_up_all(self) -> None:
+        """The process is exiting with outcomes unsaved: say which; their jobs go back."""
+        if self.pending:
+            logger.error(
+                "Could not save %d outcome(s) before exiting; their jobs run again once put "
+                "back: %s",
+                len(self.pending),
+                _names(self.pending),
+            )
+        for item in self.pending:
+            self.done(item)
+        self.pending = []
+
+
+def _names(items: Sequence[Finished]) -> str:
+    shown = ", ".join(f"{i.job.id} ({i.job.task_path})" for i in items[:5])
+    return shown + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+
+def _plain(text: str, limit: int = 2000) -> str:
+    """Text any store accepts: no NUL or lone surrogates, bounded length."""
+    clean = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+    return clean[:limit]

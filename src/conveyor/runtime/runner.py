@@ -1,0 +1,97 @@
+"""Run one delivered job: load its task, send the signals, call it through the middleware.
+
+``run_one(job) -> Finished`` does no storage I/O of its own, so the claim loop, an
+in-process worker, eager mode and a push receiver can all run jobs the same way and hand
+the result to a recorder.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.dispatch import Signal
+from django.tasks import Task, TaskResult, TaskResultStatus
+from django.tasks.signals import task_started
+from django.utils import timezone
+
+from conveyor.backends.base import StoreBackend
+from conveyor.backends.tasks import unavailable_task
+from conveyor.records import Job, Outcome, error_from_exception
+from conveyor.runtime.invocation import invoke
+from conveyor.runtime.middleware import Middleware
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A job that ran (or could not), waiting for its outcome to be recorded."""
+
+    job: Job
+    task: Task
+    result: TaskResult  # as it was while running
+    outcome: Outcome
+
+
+class Runner:
+    """Turns a delivered job into a ``Finished``; never raises for the job's own failures."""
+
+    def __init__(self, backend: StoreBackend, middleware: Sequence[Middleware]) -> None:
+        self.backend = backend
+        self.middleware = list(middleware)
+
+    def run_one(self, job: Job) -> Finished:
+        """Load and run ``job``'s task; a task that cannot be loaded fails the job."""
+        started_at = timezone.now()
+        try:
+            task = self.backend.load_task(job)
+        except Exception as e:
+            logger.error("Job %s names task %s, which cannot run: %s", job.id, job.task_path, e)
+            task = unavailable_task(job.task_path, job.backend, job.queue_name, job.priority)
+            return Finished(job, task, self._running(job, task, started_at), _failed(e, started_at))
+        result = self._running(job, task, started_at)
+        try:
+            send(self.backend, task_started, result)
+            for hook in self.middleware:
+                hook.before_invoke(job, task)
+            outcome = invoke(task, result)
+            for hook in reversed(self.middleware):
+                outcome = hook.after_invoke(job, task, outcome) or outcome
+        except BaseException as e:  # a hook failed: the job still gets an outcome
+            logger.exception("Worker machinery failed around job %s (%s)", job.id, job.task_path)
+            outcome = _failed(e, started_at)
+        return Finished(job, task, result, outcome)
+
+    def _running(self, job: Job, task: Task, started_at: datetime) -> TaskResult:
+        return self.backend.to_task_result(
+            job,
+            task,
+            TaskResultStatus.RUNNING,
+            started_at=job.started_at or started_at,
+            last_attempted_at=started_at,
+        )
+
+
+def _failed(error: BaseException, started_at: datetime) -> Outcome:
+    text = "".join(traceback.format_exception(error))
+    return Outcome(
+        started_at=started_at,
+        finished_at=timezone.now(),
+        error=error_from_exception(error, text),
+    )
+
+
+def send(backend: StoreBackend, signal: Signal, result: TaskResult) -> None:
+    """Send a task signal; a failing receiver is logged and changes nothing."""
+    for receiver, response in signal.send_robust(sender=type(backend), task_result=result):
+        if isinstance(response, Exception):
+            logger.error(
+                "Receiver %r of a task signal failed for job %s",
+                receiver,
+                result.id,
+                exc_info=response,
+            )
