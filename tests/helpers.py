@@ -44,10 +44,17 @@ def wait_for(condition: Callable[[], Any], timeout: float = 15.0, every: float =
 class Worker:
     """``manage.py conveyor worker`` in a subprocess, against the test databases."""
 
-    def __init__(self, backend: str, *args: str, options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        backend: str,
+        *args: str,
+        options: dict[str, Any] | None = None,
+        names: dict[str, str] | None = None,
+    ) -> None:
         env = dict(os.environ)
         env["CONVEYOR_TEST_DB_NAMES"] = json.dumps(
             {alias: connections[alias].settings_dict["NAME"] for alias in connections}
+            | (names or {})
         )
         env["CONVEYOR_TEST_OPTIONS"] = json.dumps({**FAST, **(options or {})})
         env.pop("DJANGO_SETTINGS_MODULE", None)
@@ -89,8 +96,9 @@ class Worker:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 self.proc.kill()
-        out, _ = self.proc.communicate()
-        self.output += out or ""
+        if self.proc.stdout is not None and not self.proc.stdout.closed:
+            out, _ = self.proc.communicate()
+            self.output += out or ""
 
     def __enter__(self) -> Worker:
         return self

@@ -39,7 +39,7 @@ if _servers["postgres"]:
         "USER": "postgres",
         "HOST": "127.0.0.1",
         "PORT": 5432,
-        "TEST": {"NAME": TEST_DB},
+        "TEST": {"NAME": TEST_DB, "DEPENDENCIES": []},
     }
 if _servers["mysql"]:
     DATABASES["mysql"] = {
@@ -50,7 +50,12 @@ if _servers["mysql"]:
         "HOST": "127.0.0.1",
         "PORT": 3306,
         "OPTIONS": {"charset": "utf8mb4"},
-        "TEST": {"NAME": TEST_DB, "CHARSET": "utf8mb4", "COLLATION": "utf8mb4_unicode_ci"},
+        "TEST": {
+            "NAME": TEST_DB,
+            "CHARSET": "utf8mb4",
+            "COLLATION": "utf8mb4_unicode_ci",
+            "DEPENDENCIES": [],
+        },
     }
 
 # Worker subprocesses started by the tests point at the databases the test run created.

@@ -113,6 +113,9 @@ class Outcome:
     return_value: Any = None
     error: TaskError | None = None
     retry_at: datetime | None = None
+    # The exception itself, in the process that ran the task (never stored): signals for
+    # a failure are sent while it is being handled, as Django's own backends do.
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
 
     @property
     def succeeded(self) -> bool:

@@ -80,3 +80,37 @@ def exits(code: int) -> None:
     import sys
 
     sys.exit(code)
+
+
+@task()
+def nul_return() -> str:
+    """Valid JSON that PostgreSQL's jsonb refuses to store."""
+    return "a\x00b"
+
+
+@task()
+def kill_self() -> None:
+    """Dies with the process that runs it, as an out-of-memory kill would."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@task()
+def run_child_process(path: str) -> int:
+    """Start ``sleep 30``, note its pid, wait for it; the test stops it with SIGTERM."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "30"])
+    Path(path).write_text(str(child.pid))
+    return child.wait()
+
+
+@task()
+def begin_and_leave_open() -> str:
+    """Leaves a raw transaction open on the task's connection, and changes its session."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("BEGIN")
+    return "left open"

@@ -113,7 +113,7 @@ class _Store:
         self.jobs: dict[str, _Row] = {}
         self.by_key: dict[int, _Row] = {}
         self.workers: dict[str, WorkerInfo] = {}
-        self.seq = itertools.count()
+        self.seq = itertools.count(1)  # 0 marks an empty slot in the worker channel
 
 
 _STORES: dict[str, _Store] = {}

@@ -71,6 +71,10 @@ class Slots:
         self.deadlines[index] = deadline
         self.started[index] = time.time()
 
+    def finish(self, index: int) -> None:
+        """The task in ``index`` returned; its outcome is not saved yet."""
+        self.started[index] = 0.0
+
     def release(self, index: int) -> None:
         """The delivery in ``index`` is over (recorded or given back)."""
         self.keys[index] = 0  # cleared first, for the same reason

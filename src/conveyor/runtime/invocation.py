@@ -25,7 +25,10 @@ def invoke(task: Task, result: TaskResult) -> Outcome:
         if isinstance(e, TypeError | ValueError) and "JSON" in str(e):
             text += f"\nThe return value of {task.module_path!r} must be JSON-serialisable.\n"
         return Outcome(
-            started_at=started_at, finished_at=timezone.now(), error=error_from_exception(e, text)
+            started_at=started_at,
+            finished_at=timezone.now(),
+            error=error_from_exception(e, text),
+            exception=e,
         )
     return Outcome(started_at=started_at, finished_at=timezone.now(), return_value=value)
 

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from django.db import close_old_connections, connections
@@ -166,7 +166,7 @@ class Loop:
         return bool(self.waiting or self.running)
 
     def _in_hand(self) -> bool:
-        return self._busy() or self.recorder.backlog > 0
+        return self._busy() or self.results.qsize() > 0 or self.recorder.backlog > 0
 
     def _wants_work(self) -> bool:
         return not self.waiting and not self._budget_spent() and self._room() > 0
@@ -291,7 +291,7 @@ class Loop:
                 return
             index, job = self.waiting.popleft()
             self._begin(index)
-        self._add_result((index, self._run(index, job)))
+        self._run(index, job, self._add_result)
 
     def _begin(self, index: int) -> None:
         """Under ``cond``: the job in ``index`` starts now."""
@@ -300,13 +300,15 @@ class Loop:
         self.slots.start(index)
         self.cond.notify_all()
 
-    def _run(self, index: int, job: Job) -> Finished:
+    def _run(self, index: int, job: Job, deliver: Callable[[tuple[int, Finished]], None]) -> None:
+        """Run ``job`` and hand its result on; it is never out of sight in between."""
         finished = self.runner.run_one(job)
+        self.slots.finish(index)  # no longer executing: a crash now would not count it
         with self.cond:
             began = self.running.pop(index, time.monotonic())
             self.recent.append(time.monotonic() - began)
+            deliver((index, finished))
             self.cond.notify_all()
-        return finished
 
     def _add_result(self, item: tuple[int, Finished]) -> None:
         self.recorder.add(item[1])
@@ -350,39 +352,44 @@ class Loop:
                         return
                     index, job = self.waiting.popleft()
                     self._begin(index)
-                self.results.put((index, self._run(index, job)))
+                self._run(index, job, self.results.put)
         finally:
             connections.close_all()
 
     def _watch(self) -> None:
-        """Give back waiting jobs while every thread is stuck past the horizon."""
+        """While every thread is stuck past the horizon, let nothing wait behind them.
+
+        Jobs claimed ahead go back (uncounted, in their place) for other processes, and
+        outcomes waiting for a batch are saved now.
+        """
         try:
             while True:
                 with self.cond:
-                    stray = self._overrun()
-                    while not stray and not self.closed:
+                    while not self._overrun() and not self.closed:
                         self.cond.wait(self._next_look())
-                        stray = self._overrun()
                     if self.closed:
                         return
+                    stray = list(self.waiting)
+                    self.waiting.clear()
                 self._give_back(stray, "a task ahead of it ran long")
+                if self.recorder.backlog and not self.recorder.blocked:
+                    self.recorder.flush()
         finally:
             connections.close_all()
 
+    def _held_back(self) -> bool:
+        """Under ``cond``: say whether jobs or outcomes wait while every thread is busy."""
+        waiting = self.waiting or (self.recorder.backlog and not self.recorder.blocked)
+        return bool(waiting) and len(self.running) >= self.config.threads
+
     def _next_look(self) -> float | None:
-        if not self.waiting or len(self.running) < self.config.threads:
+        if not self._held_back():
             return None
         return max(max(self.running.values()) + HORIZON - time.monotonic(), 0.001)
 
-    def _overrun(self) -> list[tuple[int, Job]]:
-        """Under ``cond``: take the waiting jobs if every thread is past the horizon."""
-        if not self.waiting or len(self.running) < self.config.threads:
-            return []
-        if time.monotonic() - max(self.running.values()) < HORIZON:
-            return []
-        stray = list(self.waiting)
-        self.waiting.clear()
-        return stray
+    def _overrun(self) -> bool:
+        """Under ``cond``: say whether every thread is past the horizon, holding work back."""
+        return self._held_back() and time.monotonic() - max(self.running.values()) >= HORIZON
 
     def _give_back(self, items: list[tuple[int, Job]], why: str) -> None:
         if not items:

@@ -11,6 +11,7 @@ for each outcome recorded.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -47,15 +48,21 @@ class Recorder:
         self.oldest = 0.0
         self.failures = 0
         self.retry_at = 0.0
+        self.saving = 0
+        # The loop adds and saves; a watchdog thread may save too while a long task holds
+        # the loop's thread, so that finished jobs are not left waiting behind it.
+        self.lock = threading.RLock()
 
     def add(self, item: Finished) -> None:
-        if not self.pending:
-            self.oldest = time.monotonic()
-        self.pending.append(item)
+        with self.lock:
+            if not self.pending:
+                self.oldest = time.monotonic()
+            self.pending.append(item)
 
     @property
     def backlog(self) -> int:
-        return len(self.pending)
+        """Outcomes not settled yet, counting those being saved right now."""
+        return len(self.pending) + self.saving
 
     @property
     def blocked(self) -> bool:
@@ -74,7 +81,18 @@ class Recorder:
 
     def flush(self) -> None:
         """Try to save every pending outcome; keep those the store could not take now."""
+        with self.lock:
+            self._flush()
+
+    def _flush(self) -> None:
         batch, self.pending = self.pending, []
+        self.saving = len(batch)
+        try:
+            self._save(batch)
+        finally:
+            self.saving = 0
+
+    def _save(self, batch: list[Finished]) -> None:
         kept: list[Finished] = []
         successes = [i for i in batch if i.outcome.disposition is Disposition.SUCCEEDED]
         for start in range(0, len(successes), self.batch_size):
@@ -93,7 +111,8 @@ class Recorder:
         self.retry_at = time.monotonic() + delay
         self.pending = kept + self.pending
         self.oldest = time.monotonic()
-        logger.warning(
+        log = logger.warning if self.failures == 1 else logger.debug
+        log(
             "The store is unreachable; %d outcome(s) wait to be saved (next try in %.1fs): %s",
             len(kept),
             delay,
@@ -193,13 +212,29 @@ class Recorder:
                 job.task_path,
             )
         elif outcome.disposition is not Disposition.RETRY:
-            send(self.backend, task_finished, self._final(item))
+            self._finished(item)
         for hook in reversed(self.middleware):
             try:
                 hook.after_record(job, item.task, outcome, recorded)
             except Exception:
                 logger.exception("after_record of %r failed for job %s", hook, job.id)
         self.done(item)
+
+    def _finished(self, item: Finished) -> None:
+        """Send ``task_finished``; for a failure, while its exception is being handled.
+
+        Django's own backends send it inside the ``except`` block, and its receivers log
+        the traceback from ``sys.exc_info()``.
+        """
+        final = self._final(item)
+        error = item.outcome.exception
+        if error is None or not isinstance(error, Exception):
+            send(self.backend, task_finished, final)
+            return
+        try:
+            raise error
+        except Exception:
+            send(self.backend, task_finished, final)
 
     def _final(self, item: Finished) -> TaskResult:
         outcome = item.outcome
@@ -218,6 +253,10 @@ class Recorder:
 
     def give_up_all(self) -> None:
         """The process is exiting with outcomes unsaved: say which; their jobs go back."""
+        with self.lock:
+            self._give_up_all()
+
+    def _give_up_all(self) -> None:
         if self.pending:
             logger.error(
                 "Could not save %d outcome(s) before exiting; their jobs run again once put "

@@ -82,6 +82,7 @@ def _failed(error: BaseException, started_at: datetime) -> Outcome:
         started_at=started_at,
         finished_at=timezone.now(),
         error=error_from_exception(error, text),
+        exception=error,
     )
 
 
