@@ -28,10 +28,15 @@ def conveyor_databases(tasks: dict[str, dict[str, Any]] | None = None) -> set[st
     Read from the settings alone (no backend is built, no database is touched): a
     backend counts if its class is a Conveyor backend with a ``DATABASE`` option.
     """
+    return set(backend_databases(tasks).values())
+
+
+def backend_databases(tasks: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
+    """Each Conveyor backend in ``TASKS`` that keeps jobs in a database, and that database."""
     from conveyor.backends.base import ConveyorBackend
 
-    aliases = set()
-    for params in (settings.TASKS if tasks is None else tasks).values():
+    aliases = {}
+    for name, params in (settings.TASKS if tasks is None else tasks).items():
         try:
             backend_class = import_string(params["BACKEND"])
         except (ImportError, KeyError, TypeError):
@@ -40,7 +45,7 @@ def conveyor_databases(tasks: dict[str, dict[str, Any]] | None = None) -> set[st
             continue
         option = {f.name: f for f in fields(backend_class.options_class)}.get("database")
         if option is not None:
-            aliases.add((params.get("OPTIONS") or {}).get("DATABASE", option.default))
+            aliases[name] = (params.get("OPTIONS") or {}).get("DATABASE", option.default)
     return aliases
 
 
@@ -91,6 +96,37 @@ def check_use_tz(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
             id="conveyor.W002",
         )
     ]
+
+
+@checks.register("conveyor")
+def check_psycopg(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Warn when a PostgreSQL database keeps jobs but psycopg 3 (LISTEN/NOTIFY) is missing."""
+    from conveyor.backends.database.waiters import psycopg_installed
+
+    messages = psycopg_messages(settings.DATABASES, backend_databases())
+    return [] if not messages or psycopg_installed() else messages
+
+
+def psycopg_messages(
+    databases: dict[str, dict[str, Any]], used: dict[str, str]
+) -> list[checks.CheckMessage]:
+    """The warnings ``check_psycopg`` gives without psycopg 3, for backend -> database ``used``."""
+    return [
+        checks.Warning(
+            f"PostgreSQL database {database!r} is used by Conveyor backend {backend!r} but "
+            "psycopg 3 is not installed: idle workers poll every POLL_INTERVAL instead of "
+            "being woken.",
+            hint="pip install 'django-conveyor[postgres]'",
+            id="conveyor.W004",
+        )
+        for backend, database in sorted(used.items())
+        if _is_postgresql(databases.get(database) or {})
+    ]
+
+
+def _is_postgresql(db: dict[str, Any]) -> bool:
+    engine = str(db.get("ENGINE", ""))
+    return engine.endswith((".postgresql", ".postgis"))
 
 
 @checks.register(checks.Tags.database)

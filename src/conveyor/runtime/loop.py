@@ -84,6 +84,7 @@ class Loop:
         self.started = 0
         self.recent: deque[float] = deque(maxlen=RECENT)
         self.waiter: Waiter = Waiter()
+        self.wakeups = False
         self.next_stage = 0.0
         self.store_errors = 0
         self.idle_poll = MIN_POLL
@@ -106,6 +107,7 @@ class Loop:
     def run(self) -> int:
         """Work until told to stop (or done, or recycled); return the exit code."""
         self.waiter = self.backend.waiter(self.config.queues)
+        self.wakeups = self.backend.supports_wakeup
         self._start_threads()
         try:
             code = self._loop()
@@ -218,7 +220,7 @@ class Loop:
     def _idle(self, poll: float) -> float:
         """Wait for work; return the next poll interval where nothing wakes workers."""
         longest = self.backend.conveyor_options.poll_interval
-        if not self.backend.supports_wakeup:
+        if not self.wakeups:
             self._wait_for_work(poll)
             return min(poll * 2, longest)
         # Woken workers need no ladder: a wake that finds nothing waits long again.
@@ -249,6 +251,7 @@ class Loop:
                 self.backend.conveyor_options.poll_interval,
             )
             self.waiter = Waiter()
+            self.wakeups = False
             self.waiter.wait(min(timeout, self.backend.conveyor_options.poll_interval))
             return False
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import uuid
 from collections.abc import Collection, Iterable, Sequence
@@ -64,6 +66,9 @@ class DatabaseBackend(StoreBackend):
             lease=options.lease,
             max_attempts=options.max_attempts,
         )
+        # The worker's own bookkeeping (claims, outcomes, leases); after a fork it gets a
+        # connection of its own, which task code never touches (see ``after_fork``).
+        self.worker_store = self.store
 
     @property
     def vendor(self) -> str:
@@ -71,7 +76,11 @@ class DatabaseBackend(StoreBackend):
 
     @property
     def supports_wakeup(self) -> bool:  # type: ignore[override]
-        return self.vendor == "postgresql" or self._sqlite_file() is not None
+        if self.vendor == "postgresql":  # LISTEN/NOTIFY needs psycopg 3 (conveyor.W004)
+            from conveyor.backends.database.waiters import psycopg_installed
+
+            return psycopg_installed()
+        return self._sqlite_file() is not None
 
     def _sqlite_file(self) -> str | None:
         conn = connections[self.database]
@@ -177,29 +186,30 @@ class DatabaseBackend(StoreBackend):
     # --- the worker store ---------------------------------------------------------------
 
     def claim(self, worker_id: str, queues: QueueSelector, limit: int) -> list[JobRecord]:
-        return transitions.claim(self.store, worker_id, queues.narrowed(self.queues), limit)
+        return transitions.claim(self.worker_store, worker_id, queues.narrowed(self.queues), limit)
 
     def stage(self, limit: int = 1000) -> int:
-        return transitions.stage(self.store, limit)
+        return transitions.stage(self.worker_store, limit)
 
     def next_due(self, queues: QueueSelector) -> datetime | None:
-        return transitions.next_due(self.store)
+        return transitions.next_due(self.worker_store)
 
     def complete(self, successes: Sequence[Success]) -> set[str]:
-        return transitions.complete(self.store, successes)
+        return transitions.complete(self.worker_store, successes)
 
     def fail(self, job: JobRecord, outcome: Outcome) -> bool:
-        return transitions.fail(self.store, job, outcome)
+        return transitions.fail(self.worker_store, job, outcome)
 
     def retry(self, job: JobRecord, outcome: Outcome) -> bool:
-        return self._notify(transitions.retry(self.store, job, outcome))
+        return self._notify(transitions.retry(self.worker_store, job, outcome), [job])
 
     def unclaim(self, jobs: Sequence[JobRecord]) -> int:
-        return self._notify(transitions.unclaim(self.store, jobs))
+        return self._notify(transitions.unclaim(self.worker_store, jobs), jobs)
 
     def requeue(self, job: JobRecord, reason: str, *, counts_as_attempt: bool = True) -> bool:
-        put_back = transitions.requeue(self.store, job, reason, counts_as_attempt)
-        return self._notify(put_back is not None)
+        put_back = transitions.requeue(self.worker_store, job, reason, counts_as_attempt)
+        woken = [job] if put_back is not None and not put_back.failed else []
+        return self._notify(put_back is not None, woken)
 
     def release(
         self,
@@ -209,34 +219,37 @@ class DatabaseBackend(StoreBackend):
         executing: Collection[tuple[int, str]] = (),
         counts_as_attempt: bool = True,
     ) -> list[PutBack]:
-        return self._notify(
-            transitions.release(self.store, worker_id, reason, executing, counts_as_attempt)
+        put_back = transitions.release(
+            self.worker_store, worker_id, reason, executing, counts_as_attempt
         )
+        self._notify(put_back, [p.job for p in put_back if not p.failed])
+        return put_back
 
     def reclaim(self, worker_ids: Sequence[str]) -> list[JobRecord]:
-        return self._notify(transitions.reclaim(self.store, worker_ids))
+        jobs = transitions.reclaim(self.worker_store, worker_ids)
+        return self._notify(jobs, jobs)
 
     def heartbeat(self, worker_ids: Sequence[str], deliveries: Sequence[Held] = ()) -> int:
-        return transitions.heartbeat(self.store, worker_ids, deliveries)
+        return transitions.heartbeat(self.worker_store, worker_ids, deliveries)
 
     def reachable(self) -> bool:
-        return transitions.reachable(self.store)
+        return transitions.reachable(self.worker_store)
 
     def recover(self) -> int:
-        return self._notify(transitions.recover(self.store))
+        return self._notify(transitions.recover(self.worker_store))
 
     def register_worker(self, info: WorkerInfo) -> None:
         try:
-            transitions.register_worker(self.store, info)
+            transitions.register_worker(self.worker_store, info)
         except DatabaseError as e:
             self._raise_if_not_migrated(e)
             raise
 
     def end_worker(self, worker_id: str, ended: str) -> None:
-        transitions.end_worker(self.store, worker_id, ended)
+        transitions.end_worker(self.worker_store, worker_id, ended)
 
     def workers(self, *, alive: bool = True) -> list[WorkerInfo]:
-        return transitions.workers(self.store, alive)
+        return transitions.workers(self.worker_store, alive)
 
     def cancel(self, result_id: str) -> bool:
         try:
@@ -248,28 +261,45 @@ class DatabaseBackend(StoreBackend):
             )
         except (Job.DoesNotExist, ValueError) as e:
             raise TaskResultDoesNotExist(result_id) from e
-        return transitions.cancel(self.store, key)
+        return transitions.cancel(self.worker_store, key)
 
     def stats(
         self, queues: QueueSelector | None = None, *, finished_since: datetime | None = None
     ) -> QueueStats:
-        return transitions.stats(self.store, queues, finished_since)
+        return transitions.stats(self.worker_store, queues, finished_since)
 
     def prune(self, finished_before: datetime, *, batch: int = 1000, pause: float = 0.01) -> int:
-        return transitions.prune(self.store, finished_before, batch, pause)
+        return transitions.prune(self.worker_store, finished_before, batch, pause)
 
-    def _notify[T](self, count: T) -> T:
-        """Wake idle workers after jobs were made ready again; return ``count``."""
-        if count and self.vendor == "postgresql":
-            with connections[self.database].cursor() as cursor:
-                cursor.execute("SELECT pg_notify(%s, %s)", [self.channel, ""])
+    def _notify[T](self, count: T, jobs: Iterable[JobRecord] | None = None) -> T:
+        """Wake idle workers after jobs were made ready again; return ``count``.
+
+        The payload names the queue, so only workers serving it wake; without ``jobs``
+        (queues unknown) it is empty, and every idle worker wakes.
+        """
+        if not count or self.vendor != "postgresql":
+            return count
+        names = sorted({job.queue_name for job in jobs}) if jobs is not None else [""]
+        if names:
+            calls = ", ".join(["pg_notify(%s, %s)"] * len(names))
+            with connections[self.worker_store.using].cursor() as cursor:
+                cursor.execute(
+                    f"SELECT {calls}", [p for name in names for p in (self.channel, name)]
+                )
         return count
 
     def waiter(self, queues: QueueSelector) -> Waiter:
         if self.vendor == "postgresql":
-            from conveyor.backends.database.waiters import NotifyWaiter
+            from conveyor.backends.database import waiters
 
-            return NotifyWaiter(connections[self.database].get_connection_params(), self.channel)
+            if not waiters.psycopg_installed():
+                return waiters.polling_waiter(self.alias, self.database)
+            return waiters.NotifyWaiter(
+                connections[self.database].get_connection_params(),
+                self.channel,
+                queues,
+                retry_every=self.conveyor_options.poll_interval,
+            )
         if (path := self._sqlite_file()) is not None:
             from conveyor.backends.database.waiters import FileChangeWaiter
 
@@ -284,10 +314,19 @@ class DatabaseBackend(StoreBackend):
                 conn.close_pool()
 
     def after_fork(self) -> None:
-        """Nothing to do: Django opens this process's own connections on first use."""
+        """Keep the worker's bookkeeping on a private connection in a worker process.
+
+        Task code shares the thread's connection to ``DATABASE``: a raw ``BEGIN``, a
+        ``SET search_path`` or ``SET ROLE`` there must not reach claims and saves. Jobs
+        that tasks enqueue still use that connection, so they join the task's transaction.
+        """
+        private = f"conveyor_worker_{self.database}"
+        if private not in connections.settings:
+            connections.settings[private] = copy.deepcopy(connections.settings[self.database])
+        self.worker_store = dataclasses.replace(self.store, using=private)
 
     def close(self) -> None:
-        connections[self.database].close()
+        connections[self.worker_store.using].close()
 
     # --- configuration ----------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """Wake idle database workers when work may be there, instead of polling the jobs table.
 
-PostgreSQL: LISTEN/NOTIFY. SQLite: the kernel reports writes to the database files.
+PostgreSQL: LISTEN/NOTIFY, each notification naming the queue it is about. SQLite: the
+kernel reports writes to the database files, and ``PRAGMA data_version`` says whether
+one of them was a commit.
 """
 
 from __future__ import annotations
@@ -9,58 +11,166 @@ import contextlib
 import logging
 import os
 import select
+import sqlite3
 import time
 from typing import Any
+from urllib.parse import quote
 
 from conveyor.backends.base import Waiter
+from conveyor.records import QueueSelector
 
 logger = logging.getLogger(__name__)
+
+# The LISTEN connection is idle for long stretches: let the kernel probe it, so a peer
+# that vanished without a word (a failover, a dropped NAT entry) is noticed in ~25 s.
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+TCP_USER_TIMEOUT_MS = 30_000  # give up on a statement the server never acknowledges
+CONNECT_TIMEOUT = 5  # seconds; a stop request waits for a connection attempt to end
+PING_AFTER = 30.0  # a LISTEN connection silent this long is checked with a no-op
+
+
+def psycopg_installed() -> bool:
+    """Say whether psycopg 3, which LISTEN/NOTIFY needs, can be imported."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_told_polling: set[str] = set()
+
+
+def polling_waiter(backend: str, database: str) -> Waiter:
+    """The plain waiter for a PostgreSQL backend without psycopg 3; say so once."""
+    if backend not in _told_polling:
+        _told_polling.add(backend)
+        logger.info(
+            "Backend %r: psycopg 3 is not installed, so idle workers of PostgreSQL database "
+            "%r poll every POLL_INTERVAL instead of being woken by LISTEN/NOTIFY.",
+            backend,
+            database,
+        )
+    return Waiter()
 
 
 class NotifyWaiter(Waiter):
     """Hold one LISTEN connection (outside Django's) and sleep on its socket.
 
     The process does not wake at all until a notification arrives, the timeout passes,
-    or ``interrupt()`` writes to a pipe that the same ``select()`` watches.
+    or ``interrupt()`` writes to a pipe that the same ``select()`` watches. A notification
+    about a queue the worker does not serve is read and ignored; an empty one (jobs put
+    back, queues unknown) wakes every worker.
     """
 
-    def __init__(self, params: dict[str, Any], channel: str) -> None:
+    def __init__(
+        self,
+        params: dict[str, Any],
+        channel: str,
+        queues: QueueSelector | None = None,
+        retry_every: float = 0.5,
+    ) -> None:
         super().__init__()
-        self.params = {k: v for k, v in params.items() if k not in ("cursor_factory", "context")}
+        self.params = _listen_params(params)
         self.channel = channel
+        self.queues = queues or QueueSelector()
+        self.retry_every = retry_every  # the wait between connection attempts
         self.conn: Any = None
+        self.lost = False  # the connection failed and is not back yet
+        self.quiet_since = 0.0  # when the connection last proved alive
         self.wake_read, self.wake_write = os.pipe()
         os.set_blocking(self.wake_write, False)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for a wanted notification; True at once after (re)connecting.
+
+        Jobs enqueued while nobody listened sent their notifications to no one, so a new
+        connection tells the worker to look now.
+        """
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        if self.conn is not None:
+            try:
+                return self._listen(deadline)
+            except psycopg.Error as e:
+                self._failed(e)
+        return self._reconnect(deadline)
+
+    def _listen(self, deadline: float) -> bool:
+        while not self.interrupted.is_set():
+            if self._drain():
+                return True
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            ping_at = self.quiet_since + PING_AFTER
+            if now >= ping_at:
+                self._ping()
+                continue
+            until = min(deadline, ping_at) - now
+            select.select([self.conn.fileno(), self.wake_read], [], [], until)
+        return False
+
+    def _drain(self) -> bool:
+        """Read every notification already here; say whether one is for this worker."""
+        notes = list(self.conn.notifies(timeout=0.0))
+        if notes:
+            self.quiet_since = time.monotonic()
+        return any(not note.payload or self.queues.allows(note.payload) for note in notes)
+
+    def _ping(self) -> None:
+        # Recent psycopg keeps a notification arriving meanwhile for the next
+        # ``notifies()``; where one is dropped, the worker looks at its next timeout.
+        self.conn.execute("SELECT 1")
+        self.quiet_since = time.monotonic()
+
+    def _reconnect(self, deadline: float) -> bool:
+        import psycopg
+
+        if self.interrupted.is_set():
+            return False
+        try:
+            self.conn = self._connect()
+        except psycopg.Error as e:
+            self._failed(e)
+            self.interrupted.wait(max(min(deadline - time.monotonic(), self.retry_every), 0.0))
+            return False
+        if self.lost:
+            logger.info("LISTEN connection on channel %s is back.", self.channel)
+            self.lost = False
+        return True
 
     def _connect(self) -> Any:
         import psycopg
         from psycopg import sql
 
         conn = psycopg.connect(**self.params, autocommit=True)
-        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        try:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        except BaseException:
+            conn.close()
+            raise
+        self.quiet_since = time.monotonic()
         return conn
 
-    def _drain(self) -> bool:
-        """Read every notification already here; say whether there was any."""
-        return bool(list(self.conn.notifies(timeout=0.0)))
-
-    def wait(self, timeout: float) -> bool:
-        import psycopg
-
-        if self.interrupted.is_set():
-            return False
-        try:
-            if self.conn is None:
-                self.conn = self._connect()
-            if self._drain():
-                return True
-            ready, _, _ = select.select([self.conn.fileno(), self.wake_read], [], [], timeout)
-            return self.conn.fileno() in ready and self._drain()
-        except psycopg.Error as e:
-            logger.warning("LISTEN connection failed (%s); polling until it is back.", e)
-            self._close_connection()
-            self.interrupted.wait(timeout)
-            return False
+    def _failed(self, error: Exception) -> None:
+        self._close_connection()
+        if self.lost:
+            logger.debug("LISTEN connection on channel %s still failing: %s", self.channel, error)
+            return
+        self.lost = True
+        logger.warning(
+            "LISTEN connection on channel %s failed (%s); polling every %.2fs until it is back.",
+            self.channel,
+            " ".join(str(error).split()),  # one line
+            self.retry_every,
+        )
 
     def interrupt(self) -> None:
         super().interrupt()
@@ -69,11 +179,10 @@ class NotifyWaiter(Waiter):
                 os.write(self.wake_write, b"x")
 
     def _close_connection(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            finally:
-                self.conn = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # it is being dropped for failing already
+                conn.close()
 
     def close(self) -> None:
         self._close_connection()
@@ -83,56 +192,107 @@ class NotifyWaiter(Waiter):
         self.wake_read = self.wake_write = -1
 
 
+def _listen_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Django's connection parameters for a plain psycopg connection that stays up."""
+    from psycopg import pq
+
+    listen = {k: v for k, v in params.items() if k not in ("cursor_factory", "context")}
+    extra: dict[str, Any] = {**KEEPALIVES, "connect_timeout": CONNECT_TIMEOUT}
+    if pq.version() >= 120000:  # libpq 12 added tcp_user_timeout
+        extra["tcp_user_timeout"] = TCP_USER_TIMEOUT_MS
+    return {**extra, **listen}  # what the project set wins
+
+
 INOTIFY_SLICE = 0.25  # longest block on file events before looking for a stop request
-STAT_SLICE = 0.1  # how often the files' times are read where inotify is missing
+POLL_SLICE = 0.1  # how often data_version is read where inotify is missing
 
 
 class FileChangeWaiter(Waiter):
-    """Wake when the database file or its write-ahead log is written (every commit is).
+    """Wake when another connection commits to the SQLite database.
 
-    On Linux the kernel reports the writes (inotify), so an idle worker costs nothing
-    until something is committed; elsewhere it compares the files' times every 100 ms.
-    Either way no table is read until there may be work.
+    On Linux the kernel reports writes to the database file and its write-ahead log
+    (inotify), so an idle worker costs nothing until something is written. Every report is
+    checked with ``PRAGMA data_version`` on a read-only connection of the waiter's own,
+    which changes only when a connection committed: checkpoints, a new ``-wal`` file and
+    rolled-back writes wake nobody. Where inotify is missing, data_version is read every
+    100 ms. No table is read until there may be work.
     """
 
     def __init__(self, path: str) -> None:
         super().__init__()
         self.names = {os.path.basename(path), f"{os.path.basename(path)}-wal"}
-        self.paths = [os.path.join(os.path.dirname(path) or ".", name) for name in self.names]
-        self.seen: tuple[int, ...] | None = None
         self.inotify: Any = _watch(os.path.dirname(path) or ".")
+        self.db = _open_read_only(path)
+        self.version = self._version()
 
     def wait(self, timeout: float) -> bool:
+        """Wait for a commit; True at once if there was one since the last look.
+
+        The version is carried over from the previous wait, so a commit made between the
+        worker's last claim and this wait is not missed.
+        """
         deadline = time.monotonic() + timeout
+        if self._committed():
+            return True
         while not self.interrupted.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            if self.inotify is not None:
-                events = self.inotify.read(timeout=int(min(left, INOTIFY_SLICE) * 1000))
-                if any(event.name in self.names for event in events):
-                    return True
-            elif self._changed() or self.interrupted.wait(min(left, STAT_SLICE)):
-                return self._changed()
+            if self._written(left) and (self.db is None or self._committed()):
+                return True
         return False
 
-    def _changed(self) -> bool:
-        state: list[int] = []
-        for path in self.paths:
-            try:
-                info = os.stat(path)
-            except FileNotFoundError:
-                state += [0, 0]
-            else:
-                state += [info.st_mtime_ns, info.st_size]
-        changed = self.seen is not None and tuple(state) != self.seen
-        self.seen = tuple(state)
+    def _written(self, left: float) -> bool:
+        """Wait a slice of ``left``; say whether the database files may have changed."""
+        if self.inotify is None:
+            return not self.interrupted.wait(min(left, POLL_SLICE))
+        # Every event queued so far is read (and dropped): the worker's own commits
+        # leave none behind to wake it again and again.
+        events = self.inotify.read(timeout=int(min(left, INOTIFY_SLICE) * 1000))
+        return any(event.name in self.names for event in events)
+
+    def _committed(self) -> bool:
+        """Say whether some connection committed since the last look."""
+        if self.db is None:
+            return False
+        version = self._version()
+        changed = version != self.version
+        self.version = version
         return changed
 
+    def _version(self) -> int | None:
+        if self.db is None:
+            return None
+        try:
+            return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as e:
+            logger.info("Cannot read PRAGMA data_version (%s); every file event wakes.", e)
+            self._close_db()
+            return None
+
+    def _close_db(self) -> None:
+        db, self.db = self.db, None
+        if db is not None:
+            db.close()
+
     def close(self) -> None:
+        self._close_db()
         if self.inotify is not None:
             self.inotify.close()
             self.inotify = None
+
+
+def _open_read_only(path: str) -> sqlite3.Connection | None:
+    try:
+        return sqlite3.connect(
+            f"file:{quote(os.path.abspath(path))}?mode=ro",
+            uri=True,
+            timeout=5.0,
+            check_same_thread=False,  # the loop thread waits, any thread may close
+        )
+    except sqlite3.Error as e:
+        logger.info("Cannot open %s read-only (%s); every file event wakes.", path, e)
+        return None
 
 
 def _watch(directory: str) -> Any:
@@ -145,7 +305,9 @@ def _watch(directory: str) -> Any:
         inotify.add_watch(directory, flags.MODIFY | flags.CREATE | flags.MOVED_TO)
     except OSError as e:
         logger.info(
-            "Cannot watch %s with inotify (%s); looking at file times instead.", directory, e
+            "Cannot watch %s with inotify (%s); reading data_version every 100 ms instead.",
+            directory,
+            e,
         )
         return None
     return inotify
