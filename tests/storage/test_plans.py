@@ -22,13 +22,14 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
+from conveyor.backends.database import store as store_module
 from conveyor.backends.database import transitions
 from conveyor.backends.database.models import Job
 from conveyor.records import QueueSelector
 
 ROWS = 100_000
 LIMIT = 16
-TABLE = transitions.TABLE
+TABLE = store_module.TABLE
 READY = {"conveyor_job_ready_idx", "conveyor_job_ready_queue_idx"}
 SCHEDULED = {"conveyor_job_scheduled_idx"}
 FINISHED = {"conveyor_job_finished_idx"}

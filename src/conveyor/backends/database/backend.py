@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from conveyor.backends import tasks as task_rules
 from conveyor.backends.base import Call, Held, StoreBackend, Waiter
-from conveyor.backends.database import transitions
+from conveyor.backends.database import operations, registry, store, transitions
 from conveyor.backends.database.dialects import SUPPORTED_VENDORS, dialect_for
 from conveyor.backends.database.models import Job
 from conveyor.conf import BackendOptions
@@ -60,7 +60,7 @@ class DatabaseBackend(StoreBackend):
         options = self.conveyor_options
         assert isinstance(options, DatabaseOptions)
         self.database: str = options.database
-        self.store = transitions.Store(
+        self.store = store.Store(
             backend=alias,
             using=self.database,
             lease=options.lease,
@@ -117,7 +117,7 @@ class DatabaseBackend(StoreBackend):
             self._raise_if_not_migrated(e)
             raise
         results = [
-            self.to_task_result(transitions.to_record(row), task, State.READY.django_status)
+            self.to_task_result(store.to_record(row), task, State.READY.django_status)
             for row in rows
         ]
         for result in results:
@@ -171,7 +171,7 @@ class DatabaseBackend(StoreBackend):
                 row.task_path, self.alias, row.queue_name, row.priority
             )
         return self.to_task_result(
-            transitions.to_record(row),
+            store.to_record(row),
             task,
             State(row.state).django_status,
             finished_at=row.finished_at,
@@ -233,23 +233,23 @@ class DatabaseBackend(StoreBackend):
         return transitions.heartbeat(self.worker_store, worker_ids, deliveries)
 
     def reachable(self) -> bool:
-        return transitions.reachable(self.worker_store)
+        return operations.reachable(self.worker_store)
 
     def recover(self) -> int:
         return self._notify(transitions.recover(self.worker_store))
 
     def register_worker(self, info: WorkerInfo) -> None:
         try:
-            transitions.register_worker(self.worker_store, info)
+            registry.register_worker(self.worker_store, info)
         except DatabaseError as e:
             self._raise_if_not_migrated(e)
             raise
 
     def end_worker(self, worker_id: str, ended: str) -> None:
-        transitions.end_worker(self.worker_store, worker_id, ended)
+        registry.end_worker(self.worker_store, worker_id, ended)
 
     def workers(self, *, alive: bool = True) -> list[WorkerInfo]:
-        return transitions.workers(self.worker_store, alive)
+        return registry.workers(self.worker_store, alive)
 
     def cancel(self, result_id: str) -> bool:
         try:
@@ -266,10 +266,10 @@ class DatabaseBackend(StoreBackend):
     def stats(
         self, queues: QueueSelector | None = None, *, finished_since: datetime | None = None
     ) -> QueueStats:
-        return transitions.stats(self.worker_store, queues, finished_since)
+        return operations.stats(self.worker_store, queues, finished_since)
 
     def prune(self, finished_before: datetime, *, batch: int = 1000, pause: float = 0.01) -> int:
-        return transitions.prune(self.worker_store, finished_before, batch, pause)
+        return operations.prune(self.worker_store, finished_before, batch, pause)
 
     def _notify[T](self, count: T, jobs: Iterable[JobRecord] | None = None) -> T:
         """Wake idle workers after jobs were made ready again; return ``count``.

@@ -10,114 +10,36 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db import connections
-from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models.sql import InsertQuery
-from django.tasks.base import TaskError
 from django.utils import timezone
 
 from conveyor.backends.base import Held
-from conveyor.backends.database.dialects import Dialect, dialect_for
-from conveyor.backends.database.models import Job, Worker
-from conveyor.records import (
-    FINISHED_STATES,
-    Outcome,
-    PutBack,
-    QueueSelector,
-    QueueStats,
-    State,
-    Success,
-    WorkerInfo,
-    error_from_text,
+from conveyor.backends.database.models import Job
+from conveyor.backends.database.store import (
+    COLUMNS,
+    IS_READY,
+    IS_RUNNING,
+    IS_SCHEDULED,
+    TABLE,
+    WORKERS,
+    Store,
+    error_json,
+    json_text,
+    pairs,
+    per_row,
+    to_record,
 )
-from conveyor.records import (
-    Job as JobRecord,
-)
+from conveyor.records import Job as JobRecord
+from conveyor.records import Outcome, PutBack, QueueSelector, State, Success, error_from_text
 
 INSERT_CHUNK = 500
-TABLE = Job._meta.db_table
-WORKERS = Worker._meta.db_table
-# Columns a claim reads back; what ``to_record`` needs.
-COLUMNS = (
-    "id, uuid, backend_name, queue_name, task_path, priority, args, kwargs, attempts, "
-    "enqueued_at, run_after, started_at, last_attempted_at, worker_ids, errors, delivery, "
-    "available_at"  # the claim's sort key: left out, each row would be read again
-)
 CLAIM_ORDER = "priority DESC, available_at, id"
 OPEN = "('scheduled', 'ready', 'waiting', 'running')"
-FINISHED = "(" + ", ".join(f"'{s}'" for s in FINISHED_STATES) + ")"
-# One state's rows, written as the partial indexes' conditions are (``IN``): SQLite uses a
-# partial index only when the query repeats its condition, and ``state = 'ready'`` does not.
-IS_READY = "state IN ('ready')"
-IS_SCHEDULED = "state IN ('scheduled')"
-IS_RUNNING = "state IN ('running')"
 LOST_ERROR = "conveyor.exceptions.WorkerLost"
-
-
-@dataclass(frozen=True, slots=True)
-class Store:
-    """Where one backend's jobs live, and the options its transitions need."""
-
-    backend: str
-    using: str
-    lease: float
-    max_attempts: int
-
-    @property
-    def connection(self) -> BaseDatabaseWrapper:
-        return connections[self.using]
-
-    @property
-    def dialect(self) -> Dialect:
-        return dialect_for(self.connection)
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        """Run one statement; return the rows it changed."""
-        with self.connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            return int(cursor.rowcount)
-
-    def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self.connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            return list(cursor.fetchall())
-
-    def time(self, value: datetime | None) -> Any:
-        return self.connection.ops.adapt_datetimefield_value(value)
-
-
-def to_record(row: Job) -> JobRecord:
-    """The frozen value the runtime works with, for one delivered row."""
-    return JobRecord(
-        id=str(row.uuid),
-        task_path=row.task_path,
-        backend=row.backend_name,
-        queue_name=row.queue_name,
-        priority=row.priority,
-        args=row.args,
-        kwargs=row.kwargs,
-        attempt=row.attempts,
-        enqueued_at=row.enqueued_at,
-        run_after=row.run_after,
-        started_at=row.started_at,
-        last_attempted_at=row.last_attempted_at,
-        worker_ids=tuple(row.worker_ids),
-        errors=tuple(TaskError(**error) for error in row.errors),
-        delivery=row.delivery,
-        key=row.pk,
-    )
-
-
-def error_json(error: TaskError) -> str:
-    return json.dumps(
-        {"exception_class_path": error.exception_class_path, "traceback": error.traceback}
-    )
 
 
 # --- enqueue ---------------------------------------------------------------------------
@@ -302,7 +224,7 @@ def complete(store: Store, successes: Sequence[Success]) -> set[str]:
     d = store.dialect
     keys = [job.key for job, _ in successes]
     values = {
-        "return_value": [_json(outcome.return_value) for _, outcome in successes],
+        "return_value": [json_text(outcome.return_value) for _, outcome in successes],
         "finished_at": [store.time(outcome.finished_at) for _, outcome in successes],
         "last_attempted_at": [store.time(outcome.started_at) for _, outcome in successes],
         "delivery": [job.delivery for job, _ in successes],
@@ -310,31 +232,18 @@ def complete(store: Store, successes: Sequence[Success]) -> set[str]:
     kinds = {"return_value": d.json_value(), "delivery": "%s"}
     assign, params = [], []
     for column, column_values in values.items():
-        assign.append(f"{column} = {_per_row(len(keys), kinds.get(column, d.time_value()))}")
+        assign.append(f"{column} = {per_row(len(keys), kinds.get(column, d.time_value()))}")
         params += [p for pair in zip(keys, column_values, strict=True) for p in pair]
     marks = ", ".join(["%s"] * len(keys))
     store.execute(
         f"UPDATE {TABLE} SET state = 'succeeded', {', '.join(assign)}, "
-        f"started_at = COALESCE(started_at, {_per_row(len(keys), d.time_value())}), "
+        f"started_at = COALESCE(started_at, {per_row(len(keys), d.time_value())}), "
         "lease_owner = NULL, "
         f"lease_expires_at = NULL WHERE id IN ({marks}) AND state IN {OPEN}",
-        [*params, *values_pairs(keys, values["last_attempted_at"]), *keys],
+        [*params, *pairs(keys, values["last_attempted_at"]), *keys],
     )
     saved = _saved_by(store, keys, State.SUCCEEDED)
     return {job.id for job, _ in successes if saved.get(job.key) == job.delivery}
-
-
-def values_pairs(keys: Sequence[Any], values: Sequence[Any]) -> list[Any]:
-    return [p for pair in zip(keys, values, strict=True) for p in pair]
-
-
-def _per_row(count: int, value: str) -> str:
-    """``CASE id WHEN %s THEN <value> ...`` for ``count`` rows (parameters: key, value)."""
-    return "CASE id " + " ".join([f"WHEN %s THEN {value}"] * count) + " END"
-
-
-def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, allow_nan=False)
 
 
 def _saved_by(store: Store, keys: Sequence[Any], *states: State) -> dict[Any, str]:
@@ -504,7 +413,7 @@ def reclaim(store: Store, worker_ids: Sequence[str]) -> list[JobRecord]:
     return [job for job in lapsed if unclaim(store, [job], unless_renewed=store.lease)]
 
 
-# --- leases and the workers registry ---------------------------------------------------
+# --- leases ----------------------------------------------------------------------------------
 
 
 def heartbeat(store: Store, worker_ids: Sequence[str], deliveries: Sequence[Held]) -> int:
@@ -525,24 +434,20 @@ def heartbeat(store: Store, worker_ids: Sequence[str], deliveries: Sequence[Held
     keys = [key for key, _, _ in deliveries]
     started = [store.time(at) for _, _, at in deliveries]
     marks = ", ".join(["%s"] * len(keys))
-    when = _per_row(len(keys), d.time_value())
+    when = per_row(len(keys), d.time_value())
     return store.execute(
         f"UPDATE {TABLE} SET lease_expires_at = {d.later()}, "
         f"started_at = COALESCE(started_at, {when}), "
         f"last_attempted_at = COALESCE({when}, last_attempted_at) "
-        f"WHERE id IN ({marks}) AND state = 'running' AND delivery = {_per_row(len(keys), '%s')}",
+        f"WHERE id IN ({marks}) AND state = 'running' AND delivery = {per_row(len(keys), '%s')}",
         [
             store.lease,
-            *values_pairs(keys, started),
-            *values_pairs(keys, started),
+            *pairs(keys, started),
+            *pairs(keys, started),
             *keys,
-            *values_pairs(keys, [token for _, token, _ in deliveries]),
+            *pairs(keys, [token for _, token, _ in deliveries]),
         ],
     )
-
-
-def reachable(store: Store) -> bool:
-    return bool(store.fetch("SELECT 1"))
 
 
 def recover(store: Store) -> int:
@@ -563,59 +468,6 @@ def recover(store: Store) -> int:
     return sum(requeue(store, job, reason, True, unless_renewed=0.0) is not None for job in stale)
 
 
-def register_worker(store: Store, info: WorkerInfo) -> None:
-    d = store.dialect
-    fields = (
-        "id, backend_name, kind, supervisor, host, pid, queues, threads, started_at, "
-        "last_beat_at, ended"
-    )
-    store.execute(
-        f"INSERT INTO {WORKERS} ({fields}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, "
-        f"{d.now()}, '')",
-        [
-            info.id,
-            store.backend,
-            info.kind,
-            info.supervisor or "",
-            info.host,
-            info.pid,
-            info.queues,
-            info.threads,
-            store.time(info.started_at or timezone.now()),
-        ],
-    )
-
-
-def end_worker(store: Store, worker_id: str, ended: str) -> None:
-    store.execute(
-        f"UPDATE {WORKERS} SET stopped_at = %s, ended = %s WHERE id = %s AND stopped_at IS NULL",
-        [store.time(timezone.now()), ended, worker_id],
-    )
-
-
-def workers(store: Store, alive: bool) -> list[WorkerInfo]:
-    rows = Worker.objects.using(store.using).filter(backend_name=store.backend)
-    if alive:
-        rows = rows.filter(stopped_at__isnull=True)
-    return [
-        WorkerInfo(
-            id=row.id,
-            backend=row.backend_name,
-            kind=row.kind,
-            host=row.host,
-            pid=row.pid,
-            supervisor=row.supervisor or None,
-            queues=row.queues,
-            threads=row.threads,
-            started_at=row.started_at,
-            last_beat_at=row.last_beat_at,
-            stopped_at=row.stopped_at,
-            ended=row.ended,
-        )
-        for row in rows.order_by("started_at", "id")
-    ]
-
-
 # --- operations ------------------------------------------------------------------------
 
 
@@ -631,59 +483,3 @@ def cancel(store: Store, key: int) -> bool:
             [store.time(timezone.now()), error, key],
         )
     )
-
-
-def stats(store: Store, queues: QueueSelector | None, since: datetime | None) -> QueueStats:
-    """Count jobs by queue and state, each group through the index that holds it."""
-    where, params = "backend_name = %s", [store.backend]
-    if queues is not None and queues.include is not None:
-        marks = ", ".join(["%s"] * len(queues.include))
-        where += f" AND queue_name IN ({marks})"
-        params += sorted(queues.include)
-    if queues is not None and queues.exclude:
-        marks = ", ".join(["%s"] * len(queues.exclude))
-        where += f" AND queue_name NOT IN ({marks})"
-        params += sorted(queues.exclude)
-    finished = f"state IN {FINISHED}"
-    finished_params = list(params)
-    if since is not None:
-        finished += " AND finished_at >= %s"
-        finished_params.append(store.time(since))
-    groups = [
-        (IS_READY, params),
-        (IS_SCHEDULED, params),
-        ("state IN ('running', 'waiting')", params),
-        (finished, finished_params),
-    ]
-    sql = " UNION ALL ".join(
-        f"SELECT queue_name, state, COUNT(*) FROM {TABLE} WHERE {where} AND {condition} "
-        "GROUP BY queue_name, state"
-        for condition, _ in groups
-    )
-    rows = store.fetch(sql, [p for _, group in groups for p in group])
-    return QueueStats.from_counts({(queue, state): count for queue, state, count in rows})
-
-
-def prune(store: Store, before: datetime, batch: int, pause: float) -> int:
-    """Delete finished jobs that ended before ``before``, one short transaction per batch."""
-    deleted = 0
-    cutoff = store.time(before)
-    while True:
-        ids = [
-            row[0]
-            for row in store.fetch(
-                f"SELECT id FROM {TABLE} WHERE backend_name = %s AND state IN {FINISHED} "
-                "AND finished_at < %s ORDER BY finished_at LIMIT %s",
-                [store.backend, cutoff, batch],
-            )
-        ]
-        if not ids:
-            return deleted
-        marks = ", ".join(["%s"] * len(ids))
-        with store.dialect.write_transaction():
-            deleted += store.execute(
-                f"DELETE FROM {TABLE} WHERE id IN ({marks}) AND state IN {FINISHED}", ids
-            )
-        if len(ids) < batch:
-            return deleted
-        time.sleep(pause)

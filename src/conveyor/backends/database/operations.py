@@ -1,0 +1,69 @@
+"""Reads and maintenance over many jobs: counts, pruning, a liveness probe."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+from conveyor.backends.database.store import FINISHED, IS_READY, IS_SCHEDULED, TABLE, Store
+from conveyor.records import QueueSelector, QueueStats
+
+
+def reachable(store: Store) -> bool:
+    return bool(store.fetch("SELECT 1"))
+
+
+def stats(store: Store, queues: QueueSelector | None, since: datetime | None) -> QueueStats:
+    """Count jobs by queue and state, each group through the index that holds it."""
+    where, params = "backend_name = %s", [store.backend]
+    if queues is not None and queues.include is not None:
+        marks = ", ".join(["%s"] * len(queues.include))
+        where += f" AND queue_name IN ({marks})"
+        params += sorted(queues.include)
+    if queues is not None and queues.exclude:
+        marks = ", ".join(["%s"] * len(queues.exclude))
+        where += f" AND queue_name NOT IN ({marks})"
+        params += sorted(queues.exclude)
+    finished = f"state IN {FINISHED}"
+    finished_params = list(params)
+    if since is not None:
+        finished += " AND finished_at >= %s"
+        finished_params.append(store.time(since))
+    groups = [
+        (IS_READY, params),
+        (IS_SCHEDULED, params),
+        ("state IN ('running', 'waiting')", params),
+        (finished, finished_params),
+    ]
+    sql = " UNION ALL ".join(
+        f"SELECT queue_name, state, COUNT(*) FROM {TABLE} WHERE {where} AND {condition} "
+        "GROUP BY queue_name, state"
+        for condition, _ in groups
+    )
+    rows = store.fetch(sql, [p for _, group in groups for p in group])
+    return QueueStats.from_counts({(queue, state): count for queue, state, count in rows})
+
+
+def prune(store: Store, before: datetime, batch: int, pause: float) -> int:
+    """Delete finished jobs that ended before ``before``, one short transaction per batch."""
+    deleted = 0
+    cutoff = store.time(before)
+    while True:
+        ids = [
+            row[0]
+            for row in store.fetch(
+                f"SELECT id FROM {TABLE} WHERE backend_name = %s AND state IN {FINISHED} "
+                "AND finished_at < %s ORDER BY finished_at LIMIT %s",
+                [store.backend, cutoff, batch],
+            )
+        ]
+        if not ids:
+            return deleted
+        marks = ", ".join(["%s"] * len(ids))
+        with store.dialect.write_transaction():
+            deleted += store.execute(
+                f"DELETE FROM {TABLE} WHERE id IN ({marks}) AND state IN {FINISHED}", ids
+            )
+        if len(ids) < batch:
+            return deleted
+        time.sleep(pause)

@@ -1,0 +1,107 @@
+"""The database backend's plumbing: the tables, one connection's statements, row values."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.tasks.base import TaskError
+
+from conveyor.backends.database.dialects import Dialect, dialect_for
+from conveyor.backends.database.models import Job, Worker
+from conveyor.records import FINISHED_STATES
+from conveyor.records import Job as JobRecord
+
+TABLE = Job._meta.db_table
+WORKERS = Worker._meta.db_table
+# Columns a claim reads back; what ``to_record`` needs.
+COLUMNS = (
+    "id, uuid, backend_name, queue_name, task_path, priority, args, kwargs, attempts, "
+    "enqueued_at, run_after, started_at, last_attempted_at, worker_ids, errors, delivery, "
+    "available_at"  # the claim's sort key: left out, each row would be read again
+)
+FINISHED = "(" + ", ".join(f"'{s}'" for s in FINISHED_STATES) + ")"
+# One state's rows, written as the partial indexes' conditions are (``IN``): SQLite uses a
+# partial index only when the query repeats its condition, and ``state = 'ready'`` does not.
+IS_READY = "state IN ('ready')"
+IS_SCHEDULED = "state IN ('scheduled')"
+IS_RUNNING = "state IN ('running')"
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """Where one backend's jobs live, and the options its transitions need."""
+
+    backend: str
+    using: str
+    lease: float
+    max_attempts: int
+
+    @property
+    def connection(self) -> BaseDatabaseWrapper:
+        return connections[self.using]
+
+    @property
+    def dialect(self) -> Dialect:
+        return dialect_for(self.connection)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement; return the rows it changed."""
+        with self.connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return int(cursor.rowcount)
+
+    def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self.connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return list(cursor.fetchall())
+
+    def time(self, value: datetime | None) -> Any:
+        return self.connection.ops.adapt_datetimefield_value(value)
+
+
+def to_record(row: Job) -> JobRecord:
+    """The frozen value the runtime works with, for one delivered row."""
+    return JobRecord(
+        id=str(row.uuid),
+        task_path=row.task_path,
+        backend=row.backend_name,
+        queue_name=row.queue_name,
+        priority=row.priority,
+        args=row.args,
+        kwargs=row.kwargs,
+        attempt=row.attempts,
+        enqueued_at=row.enqueued_at,
+        run_after=row.run_after,
+        started_at=row.started_at,
+        last_attempted_at=row.last_attempted_at,
+        worker_ids=tuple(row.worker_ids),
+        errors=tuple(TaskError(**error) for error in row.errors),
+        delivery=row.delivery,
+        key=row.pk,
+    )
+
+
+def error_json(error: TaskError) -> str:
+    return json.dumps(
+        {"exception_class_path": error.exception_class_path, "traceback": error.traceback}
+    )
+
+
+def pairs(keys: Sequence[Any], values: Sequence[Any]) -> list[Any]:
+    """``[key1, value1, key2, value2, ...]``: the parameters of a ``per_row`` CASE."""
+    return [p for pair in zip(keys, values, strict=True) for p in pair]
+
+
+def per_row(count: int, value: str) -> str:
+    """``CASE id WHEN %s THEN <value> ...`` for ``count`` rows (parameters: key, value)."""
+    return "CASE id " + " ".join([f"WHEN %s THEN {value}"] * count) + " END"
+
+
+def json_text(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, allow_nan=False)
