@@ -14,12 +14,38 @@ class Writer(Protocol):
 COLUMNS = ("ready", "scheduled", "running", "successful", "failed")
 
 
+def printable(text: str) -> str:
+    r"""``text`` safe to show on a terminal: every character that is not printable escaped.
+
+    Control characters (an escape sequence could clear or rewrite the screen), line and
+    paragraph separators and format characters (bidi overrides reorder what is shown)
+    become ``\x1b``, ``\u202e`` and so on; a backslash is doubled so that no name reads
+    like another.
+    """
+    return "".join(ch if ch.isprintable() and ch != "\\" else _escaped(ch) for ch in text)
+
+
+def _escaped(ch: str) -> str:
+    code = ord(ch)
+    if ch == "\\":
+        return "\\\\"
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
 def render_stats(stats: QueueStats, alias: str, out: Writer) -> None:
-    """Write a table of job counts per queue, with totals."""
-    width = max([5, *(len(name) for name in stats.by_queue)])
-    out.write(f"Backend {alias!r}\n")
+    """Write a table of job counts per queue, with totals; names are shown escaped."""
+    rows = sorted(
+        ((printable(name), counts) for name, counts in stats.by_queue.items()),
+        key=lambda row: row[0],
+    )
+    width = max([5, *(len(name) for name, _ in rows)])
+    out.write(f"Backend '{printable(alias)}'\n")
     out.write("queue".ljust(width) + "".join(c.rjust(12) for c in COLUMNS) + "\n")
-    for name, counts in sorted(stats.by_queue.items()):
+    for name, counts in rows:
         out.write(name.ljust(width) + "".join(str(counts[c]).rjust(12) for c in COLUMNS) + "\n")
     totals = [getattr(stats, c) for c in COLUMNS]
     out.write("total".ljust(width) + "".join(str(t).rjust(12) for t in totals) + "\n")

@@ -243,7 +243,14 @@ def test_without_psycopg_3_an_idle_loop_polls_and_finds_work(
     backend, backend_alias, without_psycopg
 ):
     loop = Loop(backend, WorkerConfig(worker_id="test-worker", queues=QueueSelector()))
-    thread = threading.Thread(target=loop.run)
+
+    def run() -> None:
+        try:
+            loop.run()
+        finally:
+            connections.close_all()  # the loop leaves its caller's connections open
+
+    thread = threading.Thread(target=run)
     thread.start()
     try:
         time.sleep(0.2)  # idle, waiting

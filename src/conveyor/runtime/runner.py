@@ -61,6 +61,8 @@ class Runner:
             outcome = invoke(task, result)
             for hook in reversed(self.middleware):
                 outcome = hook.after_invoke(job, task, outcome) or outcome
+        except KeyboardInterrupt:  # the worker is being stopped: the job goes back
+            raise
         except BaseException as e:  # a hook failed: the job still gets an outcome
             logger.exception("Worker machinery failed around job %s (%s)", job.id, job.task_path)
             outcome = _failed(e, started_at)

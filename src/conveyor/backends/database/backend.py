@@ -326,7 +326,9 @@ class DatabaseBackend(StoreBackend):
         self.worker_store = dataclasses.replace(self.store, using=private)
 
     def close(self) -> None:
-        connections[self.worker_store.using].close()
+        """Close the worker's private connection; one it shares with its caller stays open."""
+        if self.worker_store is not self.store:
+            connections[self.worker_store.using].close()
 
     # --- configuration ----------------------------------------------------------------
 

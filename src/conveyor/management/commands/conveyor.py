@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from argparse import ArgumentParser
+from argparse import ArgumentParser, ArgumentTypeError
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -12,21 +13,55 @@ from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, task_backends
 from django.utils import timezone
 
 from conveyor.backends.base import StoreBackend
+from conveyor.monitoring import printable, render_stats
 from conveyor.records import QueueSelector
 
+MAX_PROCESSES = 512
+MAX_THREADS = 256
+MAX_TASKS = 10**9
+MAX_GRACE = 86400.0  # a day
+MAX_DAYS = 36500.0  # a century: within datetime's range, and older than any job
+MAX_BATCH = 10000  # ids in one DELETE stay under every engine's limit on parameters
+DEFAULT_GRACE = 30.0
+# Worker options that only mean something for a supervised pool of processes.
+POOL_OPTIONS = {
+    "processes": "--processes",
+    "threads": "--threads",
+    "grace": "--grace",
+    "progress": "--progress",
+}
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
+
+def whole(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise ArgumentTypeError(f"must be a whole number from {low} to {high}, not {text!r}.")
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise ValueError(text)
-    return value
+def number(low: float, high: float, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number from ``low`` (or, ``above``, more than it) to ``high``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        # NaN fails every comparison, and an infinity the upper bound.
+        if not ((low < value if above else low <= value) and value <= high):
+            least = f"more than {low:g}" if above else f"from {low:g}"
+            raise ArgumentTypeError(f"must be a number {least} up to {high:g}, not {text!r}.")
+        return value
+
+    return parse
 
 
 class Command(BaseCommand):
@@ -34,37 +69,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-        worker = sub.add_parser("worker", help="Run a supervised pool of worker processes.")
-        self._backend_argument(worker)
-        self._queue_arguments(worker)
-        worker.add_argument(
-            "--processes",
-            type=positive_int,
-            default=os.cpu_count() or 1,
-            help="Worker processes to run (default: the CPU count).",
-        )
-        worker.add_argument(
-            "--threads",
-            type=positive_int,
-            default=1,
-            help="Threads per process, for I/O-bound tasks (default: 1).",
-        )
-        worker.add_argument("--until-done", action="store_true", help="Exit once no job is ready.")
-        worker.add_argument(
-            "--max-tasks-per-child",
-            type=positive_int,
-            default=None,
-            help="Replace a worker process after it ran this many tasks.",
-        )
-        worker.add_argument(
-            "--grace",
-            type=positive_float,
-            default=30.0,
-            help="Seconds running tasks get to finish on stop (default: 30).",
-        )
-        worker.add_argument(
-            "--progress", action="store_true", help="Show a progress bar and a summary at the end."
-        )
+        self._worker_arguments(sub.add_parser("worker", help="Run workers that run the jobs."))
         status = sub.add_parser("status", help="Show how many jobs are in each state.")
         self._backend_argument(status)
         self._queue_arguments(status)
@@ -72,10 +77,53 @@ class Command(BaseCommand):
         self._backend_argument(prune)
         prune.add_argument(
             "--older-than",
-            type=float,
+            type=number(0, MAX_DAYS),
             default=7.0,
             metavar="DAYS",
             help="Delete jobs that finished more than DAYS ago (default: 7).",
+        )
+        prune.add_argument(
+            "--batch",
+            type=whole(1, MAX_BATCH),
+            default=1000,
+            metavar="N",
+            help="Delete N jobs per transaction (default: 1000).",
+        )
+
+    def _worker_arguments(self, worker: ArgumentParser) -> None:
+        self._backend_argument(worker)
+        self._queue_arguments(worker)
+        worker.add_argument(
+            "--processes",
+            type=whole(1, MAX_PROCESSES),
+            help="Worker processes to run (default: the CPU count).",
+        )
+        worker.add_argument(
+            "--threads",
+            type=whole(1, MAX_THREADS),
+            help="Threads per process, for I/O-bound tasks (default: 1).",
+        )
+        worker.add_argument("--until-done", action="store_true", help="Exit once no job is ready.")
+        worker.add_argument(
+            "--max-tasks-per-child",
+            type=whole(1, MAX_TASKS),
+            default=None,
+            help="Replace a worker process after it ran this many tasks "
+            "(with --in-process: stop after this many).",
+        )
+        worker.add_argument(
+            "--grace",
+            type=number(0, MAX_GRACE, above=True),
+            help=f"Seconds running tasks get to finish on stop (default: {DEFAULT_GRACE:g}).",
+        )
+        worker.add_argument(
+            "--progress", action="store_true", help="Show a progress bar and a summary at the end."
+        )
+        worker.add_argument(
+            "--in-process",
+            action="store_true",
+            help="Run jobs in this process on one thread, with no supervisor (for tests and "
+            "scripts); a first Ctrl-C lets the running task finish.",
         )
 
     def _backend_argument(self, parser: ArgumentParser) -> None:
@@ -105,18 +153,21 @@ class Command(BaseCommand):
         backend = self._backend(options["backend"])
         action = options["action"]
         if action == "worker":
-            raise SystemExit(self._worker(backend, options))
-        if action == "status":
+            code = self._worker(backend, options)
+            if code:
+                raise SystemExit(code)
+        elif action == "status":
             self._status(backend, self._queues(backend, options))
         elif action == "prune":
             cutoff = timezone.now() - timedelta(days=options["older_than"])
-            self.stdout.write(f"Deleted {backend.prune(cutoff)} finished job(s).")
+            deleted = backend.prune(cutoff, batch=options["batch"])
+            self.stdout.write(f"Deleted {deleted} finished job(s).")
 
     def _backend(self, alias: str) -> StoreBackend:
         try:
             backend = task_backends[alias]
         except Exception as e:
-            raise CommandError(f"--backend {alias!r}: {e}") from e
+            raise CommandError(f"--backend {alias!r}: {printable(str(e))}") from e
         if not isinstance(backend, StoreBackend):
             raise CommandError(
                 f"--backend {alias!r} is a {type(backend).__name__}, not a Conveyor backend."
@@ -139,21 +190,45 @@ class Command(BaseCommand):
         )
 
     def _worker(self, backend: StoreBackend, options: dict[str, Any]) -> int:
+        if options["in_process"]:
+            return self._in_process(backend, options)
         from conveyor.runtime.supervisor import Supervisor, WorkerSettings
 
         settings = WorkerSettings(
             backend=backend.alias,
             queues=self._queues(backend, options),
-            processes=options["processes"],
-            threads=options["threads"],
+            processes=options["processes"] or min(os.cpu_count() or 1, MAX_PROCESSES),
+            threads=options["threads"] or 1,
             max_tasks_per_child=options["max_tasks_per_child"],
             until_done=options["until_done"],
-            grace=options["grace"],
+            grace=options["grace"] or DEFAULT_GRACE,
             progress=options["progress"],
         )
         return Supervisor(settings).run()
 
-    def _status(self, backend: StoreBackend, queues: QueueSelector) -> None:
-        from conveyor.monitoring import render_stats
+    def _in_process(self, backend: StoreBackend, options: dict[str, Any]) -> int:
+        from conveyor.runtime.inprocess import InProcessWorker
 
+        given = [flag for name, flag in POOL_OPTIONS.items() if options[name]]
+        if given:
+            raise CommandError(
+                f"--in-process runs jobs in this process on one thread; it cannot be combined "
+                f"with {', '.join(given)}."
+            )
+        worker = InProcessWorker(
+            backend.alias,
+            self._queues(backend, options),
+            until_done=options["until_done"],
+            max_tasks=options["max_tasks_per_child"],
+            stop_on_signals=True,
+        )
+        code = worker.run()
+        done = worker.summary
+        self.stdout.write(
+            f"Ran {done.ran} job(s): {done.succeeded} succeeded, {done.failed} failed, "
+            f"{done.retried} to retry."
+        )
+        return code
+
+    def _status(self, backend: StoreBackend, queues: QueueSelector) -> None:
         render_stats(backend.stats(queues), backend.alias, self.stdout)

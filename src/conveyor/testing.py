@@ -1,0 +1,52 @@
+"""Helpers for tests: run the jobs a test enqueued, in the test's own thread.
+
+from conveyor.testing import run_until_done
+
+class SignupTests(TestCase):
+    def test_welcome_email(self):
+        result = send_welcome.enqueue(user.pk)
+        self.assertEqual(run_until_done().failed, 0)
+        result.refresh()
+        self.assertEqual(result.status, TaskResultStatus.SUCCESSFUL)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, task_backends
+
+from conveyor.records import QueueSelector
+from conveyor.runtime.inprocess import InProcessWorker, RunSummary
+
+__all__ = ["RunSummary", "run_until_done"]
+
+
+def run_until_done(
+    backend: str = DEFAULT_TASK_BACKEND_ALIAS, queues: Iterable[str] | str | None = None
+) -> RunSummary:
+    """Run ready jobs in this thread, one at a time, until none is ready; say what ran.
+
+    The worker is the one ``manage.py conveyor worker`` runs, with the same signals and
+    middleware. It uses this thread's database connection, so inside a ``TestCase`` it
+    sees the jobs the test enqueued (not committed yet), and what it writes rolls back
+    with the test. Jobs scheduled for later run only once they are due. ``queues`` limits
+    the run to jobs on those queues.
+    """
+    worker = InProcessWorker(backend, _selector(backend, queues), until_done=True)
+    worker.run()
+    return worker.summary
+
+
+def _selector(backend: str, queues: Iterable[str] | str | None) -> QueueSelector:
+    if queues is None:
+        return QueueSelector()
+    names = frozenset([queues] if isinstance(queues, str) else queues)
+    known = task_backends[backend].queues
+    unknown = sorted(names - known) if known else []
+    if unknown:
+        raise ValueError(
+            f"Unknown queue(s) {', '.join(map(repr, unknown))} for backend {backend!r}; its "
+            f"QUEUES are {', '.join(map(repr, sorted(known)))}."
+        )
+    return QueueSelector(include=names)
