@@ -28,6 +28,9 @@ class Dialect:
     update_returning = True
     # Text appended to a SELECT that locks its rows, skipping rows others hold.
     lock_rows = ""
+    # A claim looks (a read) before it writes: its UPDATE would take the write lock even
+    # when it matches nothing.
+    probe_before_claim = False
 
     def __init__(self, connection: BaseDatabaseWrapper) -> None:
         self.connection = connection
@@ -80,6 +83,7 @@ class Dialect:
 
 class SQLiteDialect(Dialect):
     vendor = "sqlite"
+    probe_before_claim = True  # one write lock for the whole database
 
     def _clock(self, shift: str = "") -> str:
         zone = "" if self.use_tz else ", 'localtime'"

@@ -5,7 +5,14 @@ from __future__ import annotations
 import time
 from datetime import datetime
 
-from conveyor.backends.database.store import FINISHED, IS_READY, IS_SCHEDULED, TABLE, Store
+from conveyor.backends.database.store import (
+    FINISHED,
+    IS_READY,
+    IS_RUNNING,
+    IS_SCHEDULED,
+    TABLE,
+    Store,
+)
 from conveyor.records import QueueSelector, QueueStats
 
 
@@ -32,7 +39,7 @@ def stats(store: Store, queues: QueueSelector | None, since: datetime | None) ->
     groups = [
         (IS_READY, params),
         (IS_SCHEDULED, params),
-        ("state IN ('running', 'waiting')", params),
+        (IS_RUNNING, params),  # no job waits yet: workflows will add the waiting rows' index
         (finished, finished_params),
     ]
     sql = " UNION ALL ".join(

@@ -166,7 +166,7 @@ def claim(store: Store, worker_id: str, queues: QueueSelector, limit: int) -> li
     )
     assign_params = [worker_id, token, store.lease, worker_id]
     if d.update_returning:
-        if d.vendor == "sqlite" and not store.fetch(*_arms(store, queues, 1)):
+        if d.probe_before_claim and not store.fetch(*_arms(store, queues, 1)):
             return []  # nothing to take: a read, so no write lock is taken
         returning = ", ".join(f"{TABLE}.{column}" for column in COLUMNS.split(", "))
         sql, params = d.claim_statement(
