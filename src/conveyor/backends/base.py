@@ -169,6 +169,14 @@ class WorkerStore(ABC):
         """
 
     @abstractmethod
+    def give_back(self, worker_id: str, deliveries: Collection[tuple[int, str]]) -> list[Job]:
+        """Give back, uncounted, these deliveries (job key, token) of a live worker.
+
+        Its supervisor does, for deliveries the worker holds but has not started while all
+        its threads are stuck in long tasks.
+        """
+
+    @abstractmethod
     def reclaim(self, worker_ids: Sequence[str]) -> list[Job]:
         """Give back, uncounted, deliveries these live workers hold but no longer renew.
 
@@ -188,6 +196,13 @@ class WorkerStore(ABC):
     @abstractmethod
     def reachable(self) -> bool:
         """Say whether the store answers a trivial request now."""
+
+    def refuses(self, error: Exception) -> bool:
+        """Say whether ``error`` means the store refused the data itself.
+
+        Not that it is unreachable or busy: those pass, and the same write is tried again.
+        """
+        return isinstance(error, ValueError | TypeError)
 
     @abstractmethod
     def recover(self) -> int:

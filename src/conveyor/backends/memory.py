@@ -356,6 +356,18 @@ class MemoryBackend(StoreBackend):
                     done.append(PutBack(job=job, counted=False, failed=False))
         return done
 
+    def give_back(self, worker_id: str, deliveries: Collection[tuple[int, str]]) -> list[Job]:
+        with self._store.lock:
+            held = [
+                r
+                for r in self._rows(State.RUNNING)
+                if r.lease_owner == worker_id and (r.seq, r.delivery) in deliveries
+            ]
+            jobs = [row.record(self.alias) for row in held]
+            for row in held:
+                self._give_back(row)
+        return jobs
+
     def reclaim(self, worker_ids: Sequence[str]) -> list[Job]:
         now, owners = timezone.now(), set(worker_ids)
         with self._store.lock:

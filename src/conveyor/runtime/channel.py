@@ -5,7 +5,11 @@ child holds: its job key and token, and from the moment the task starts, when it
 and until when it may run. The child writes its own table without a system call; the
 supervisor reads every table on its tick (to renew exactly those leases) and the table of
 a child that died (to count only what was executing). A ``ready`` flag says the child got
-through its start-up.
+through its start-up, and the supervisor stamps each heartbeat that reached the store.
+
+A held delivery may be *revoked* by the supervisor (when every thread of the child is stuck
+in a task, and the child's own watchdog cannot run): under a lock the two processes share,
+a delivery is either started by the child or revoked by the supervisor, never both.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ class Delivery:
 
     key: int
     token: str
-    started: float  # wall-clock time the task started; 0.0 while only held
+    started: float  # wall-clock time the task started; 0.0 while only held; < 0 once done
     deadline: float  # wall-clock time it must end by; 0.0 for none
 
     @property
@@ -42,7 +46,10 @@ class Slots:
         self.tokens = context.RawArray(ctypes.c_uint64, size)
         self.started = context.RawArray(ctypes.c_double, size)
         self.deadlines = context.RawArray(ctypes.c_double, size)
+        self.revoked = context.RawArray(ctypes.c_uint8, size)
+        self.gate = context.Lock()
         self.ready = context.RawValue(ctypes.c_int, 0)
+        self.beat = context.RawValue(ctypes.c_double, 0.0)  # 0.0: no supervisor
         # Child side only: free slots, and which job each used slot holds.
         self._lock = threading.Lock()
         self._free = list(range(size))
@@ -63,17 +70,27 @@ class Slots:
         self.tokens[index] = int(job.delivery or "0", 16)
         self.started[index] = 0.0
         self.deadlines[index] = 0.0
+        self.revoked[index] = 0
         self.keys[index] = int(job.key)  # written last: a reader sees a whole slot or none
         return index
 
-    def start(self, index: int, deadline: float = 0.0) -> None:
-        """The task of the delivery in ``index`` starts now."""
-        self.deadlines[index] = deadline
-        self.started[index] = time.time()
+    def start(self, index: int, deadline: float = 0.0) -> bool:
+        """The task of the delivery in ``index`` starts now; False if it was revoked."""
+        with self.gate:
+            if self.revoked[index]:
+                return False
+            self.deadlines[index] = deadline
+            self.started[index] = time.time()
+            return True
+
+    def supervisor_alive(self, within: float) -> bool:
+        """Say whether the supervisor reached the store within ``within`` seconds (or none)."""
+        stamp = self.beat.value
+        return stamp == 0.0 or time.time() - stamp < within
 
     def finish(self, index: int) -> None:
-        """The task in ``index`` returned; its outcome is not saved yet."""
-        self.started[index] = 0.0
+        """The task in ``index`` returned; its outcome is not saved yet (never revoked)."""
+        self.started[index] = -1.0
 
     def release(self, index: int) -> None:
         """The delivery in ``index`` is over (recorded or given back)."""
@@ -107,3 +124,24 @@ class Slots:
     @property
     def is_ready(self) -> bool:
         return bool(self.ready.value)
+
+    def stamp(self) -> None:
+        """The supervisor's heartbeat reached the store now."""
+        self.beat.value = time.time()
+
+    def revoke_waiting(self, threads: int, stuck: float) -> list[Delivery]:
+        """Revoke the deliveries not started while every thread is stuck for ``stuck`` s.
+
+        Return them: the supervisor gives them back in the store.
+        """
+        now = time.time()
+        with self.gate:
+            held = self.read()
+            running = [d for d in held if d.executing]
+            if len(running) < threads or any(now - d.started < stuck for d in running):
+                return []
+            waiting = [d for d in held if d.started == 0.0]
+            for index in range(self.size):
+                if self.keys[index] and self.started[index] == 0.0:
+                    self.revoked[index] = 1
+        return waiting

@@ -43,6 +43,7 @@ IDLE_WAKEUP_WAIT = 5.0  # with wake-ups, the longest idle wait when nothing is d
 STAGE_EVERY = 0.05  # how often a busy process makes due scheduled jobs ready
 STORE_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # waits while the store cannot be reached
 RECENT = 16  # durations remembered to judge how far to claim ahead
+SUPERVISOR_WAIT = 0.1  # while the supervisor's heartbeat is late, look again this often
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -136,6 +137,10 @@ class Loop:
             return EXIT_RECYCLE
         if self.recorder.blocked:
             self._pause(self.recorder.due_in(busy=True))
+            return None
+        if not self.slots.supervisor_alive(self.backend.conveyor_options.lease * 2 / 3):
+            # Nobody would renew what this process claims now: wait for the supervisor.
+            self._pause(SUPERVISOR_WAIT, on_change=self._busy())
             return None
         jobs = self._claim() if self._wants_work() else []
         if jobs is None:
@@ -237,7 +242,16 @@ class Loop:
             return self._store_backoff()
         if due is None:
             return IDLE_WAKEUP_WAIT
-        return min(max((due - timezone.now()).total_seconds(), MIN_POLL), IDLE_WAKEUP_WAIT)
+        left = (due - timezone.now()).total_seconds()
+        if left > MIN_POLL:
+            return min(left, IDLE_WAKEUP_WAIT)
+        # Due by this machine's clock; the store's clock decides, which may run behind.
+        try:
+            staged = self.backend.stage()
+        except Exception as e:
+            self._store_failed("make due jobs ready", e)
+            return self._store_backoff()
+        return 0.0 if staged else self.backend.conveyor_options.poll_interval
 
     def _wait_for_work(self, timeout: float) -> bool:
         try:
@@ -293,15 +307,20 @@ class Loop:
             if not self.waiting:
                 return
             index, job = self.waiting.popleft()
-            self._begin(index)
+            if not self._begin(index, job):
+                return
         self._run(index, job, self._add_result)
 
-    def _begin(self, index: int) -> None:
-        """Under ``cond``: the job in ``index`` starts now."""
+    def _begin(self, index: int, job: Job) -> bool:
+        """Under ``cond``: the job in ``index`` starts now; False if it was taken back."""
+        if not self.slots.start(index):  # the supervisor gave it back meanwhile
+            self.slot_of.pop((job.key, job.delivery), None)
+            self.slots.release(index)
+            return False
         self.started += 1
         self.running[index] = time.monotonic()
-        self.slots.start(index)
         self.cond.notify_all()
+        return True
 
     def _run(self, index: int, job: Job, deliver: Callable[[tuple[int, Finished]], None]) -> None:
         """Run ``job`` and hand its result on; it is never out of sight in between."""
@@ -354,7 +373,8 @@ class Loop:
                     if self.closed:
                         return
                     index, job = self.waiting.popleft()
-                    self._begin(index)
+                    if not self._begin(index, job):
+                        continue
                 self._run(index, job, self.results.put)
         finally:
             connections.close_all()
@@ -421,7 +441,7 @@ class Loop:
             stray = list(self.waiting)
             self.waiting.clear()
         self._give_back(stray, "the worker is stopping")
-        while self.running or self.recorder.backlog:
+        while self.running or self.results.qsize() or self.recorder.backlog:
             self._collect()
             if self.recorder.backlog and self.recorder.due_in(busy=False) <= 0:
                 self.recorder.flush()
@@ -438,6 +458,8 @@ class Loop:
         for thread in self.threads:
             thread.join(timeout=5)
         self._collect()
+        if self.recorder.backlog and not self.recorder.blocked:
+            self.recorder.flush()  # a last try for what finished while stopping
         self.recorder.give_up_all()
         self.waiter.close()
         self.backend.close()

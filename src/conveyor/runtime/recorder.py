@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 FLUSH_DELAY = 0.02  # longest a success waits to be saved together with others
 RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)  # between tries while the store is unreachable
 REFUSED = "conveyor.exceptions.OutcomeRefused"
+STRIKES = 4  # failed saves, alone and spread over seconds, before a row is blamed
 
 
 class Recorder:
@@ -49,6 +50,7 @@ class Recorder:
         self.failures = 0
         self.retry_at = 0.0
         self.saving = 0
+        self.strikes: dict[tuple[int, str], int] = {}  # failed saves of one outcome alone
         # The loop adds and saves; a watchdog thread may save too while a long task holds
         # the loop's thread, so that finished jobs are not left waiting behind it.
         self.lock = threading.RLock()
@@ -137,12 +139,24 @@ class Recorder:
         error: Exception,
         again: Callable[[list[Finished]], list[Finished]],
     ) -> list[Finished]:
+        """Decide what a failed save means: wait for the store, or fail a refused row.
+
+        A lost connection, a lock wait or a deadlock is not the row's fault: the outcome
+        waits and is tried again. A row is blamed only when the store says so (a data or
+        integrity error), or when it alone keeps failing while the store answers.
+        """
         close_old_connections()
         if not self._reachable():
             return batch
         if len(batch) > 1:  # find the row the store refused: save the others alone
             return [kept for item in batch for kept in again([item])]
-        self._refused(batch[0], error)
+        [item] = batch
+        key = (item.job.key, item.job.delivery)
+        self.strikes[key] = self.strikes.get(key, 0) + 1
+        if not self.backend.refuses(error) and self.strikes[key] < STRIKES:
+            return batch
+        self.strikes.pop(key, None)
+        self._refused(item, error)
         return []
 
     def _reachable(self) -> bool:
@@ -204,6 +218,7 @@ class Recorder:
 
     def _announce(self, item: Finished, recorded: bool) -> None:
         job, outcome = item.job, item.outcome
+        self.strikes.pop((job.key, job.delivery), None)
         if not recorded:
             logger.warning(
                 "The outcome of job %s (%s) was not recorded: the job had already ended, or "

@@ -43,6 +43,7 @@ EXIT_NOT_MIGRATED = 2  # the store has no tables: nothing to do until ``migrate`
 TICK = 1.0  # longest the supervisor sleeps between looks at its children
 PROGRESS_TICK = 0.25
 BEAT_RETRY = 1.0  # after a failed heartbeat, the next try comes this soon
+STUCK = 1.0  # every thread of a child in a task this long: its waiting jobs go back
 MAX_RESPAWN_DELAY = 10.0
 STORE_WAITS = (0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -139,6 +140,9 @@ class Supervisor:
         now = time.monotonic()
         if now >= self.next_beat:
             self._beat()
+        self._unstick()
+        if self.pending:
+            self._retry_releases()
         if now >= self.next_recover and self._in_contact_for(self.lease):
             self._recover()
             self.next_recover = now + self.lease / 2 * random.uniform(0.8, 1.2)
@@ -210,6 +214,7 @@ class Supervisor:
             process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        slots.stamp()
         self.children.append(Child(process=process, worker_id=worker_id, slots=slots))
         logger.info("Started worker process %s (%s)", process.pid, worker_id)
         with contextlib.suppress(Exception):
@@ -366,6 +371,8 @@ class Supervisor:
             self.contact_since = None
             self.next_beat = time.monotonic() + BEAT_RETRY
             return
+        for child in self.children:
+            child.slots.stamp()
         if self.contact_since is None:
             logger.info("The store answers again; leases renewed.")
             self.contact_since = time.monotonic()
@@ -380,6 +387,31 @@ class Supervisor:
                 )
         self.next_beat = time.monotonic() + self.lease / 3
         self._retry_releases()
+
+    def _unstick(self) -> None:
+        """Give back jobs waiting behind tasks that hold every thread of a child.
+
+        A child's own watchdog does this within milliseconds; it cannot while a task holds
+        the interpreter (a long C call), so the supervisor does it after ``STUCK``.
+        """
+        for child in self.children:
+            revoked = child.slots.revoke_waiting(self.settings.threads, STUCK)
+            if not revoked:
+                continue
+            try:
+                jobs = self.backend.give_back(child.worker_id, {(d.key, d.token) for d in revoked})
+            except Exception as e:
+                connections.close_all()
+                logger.warning("Could not give back jobs of %s (%s).", child.worker_id, e)
+                continue
+            if jobs:
+                shown = ", ".join(f"{job.id} ({job.task_path})" for job in jobs[:5])
+                logger.info(
+                    "Gave back %d job(s) waiting behind a long task in worker %s: %s",
+                    len(jobs),
+                    child.worker_id,
+                    shown,
+                )
 
     def _deliveries(self) -> list[Held]:
         held: list[Held] = []

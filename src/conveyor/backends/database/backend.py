@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from django.core import checks
-from django.db import DatabaseError, connections
+from django.db import DatabaseError, DataError, IntegrityError, connections
 from django.tasks import Task, TaskResult
 from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
 from django.tasks.signals import task_enqueued
@@ -189,7 +189,7 @@ class DatabaseBackend(StoreBackend):
         return transitions.claim(self.worker_store, worker_id, queues.narrowed(self.queues), limit)
 
     def stage(self, limit: int = 1000) -> int:
-        return transitions.stage(self.worker_store, limit)
+        return self._notify(transitions.stage(self.worker_store, limit))
 
     def next_due(self, queues: QueueSelector) -> datetime | None:
         return transitions.next_due(self.worker_store)
@@ -225,12 +225,21 @@ class DatabaseBackend(StoreBackend):
         self._notify(put_back, [p.job for p in put_back if not p.failed])
         return put_back
 
+    def give_back(self, worker_id: str, deliveries: Collection[tuple[int, str]]) -> list[JobRecord]:
+        jobs = transitions.give_back(self.worker_store, worker_id, deliveries)
+        return self._notify(jobs, jobs)
+
     def reclaim(self, worker_ids: Sequence[str]) -> list[JobRecord]:
         jobs = transitions.reclaim(self.worker_store, worker_ids)
         return self._notify(jobs, jobs)
 
     def heartbeat(self, worker_ids: Sequence[str], deliveries: Sequence[Held] = ()) -> int:
         return transitions.heartbeat(self.worker_store, worker_ids, deliveries)
+
+    def refuses(self, error: Exception) -> bool:
+        # A value the column or JSON type cannot hold, or a broken constraint; a lost
+        # connection, lock timeout or deadlock is an OperationalError and passes.
+        return isinstance(error, DataError | IntegrityError) or super().refuses(error)
 
     def reachable(self) -> bool:
         return operations.reachable(self.worker_store)

@@ -396,6 +396,16 @@ def release(
     return done
 
 
+def give_back(
+    store: Store, worker_id: str, deliveries: Collection[tuple[int, str]]
+) -> list[JobRecord]:
+    """Give back, uncounted, these deliveries of ``worker_id``."""
+    if not deliveries:
+        return []
+    held = _held(store, "lease_owner = %s", [worker_id])
+    return [job for job in held if (job.key, job.delivery) in deliveries and unclaim(store, [job])]
+
+
 def reclaim(store: Store, worker_ids: Sequence[str]) -> list[JobRecord]:
     """Give back, uncounted, deliveries of these workers not renewed for two leases.
 

@@ -203,6 +203,7 @@ def _listen_params(params: dict[str, Any]) -> dict[str, Any]:
     return {**extra, **listen}  # what the project set wins
 
 
+COMMIT_SETTLE = 0.02  # how long a write may take to become a visible commit
 INOTIFY_SLICE = 0.25  # longest block on file events before looking for a stop request
 POLL_SLICE = 0.1  # how often data_version is read where inotify is missing
 
@@ -238,9 +239,25 @@ class FileChangeWaiter(Waiter):
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            if self._written(left) and (self.db is None or self._committed()):
+            if self._written(left):
+                if self.db is None or self._committed_soon():
+                    return True
+            elif self._committed():  # a commit whose file event came before its index update
                 return True
         return False
+
+    def _committed_soon(self) -> bool:
+        """After a write to the files: say whether it was a commit, allowing it to land.
+
+        A commit appends to the ``-wal`` file first and then updates the shared index
+        (``-shm``, memory-mapped: no file event), where ``data_version`` reads it.
+        """
+        settle = time.monotonic() + COMMIT_SETTLE
+        while True:
+            if self._committed():
+                return True
+            if time.monotonic() >= settle or self.interrupted.wait(0.002):
+                return False
 
     def _written(self, left: float) -> bool:
         """Wait a slice of ``left``; say whether the database files may have changed."""
