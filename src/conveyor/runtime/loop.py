@@ -422,10 +422,12 @@ class Loop:
         except Exception as e:
             close_old_connections()
             logger.warning(
-                "Worker %s could not give back %d job(s) (%s); their leases will lapse.",
+                "Worker %s could not give back %d job(s) (%s); they go back once their "
+                "leases lapse: %s",
                 self.worker_id,
                 len(items),
                 e,
+                ", ".join(f"{job.id} ({job.task_path})" for _, job in items[:5]),
             )
         else:
             logger.debug("Worker %s gave back %d job(s): %s.", self.worker_id, len(items), why)

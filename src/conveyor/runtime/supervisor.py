@@ -486,7 +486,7 @@ def _log_put_back(put_back: list[PutBack], reason: str, most: int) -> None:
     for p in put_back:
         if p.counted and p.failed:
             logger.error(
-                "Job %s (%s) failed: %s while it ran, for the %dth time (the most allowed).",
+                "Job %s (%s) failed: %s while it ran; it was lost %d times, the most allowed.",
                 p.job.id,
                 p.job.task_path,
                 reason,

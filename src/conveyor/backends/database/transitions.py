@@ -37,6 +37,7 @@ from conveyor.records import Job as JobRecord
 from conveyor.records import Outcome, PutBack, QueueSelector, State, Success, error_from_text
 
 INSERT_CHUNK = 500
+HEARTBEAT_CHUNK = 500
 CLAIM_ORDER = "priority DESC, available_at, id"
 OPEN = "('scheduled', 'ready', 'waiting', 'running')"
 LOST_ERROR = "conveyor.exceptions.WorkerLost"
@@ -439,8 +440,15 @@ def heartbeat(store: Store, worker_ids: Sequence[str], deliveries: Sequence[Held
             f"UPDATE {WORKERS} SET last_beat_at = {d.now()} WHERE id IN ({marks})",
             list(worker_ids),
         )
-    if not deliveries:
-        return 0
+    # In chunks: every engine bounds the parameters of one statement.
+    return sum(
+        _renew(store, deliveries[i : i + HEARTBEAT_CHUNK])
+        for i in range(0, len(deliveries), HEARTBEAT_CHUNK)
+    )
+
+
+def _renew(store: Store, deliveries: Sequence[Held]) -> int:
+    d = store.dialect
     keys = [key for key, _, _ in deliveries]
     started = [store.time(at) for _, _, at in deliveries]
     marks = ", ".join(["%s"] * len(keys))
