@@ -230,7 +230,11 @@ class Loop:
             return min(poll * 2, longest)
         # Woken workers need no ladder: a wake that finds nothing waits long again.
         woke = self._wait_for_work(self._until_due())
-        if not woke:
+        if woke:
+            # New ready work: claim it first. Nothing was due when the wait began (it
+            # would have been staged), so staging can wait its usual turn.
+            self.next_stage = max(self.next_stage, time.monotonic() + STAGE_EVERY)
+        else:
             self.next_stage = 0.0  # a due time may have come
         return poll
 

@@ -204,6 +204,7 @@ def _listen_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 COMMIT_SETTLE = 0.02  # how long a write may take to become a visible commit
+COMMIT_LOOK = 0.0003  # between looks at data_version meanwhile
 INOTIFY_SLICE = 0.25  # longest block on file events before looking for a stop request
 POLL_SLICE = 0.1  # how often data_version is read where inotify is missing
 
@@ -256,7 +257,7 @@ class FileChangeWaiter(Waiter):
         while True:
             if self._committed():
                 return True
-            if time.monotonic() >= settle or self.interrupted.wait(0.002):
+            if time.monotonic() >= settle or self.interrupted.wait(COMMIT_LOOK):
                 return False
 
     def _written(self, left: float) -> bool:
