@@ -1,4 +1,17 @@
-"""``python -m bench``: run the benchmark (see ``bench/run.py``)."""
+"""``python -m bench``: run the benchmark (``bench/run.py``); ``python -m bench scale``: the
+scale run (``bench/scale.py``)."""
+
+import sys
+
+if sys.argv[1:2] == ["scale"]:
+    from bench.scale import main
+
+    raise SystemExit(main(sys.argv[2:]))
+
+if sys.argv[1:2] in (["killstorm"], ["latency"]):  # bench/killstorm.py, bench/e2e.py
+    from bench.sidebyside import run_command
+
+    raise SystemExit(run_command(sys.argv[1], sys.argv[2:]))
 
 from bench.run import main
 

@@ -30,7 +30,6 @@ from typing import Any
 
 from bench.workers import SYSTEMS, WorkerGroup, idle_cpu_percent, memory, worker_commands
 
-OPEN_STATUSES = ("READY", "RUNNING")
 POLL_DRAIN = 0.025  # seconds between looks at the table while a queue drains
 POLL_LATENCY = 0.001  # seconds between looks at one result row
 WARMUP_TASKS = 2
@@ -40,13 +39,35 @@ Figures = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
+class States:
+    """The field of a row that holds its state, and the values the benchmark looks for."""
+
+    column: str
+    open: tuple[str, ...]  # not finished yet
+    ready: str
+    succeeded: str
+    failed: str
+
+
+# django-tasks-db, and Conveyor before it had states of its own (``--conveyor-ref``).
+DJANGO_STATUSES = States("status", ("READY", "RUNNING"), "READY", "SUCCESSFUL", "FAILED")
+CONVEYOR_STATES = States(
+    "state", ("scheduled", "ready", "waiting", "running"), "ready", "succeeded", "failed"
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Subject:
-    """One system under test: its task, its rows and the field holding a result id."""
+    """One system under test: its task, its rows, their states, the field of a result id."""
 
     system: str
     task: Any  # django.tasks.Task
     rows: Callable[[], Any]  # a QuerySet of this backend's rows
+    states: States
     key: str
+
+    def unfinished(self) -> Any:
+        return self.rows().filter(**{f"{self.states.column}__in": self.states.open})
 
 
 def subject(system: str) -> Subject:
@@ -54,16 +75,28 @@ def subject(system: str) -> Subject:
     from bench.app.tasks import noop_conveyor, noop_tasksdb
 
     if system == "conveyor":
-        from conveyor.models import Job
+        return Subject(system, noop_conveyor, _conveyor_rows, _conveyor_states(), "uuid")
+    return Subject(system, noop_tasksdb, _tasksdb_rows, DJANGO_STATUSES, "id")
 
-        return Subject(
-            system, noop_conveyor, lambda: Job.objects.filter(backend_name="conveyor"), "uuid"
-        )
+
+def _conveyor_rows() -> Any:
+    from conveyor.models import Job
+
+    return Job.objects.filter(backend_name="conveyor")
+
+
+def _conveyor_states() -> States:
+    """Conveyor's states, or Django's statuses for an older Conveyor (``--conveyor-ref``)."""
+    from conveyor.models import Job
+
+    names = {field.name for field in Job._meta.get_fields()}
+    return CONVEYOR_STATES if "state" in names else DJANGO_STATUSES
+
+
+def _tasksdb_rows() -> Any:
     from django_tasks_db.models import DBTaskResult
 
-    return Subject(
-        system, noop_tasksdb, lambda: DBTaskResult.objects.filter(backend_name="tasksdb"), "id"
-    )
+    return DBTaskResult.objects.filter(backend_name="tasksdb")
 
 
 # --- enqueueing ---------------------------------------------------------------------------
@@ -92,7 +125,7 @@ def enqueue_bulk(s: Subject, count: int) -> Figures:
 
 
 def _expect_rows(s: Subject, count: int) -> None:
-    stored = s.rows().filter(status="READY").count()
+    stored = s.rows().filter(**{s.states.column: s.states.ready}).count()
     if stored != count:
         raise RuntimeError(f"{s.system}: {stored} ready rows after enqueueing {count}")
 
@@ -124,7 +157,7 @@ def wait_all_finished(s: Subject, group: WorkerGroup, timeout: float) -> float |
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         alive = group.alive()
-        if not s.rows().filter(status__in=OPEN_STATUSES).exists():
+        if not s.unfinished().exists():
             return time.monotonic()
         if not alive:
             return None  # every worker exited with work left: a failure, reported as such
@@ -136,12 +169,12 @@ def table_figures(s: Subject, total: int) -> Figures:
     """Counts by state and the span from the first start to the last finish, from rows."""
     from django.db.models import Count, Max, Min
 
-    counts = dict(s.rows().values_list("status").annotate(n=Count("pk")).order_by())
+    counts = dict(s.rows().values_list(s.states.column).annotate(n=Count("pk")).order_by())
     span = s.rows().aggregate(first=Min("started_at"), last=Max("finished_at"))
     figures: Figures = {
         "statuses": counts,
-        "successful": counts.get("SUCCESSFUL", 0),
-        "failed": counts.get("FAILED", 0),
+        "successful": counts.get(s.states.succeeded, 0),
+        "failed": counts.get(s.states.failed, 0),
     }
     if span["first"] is not None and span["last"] is not None:
         seconds = (span["last"] - span["first"]).total_seconds()
@@ -196,16 +229,16 @@ def run_one(s: Subject, i: int, timeout: float) -> tuple[float, float, float, bo
         row = list(
             s.rows()
             .filter(**{s.key: result.id})
-            .values_list("status", "enqueued_at", "started_at", "finished_at")
+            .values_list(s.states.column, "enqueued_at", "started_at", "finished_at")
         )
-        if row and row[0][0] not in OPEN_STATUSES:
+        if row and row[0][0] not in s.states.open:
             wall = time.perf_counter() - started
             status, enqueued_at, started_at, finished_at = row[0]
             return (
                 (started_at - enqueued_at).total_seconds(),
                 (finished_at - enqueued_at).total_seconds(),
                 wall,
-                status == "SUCCESSFUL",
+                status == s.states.succeeded,
             )
         time.sleep(POLL_LATENCY)
     raise TimeoutError(f"{s.system}: task {result.id} did not finish within {timeout}s")
@@ -258,13 +291,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+def exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through WorkerGroup.__exit__: workers stop
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.settings")
     import django
 

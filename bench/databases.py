@@ -1,7 +1,8 @@
-"""Fresh, migrated databases for each measurement: SQLite files and PostgreSQL databases.
+"""Fresh, migrated databases for each measurement: SQLite files, PostgreSQL and MySQL databases.
 
 Each engine migrates one template once; every phase then gets its own copy of it (a new
-SQLite file, or ``CREATE DATABASE ... TEMPLATE``), dropped when the phase ends.
+SQLite file, or ``CREATE DATABASE ... TEMPLATE``), dropped when the phase ends. MySQL and
+MariaDB have no templates: each phase's database is created and migrated afresh.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Any
 
 from bench.workers import MANAGE, ROOT
 
-ENGINES = ("sqlite", "postgres")
-ENGINE_LABELS = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
+ENGINES = ("sqlite", "postgres", "mysql")
+ENGINE_LABELS = {"sqlite": "SQLite", "postgres": "PostgreSQL", "mysql": "MySQL/MariaDB"}
 MIGRATE_TIMEOUT = 300.0
 
 
@@ -45,9 +46,10 @@ class Engine(ABC):
 
     name: str
 
-    def __init__(self, conn_max_age: str, source: Path) -> None:
+    def __init__(self, conn_max_age: str, source: Path, database: str = "conveyor_bench") -> None:
         self.conn_max_age = conn_max_age
         self.source = source
+        self.database = database  # on a server: the database each phase gets
 
     def env(self, db_name: str) -> dict[str, str]:
         """The environment that points the bench project at ``db_name``."""
@@ -87,8 +89,8 @@ class Engine(ABC):
 class SQLiteEngine(Engine):
     name = "sqlite"
 
-    def __init__(self, conn_max_age: str, source: Path) -> None:
-        super().__init__(conn_max_age, source)
+    def __init__(self, conn_max_age: str, source: Path, database: str = "conveyor_bench") -> None:
+        super().__init__(conn_max_age, source, database)
         self.dir = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
         self.template = self.dir / "template.sqlite3"
         self.copies = 0
@@ -120,8 +122,10 @@ class SQLiteEngine(Engine):
 
 class PostgresEngine(Engine):
     name = "postgres"
-    database = "conveyor_bench"
-    template = "conveyor_bench_template"
+
+    @property
+    def template(self) -> str:
+        return f"{self.database}_template"
 
     def _admin(self) -> Any:
         import psycopg
@@ -170,10 +174,58 @@ class PostgresEngine(Engine):
                 self._drop(name)
 
 
-def engine(name: str, conn_max_age: str, source: Path) -> Engine:
-    """The engine called ``name`` (``sqlite`` or ``postgres``), running Conveyor from ``source``."""
-    if name == "sqlite":
-        return SQLiteEngine(conn_max_age, source)
-    if name == "postgres":
-        return PostgresEngine(conn_max_age, source)
+class MySQLEngine(Engine):
+    name = "mysql"
+
+    def _admin(self) -> Any:
+        import MySQLdb
+
+        return MySQLdb.connect(
+            host=os.environ.get("BENCH_MYSQL_HOST", "127.0.0.1"),
+            port=int(os.environ.get("BENCH_MYSQL_PORT", "3306")),
+            user=os.environ.get("BENCH_MYSQL_USER", "root"),
+            passwd=os.environ.get("BENCH_MYSQL_PASSWORD", ""),
+            connect_timeout=10,
+        )
+
+    def _execute(self, *statements: str) -> list[tuple[Any, ...]]:
+        with contextlib.closing(self._admin()) as conn, contextlib.closing(conn.cursor()) as cur:
+            for statement in statements:
+                cur.execute(statement)
+            return list(cur.fetchall())
+
+    def prepare(self) -> None:
+        self._execute(f"DROP DATABASE IF EXISTS `{self.database}`")
+
+    @contextlib.contextmanager
+    def fresh(self) -> Iterator[dict[str, str]]:
+        self._execute(
+            f"DROP DATABASE IF EXISTS `{self.database}`",
+            f"CREATE DATABASE `{self.database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
+        )
+        try:
+            self.migrate(self.database)
+            yield self.env(self.database)
+        finally:
+            self._execute(f"DROP DATABASE IF EXISTS `{self.database}`")
+
+    def version(self) -> str:
+        return str(self._execute("SELECT VERSION()")[0][0])
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._execute(f"DROP DATABASE IF EXISTS `{self.database}`")
+
+
+ENGINE_CLASSES: dict[str, type[Engine]] = {
+    "sqlite": SQLiteEngine,
+    "postgres": PostgresEngine,
+    "mysql": MySQLEngine,
+}
+
+
+def engine(name: str, conn_max_age: str, source: Path, database: str = "conveyor_bench") -> Engine:
+    """The engine called ``name`` (see ``ENGINES``), running Conveyor from ``source``."""
+    if name in ENGINE_CLASSES:
+        return ENGINE_CLASSES[name](conn_max_age, source, database)
     raise ValueError(f"unknown database {name!r}; choose from {', '.join(ENGINES)}")

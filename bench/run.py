@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--db",
         default="sqlite,postgres",
-        help="Comma-separated databases: sqlite, postgres (default: both).",
+        help="Comma-separated databases: sqlite, postgres, mysql (default: sqlite,postgres).",
     )
     parser.add_argument(
         "--systems",
@@ -187,15 +187,15 @@ class Run:
         out = self.dir / f"{name}.json"
         log = self.dir / f"{name}.client.log"
         started = time.monotonic()
-        _say(f"[{ENGINE_LABELS[db]}] {phase}: {LABELS[system]} ...")
+        say(f"[{ENGINE_LABELS[db]}] {phase}: {LABELS[system]} ...")
         try:
-            code = _run_bounded(
+            code = run_bounded(
                 self.client_argv(phase, system, out), env, log, timeout=3 * self.args.timeout + 120
             )
         finally:
             kill_leftovers(self.pidfile)
         outcome = "timed out" if code is None else f"exit code {code}"
-        _say(f"    done in {time.monotonic() - started:.1f}s ({outcome})")
+        say(f"    done in {time.monotonic() - started:.1f}s ({outcome})")
         if code != 0 or not out.exists():
             return {
                 "errors": [f"the {phase} phase failed ({outcome}); see {log.relative_to(ROOT)}"]
@@ -222,7 +222,7 @@ class Run:
         return results
 
 
-def _run_bounded(argv: list[str], env: dict[str, str], log: Path, timeout: float) -> int | None:
+def run_bounded(argv: list[str], env: dict[str, str], log: Path, timeout: float) -> int | None:
     """Run ``argv`` with output to ``log``; its exit code, or None if it overran (stopped)."""
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -266,21 +266,21 @@ def _log_notes(paths: list[str]) -> list[str]:
     )
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
 # --- facts and text ---------------------------------------------------------------------------
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "not installed"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -358,7 +358,7 @@ def source_facts(before: tuple[str, str], after: tuple[str, str]) -> list[tuple[
     ]
 
 
-def _load() -> str:
+def load_average() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
@@ -371,15 +371,15 @@ def machine_facts(
     import psutil
 
     facts = [
-        ("CPU", f"{os.cpu_count()} logical CPUs, {_cpu_model()}"),
+        ("CPU", f"{os.cpu_count()} logical CPUs, {cpu_model()}"),
         ("Memory", f"{psutil.virtual_memory().total / 2**30:.1f} GiB"),
         ("OS", platform.platform()),
         ("Python", platform.python_version()),
-        ("Django", _version("django")),
-        ("django-conveyor", _version("django-conveyor")),
+        ("Django", package_version("django")),
+        ("django-conveyor", package_version("django-conveyor")),
         *sources,
-        ("django-tasks-db", _version("django-tasks-db")),
-        ("psycopg", _version("psycopg")),
+        ("django-tasks-db", package_version("django-tasks-db")),
+        ("psycopg", package_version("psycopg")),
     ]
     facts += [(ENGINE_LABELS[db], version) for db, version in versions.items()]
     facts += [
@@ -394,7 +394,7 @@ def machine_facts(
                 for s in args.system_list
             ),
         ),
-        ("Load average (1/5/15 min) before / after", f"{load_before}; {_load()}"),
+        ("Load average (1/5/15 min) before / after", f"{load_before}; {load_average()}"),
     ]
     return facts
 
@@ -469,7 +469,7 @@ def intro(args: argparse.Namespace, command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    load_before = _load()
+    load_before = load_average()
     run = Run(args)
     source_before = (run.source_label, source_fingerprint(run.source))
     started = time.monotonic()
@@ -483,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         kill_leftovers(run.pidfile)
         run.close()
-    _say(f"Finished in {time.monotonic() - started:.0f}s; logs in {run.dir.relative_to(ROOT)}")
-    _say(sources[0][1])
+    say(f"Finished in {time.monotonic() - started:.0f}s; logs in {run.dir.relative_to(ROOT)}")
+    say(sources[0][1])
     (run.dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print(report.render_text(results, args.tasks))
     if args.markdown:
@@ -504,10 +504,10 @@ def write_markdown(args: argparse.Namespace, section: str, intro_text: str) -> N
     if args.append and path.exists():
         with path.open("a") as f:
             f.write("\n" + section)
-        _say(f"Added this run to {path}")
+        say(f"Added this run to {path}")
     else:
         path.write_text(intro_text.rstrip() + "\n\n" + section)
-        _say(f"Wrote {path}")
+        say(f"Wrote {path}")
 
 
 def _engine_version(db: str, args: argparse.Namespace) -> str:

@@ -1,9 +1,10 @@
 """Settings of the benchmark project; the database under test comes from the environment.
 
-``BENCH_DB_ENGINE``: ``sqlite`` or ``postgres``. ``BENCH_DB_NAME``: the SQLite file or the
-PostgreSQL database. ``BENCH_CONN_MAX_AGE``: seconds, or ``none`` for persistent connections
+``BENCH_DB_ENGINE``: ``sqlite``, ``postgres`` or ``mysql``. ``BENCH_DB_NAME``: the SQLite file
+or the database. ``BENCH_CONN_MAX_AGE``: seconds, or ``none`` for persistent connections
 (the default). ``BENCH_PG_HOST``, ``BENCH_PG_PORT``, ``BENCH_PG_USER``, ``BENCH_PG_PASSWORD``:
-where PostgreSQL is. ``python -m bench`` sets all of these for each fresh database.
+where PostgreSQL is; ``BENCH_MYSQL_HOST`` etc. where MySQL or MariaDB is. ``python -m bench``
+sets the first three for each fresh database.
 """
 
 import os
@@ -48,7 +49,18 @@ def _database(engine: str, name: str, conn_max_age: int | None) -> dict[str, Any
             "PORT": int(os.environ.get("BENCH_PG_PORT", "5432")),
             "CONN_MAX_AGE": conn_max_age,
         }
-    raise ValueError(f"BENCH_DB_ENGINE must be 'sqlite' or 'postgres', not {engine!r}")
+    if engine == "mysql":
+        return {
+            "ENGINE": "django.db.backends.mysql",
+            "NAME": name or "conveyor_bench",
+            "USER": os.environ.get("BENCH_MYSQL_USER", "root"),
+            "PASSWORD": os.environ.get("BENCH_MYSQL_PASSWORD", ""),
+            "HOST": os.environ.get("BENCH_MYSQL_HOST", "127.0.0.1"),
+            "PORT": int(os.environ.get("BENCH_MYSQL_PORT", "3306")),
+            "OPTIONS": {"charset": "utf8mb4"},
+            "CONN_MAX_AGE": conn_max_age,
+        }
+    raise ValueError(f"BENCH_DB_ENGINE must be 'sqlite', 'postgres' or 'mysql', not {engine!r}")
 
 
 DATABASES = {
