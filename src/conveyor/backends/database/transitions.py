@@ -236,14 +236,23 @@ def complete(store: Store, successes: Sequence[Success]) -> set[str]:
         assign.append(f"{column} = {per_row(len(keys), kinds.get(column, d.time_value()))}")
         params += [p for pair in zip(keys, column_values, strict=True) for p in pair]
     marks = ", ".join(["%s"] * len(keys))
-    store.execute(
+    sql = (
         f"UPDATE {TABLE} SET state = 'succeeded', {', '.join(assign)}, "
         f"started_at = COALESCE(started_at, {per_row(len(keys), d.time_value())}), "
         "lease_owner = NULL, "
-        f"lease_expires_at = NULL WHERE id IN ({marks}) AND state IN {OPEN}",
-        [*params, *pairs(keys, values["last_attempted_at"]), *keys],
+        f"lease_expires_at = NULL WHERE id IN ({marks}) AND state IN {OPEN}"
     )
-    saved = _saved_by(store, keys, State.SUCCEEDED)
+    params = [*params, *pairs(keys, values["last_attempted_at"]), *keys]
+    # Each row updated now took its own delivery's token: saved by it. Only the others
+    # are looked up (already saved by the same delivery, or ended otherwise).
+    updated: set[Any] = set()
+    if d.update_returning:
+        updated = {row[0] for row in store.fetch(f"{sql} RETURNING id", params)}
+    else:
+        store.execute(sql, params)
+    missing = [key for key in keys if key not in updated]
+    saved = _saved_by(store, missing, State.SUCCEEDED) if missing else {}
+    saved.update((job.key, job.delivery) for job, _ in successes if job.key in updated)
     return {job.id for job, _ in successes if saved.get(job.key) == job.delivery}
 
 
