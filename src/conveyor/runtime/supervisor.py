@@ -12,13 +12,11 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import random
 import secrets
 import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from multiprocessing.connection import wait as wait_for_sentinels
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -27,11 +25,12 @@ from django.db import connections
 from django.tasks import task_backends
 from django.utils import timezone
 
-from conveyor.backends.base import Held, StoreBackend
+from conveyor.backends.base import StoreBackend
 from conveyor.exceptions import ConveyorImproperlyConfigured, NotMigrated
-from conveyor.records import PutBack, QueueSelector, WorkerInfo
+from conveyor.records import QueueSelector, WorkerInfo
 from conveyor.runtime.channel import Slots
 from conveyor.runtime.child import STOP_SIGNALS, child_main
+from conveyor.runtime.leases import Leases
 from conveyor.runtime.loop import EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED, WorkerConfig
 from conveyor.runtime.progress import Progress
 
@@ -42,8 +41,6 @@ EXIT_FORCED = 1  # a forced stop interrupted running tasks
 EXIT_NOT_MIGRATED = 2  # the store has no tables: nothing to do until ``migrate``
 TICK = 1.0  # longest the supervisor sleeps between looks at its children
 PROGRESS_TICK = 0.25
-BEAT_RETRY = 1.0  # after a failed heartbeat, the next try comes this soon
-STUCK = 1.0  # every thread of a child in a task this long: its waiting jobs go back
 MAX_RESPAWN_DELAY = 10.0
 STORE_WAITS = (0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -72,16 +69,6 @@ class Child:
     started: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True, slots=True)
-class PendingRelease:
-    """Deliveries of a dead child still to be put back (the store was unreachable)."""
-
-    worker_id: str
-    reason: str
-    executing: frozenset[tuple[int, str]]
-    counts: bool
-
-
 class Supervisor:
     """Keep ``processes`` workers running; the only process that handles signals."""
 
@@ -108,9 +95,7 @@ class Supervisor:
         self.wake_read, self.wake_write = os.pipe()
         self.respawn_at: list[float] = []
         self.crash_streak = 0
-        self.pending: list[PendingRelease] = []
-        self.contact_since: float | None = None
-        self.next_beat = self.next_recover = 0.0
+        self.leases = Leases(backend, self.host, settings.threads)
 
     def run(self) -> int:
         """Supervise until stopped (or, with ``until_done``, until the queue is empty)."""
@@ -137,19 +122,11 @@ class Supervisor:
         self._reap()
         self._respawn_due()
         self._handle_stop()
-        now = time.monotonic()
-        if now >= self.next_beat:
-            self._beat()
-        self._unstick()
-        if self.pending:
-            self._retry_releases()
-        if now >= self.next_recover and self._in_contact_for(self.lease):
-            self._recover()
-            self.next_recover = now + self.lease / 2 * random.uniform(0.8, 1.2)
+        self.leases.tick(self.children)
         self._update_progress()
 
     def _finish(self) -> None:
-        self._retry_releases()
+        self.leases.retry_releases()
         if self.progress:
             with contextlib.suppress(Exception):
                 self.progress.finish()
@@ -181,7 +158,7 @@ class Supervisor:
                 if self.signals:
                     return False
                 continue
-            self.contact_since = time.monotonic()
+            self.leases.connected()
             return True
         return False
 
@@ -224,7 +201,7 @@ class Supervisor:
         # Wakes when a child exits, a signal arrives (through the wake-up pipe), or a tick.
         waitables = [self.wake_read, *(child.process.sentinel for child in self.children)]
         if timeout is None:
-            timeout = min(self.tick, max(self.next_beat - time.monotonic(), 0.0))
+            timeout = min(self.tick, max(self.leases.next_beat - time.monotonic(), 0.0))
             if self.respawn_at:
                 timeout = max(0.0, min(timeout, min(self.respawn_at) - time.monotonic()))
         with contextlib.suppress(InterruptedError):
@@ -238,7 +215,7 @@ class Supervisor:
             code = child.process.exitcode
             crashed = code not in (EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED)
             how = _describe_exit(code)
-            self._release(child, f"worker process {child.process.pid} {how}", counts=crashed)
+            self.leases.release(child, f"worker process {child.process.pid} {how}", counts=crashed)
             self._end(child.worker_id, how)
             if self.signals or code == EXIT_DONE:
                 continue
@@ -271,40 +248,6 @@ class Supervisor:
         for at in [at for at in self.respawn_at if at <= now]:
             self.respawn_at.remove(at)
             self._spawn()
-
-    def _release(self, child: Child, reason: str, *, counts: bool) -> None:
-        executing = frozenset((d.key, d.token) for d in child.slots.read() if d.executing)
-        self._put_back(PendingRelease(child.worker_id, reason, executing, counts))
-
-    def _put_back(self, pending: PendingRelease) -> bool:
-        try:
-            put_back = self.backend.release(
-                pending.worker_id,
-                pending.reason,
-                executing=pending.executing,
-                counts_as_attempt=pending.counts,
-            )
-        except Exception as e:
-            connections.close_all()
-            logger.warning(
-                "Could not put back the jobs of %s yet (%s: %s); trying again.",
-                pending.worker_id,
-                type(e).__name__,
-                e,
-            )
-            self.pending.append(pending)
-            return False
-        _log_put_back(put_back, pending.reason, self.backend.conveyor_options.max_attempts)
-        return True
-
-    def _retry_releases(self) -> None:
-        pending, self.pending = self.pending, []
-        for item in pending:
-            if not self._put_back(item):
-                break
-        else:
-            return
-        self.pending += [p for p in pending if p not in self.pending]
 
     # --- stopping --------------------------------------------------------------------------
 
@@ -340,7 +283,9 @@ class Supervisor:
         self._signal_children(signal.SIGKILL)
         for child in self.children:
             child.process.join()
-            self._release(child, "the worker was stopped before the task finished", counts=False)
+            self.leases.release(
+                child, "the worker was stopped before the task finished", counts=False
+            )
             self._end(child.worker_id, "killed by a forced stop")
         self.children.clear()
 
@@ -349,98 +294,6 @@ class Supervisor:
             if child.process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.process.pid, signum)
-
-    # --- leases ------------------------------------------------------------------------------
-
-    def _beat(self) -> None:
-        """Renew what the children hold, then give back what they hold but never reported."""
-        ids = [child.worker_id for child in self.children]
-        try:
-            self.backend.heartbeat([self.host, *ids], self._deliveries())
-            if self.contact_since is not None:
-                reclaimed = self.backend.reclaim(ids)
-        except Exception as e:
-            connections.close_all()
-            if self.contact_since is not None:
-                logger.warning(
-                    "Heartbeat failed (%s: %s); retrying every %.0fs.",
-                    type(e).__name__,
-                    e,
-                    BEAT_RETRY,
-                )
-            self.contact_since = None
-            self.next_beat = time.monotonic() + BEAT_RETRY
-            return
-        for child in self.children:
-            child.slots.stamp()
-        if self.contact_since is None:
-            logger.info("The store answers again; leases renewed.")
-            self.contact_since = time.monotonic()
-        else:
-            for job in reclaimed:
-                logger.warning(
-                    "Gave back job %s (%s): held under worker %s, which never reported it "
-                    "(a claim whose reply was lost).",
-                    job.id,
-                    job.task_path,
-                    job.worker_ids[-1] if job.worker_ids else "?",
-                )
-        self.next_beat = time.monotonic() + self.lease / 3
-        self._retry_releases()
-
-    def _unstick(self) -> None:
-        """Give back jobs waiting behind tasks that hold every thread of a child.
-
-        A child's own watchdog does this within milliseconds; it cannot while a task holds
-        the interpreter (a long C call), so the supervisor does it after ``STUCK``.
-        """
-        for child in self.children:
-            revoked = child.slots.revoke_waiting(self.settings.threads, STUCK)
-            if not revoked:
-                continue
-            try:
-                jobs = self.backend.give_back(child.worker_id, {(d.key, d.token) for d in revoked})
-            except Exception as e:
-                connections.close_all()
-                logger.warning("Could not give back jobs of %s (%s).", child.worker_id, e)
-                continue
-            if jobs:
-                shown = ", ".join(f"{job.id} ({job.task_path})" for job in jobs[:5])
-                logger.info(
-                    "Gave back %d job(s) waiting behind a long task in worker %s: %s",
-                    len(jobs),
-                    child.worker_id,
-                    shown,
-                )
-
-    def _deliveries(self) -> list[Held]:
-        held: list[Held] = []
-        for child in self.children:
-            for d in child.slots.read():
-                started = datetime.fromtimestamp(d.started, UTC) if d.executing else None
-                held.append((d.key, d.token, started))
-        return held
-
-    def _in_contact_for(self, seconds: float) -> bool:
-        """Say whether every heartbeat of the last ``seconds`` reached the store.
-
-        After an outage every lease has run out; peers that are alive beat within a third
-        of a lease of the store coming back, so recovery waits a whole lease first.
-        """
-        since = self.contact_since
-        return since is not None and time.monotonic() - since >= seconds
-
-    def _recover(self) -> None:
-        try:
-            count = self.backend.recover()
-        except Exception as e:
-            logger.warning(
-                "Could not look for jobs with expired leases (%s: %s).", type(e).__name__, e
-            )
-            connections.close_all()
-            return
-        if count:
-            logger.warning("Recovered %d job(s) whose worker stopped heartbeating.", count)
 
     # --- the workers registry and progress -----------------------------------------------
 
@@ -479,30 +332,6 @@ class Supervisor:
             self.progress.update()
         except Exception:
             connections.close_all()  # a blip in the store: the bar catches up next time
-
-
-def _log_put_back(put_back: list[PutBack], reason: str, most: int) -> None:
-    """One line per job that counted a loss; one line for those given back uncounted."""
-    for p in put_back:
-        if p.counted and p.failed:
-            logger.error(
-                "Job %s (%s) failed: %s while it ran; it was lost %d times, the most allowed.",
-                p.job.id,
-                p.job.task_path,
-                reason,
-                most,
-            )
-        elif p.counted:
-            logger.warning(
-                "Job %s (%s) runs again: %s while it ran.", p.job.id, p.job.task_path, reason
-            )
-    uncounted = [p.job for p in put_back if not p.counted]
-    if uncounted:
-        shown = ", ".join(f"{job.id} ({job.task_path})" for job in uncounted[:5])
-        more = f" and {len(uncounted) - 5} more" if len(uncounted) > 5 else ""
-        logger.warning(
-            "Put back %d job(s), uncounted (%s): %s%s", len(uncounted), reason, shown, more
-        )
 
 
 def _describe_queues(queues: QueueSelector) -> str:

@@ -1,0 +1,227 @@
+"""Keeping the leases of a supervisor's children: beats, give-backs, put-backs, recovery.
+
+Every third of a lease the supervisor renews exactly the deliveries its children report in
+their slots, and beats the registry rows; then it gives back what a live child holds but
+never reported. It puts back what a dead child held (counting only what was executing),
+retrying while the store cannot be reached, and looks for other machines' expired leases
+only after a whole lease of uninterrupted contact with the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from django.db import connections
+
+from conveyor.backends.base import Held, StoreBackend
+from conveyor.records import PutBack
+from conveyor.runtime.channel import Slots
+
+logger = logging.getLogger(__name__)
+
+BEAT_RETRY = 1.0  # after a failed heartbeat, the next try comes this soon
+STUCK = 1.0  # every thread of a child in a task this long: its waiting jobs go back
+
+
+class Tracked(Protocol):
+    """A child process as leases see it: the id its jobs are leased under, and its slots."""
+
+    worker_id: str
+    slots: Slots
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRelease:
+    """Deliveries of a dead child still to be put back (the store was unreachable)."""
+
+    worker_id: str
+    reason: str
+    executing: frozenset[tuple[int, str]]
+    counts: bool
+
+
+class Leases:
+    """The lease keeping of one supervisor (``host``) whose children run ``threads`` each."""
+
+    def __init__(self, backend: StoreBackend, host: str, threads: int) -> None:
+        self.backend = backend
+        self.host = host
+        self.threads = threads
+        self.lease = backend.conveyor_options.lease
+        self.pending: list[PendingRelease] = []
+        self.contact_since: float | None = None
+        self.next_beat = self.next_recover = 0.0
+
+    def connected(self) -> None:
+        """The store answered (the supervisor registered itself)."""
+        self.contact_since = time.monotonic()
+
+    def tick(self, children: Sequence[Tracked]) -> None:
+        """Do whatever is due: beat, unstick, retry put-backs, recover."""
+        now = time.monotonic()
+        if now >= self.next_beat:
+            self.beat(children)
+        self.unstick(children)
+        if self.pending:
+            self.retry_releases()
+        if now >= self.next_recover and self.in_contact_for(self.lease):
+            self.recover()
+            self.next_recover = now + self.lease / 2 * random.uniform(0.8, 1.2)
+
+    def release(self, child: Tracked, reason: str, *, counts: bool) -> None:
+        """Put back what a child that ended held: only what it was executing counts."""
+        executing = frozenset((d.key, d.token) for d in child.slots.read() if d.executing)
+        self._put_back(PendingRelease(child.worker_id, reason, executing, counts))
+
+    def _put_back(self, pending: PendingRelease) -> bool:
+        try:
+            put_back = self.backend.release(
+                pending.worker_id,
+                pending.reason,
+                executing=pending.executing,
+                counts_as_attempt=pending.counts,
+            )
+        except Exception as e:
+            connections.close_all()
+            logger.warning(
+                "Could not put back the jobs of %s yet (%s: %s); trying again.",
+                pending.worker_id,
+                type(e).__name__,
+                e,
+            )
+            self.pending.append(pending)
+            return False
+        log_put_back(put_back, pending.reason, self.backend.conveyor_options.max_attempts)
+        return True
+
+    def retry_releases(self) -> None:
+        """Try again the put-backs the store could not take."""
+        pending, self.pending = self.pending, []
+        for item in pending:
+            if not self._put_back(item):
+                break
+        else:
+            return
+        self.pending += [p for p in pending if p not in self.pending]
+
+    def beat(self, children: Sequence[Tracked]) -> None:
+        """Renew what the children hold, then give back what they hold but never reported."""
+        ids = [child.worker_id for child in children]
+        try:
+            self.backend.heartbeat([self.host, *ids], _deliveries(children))
+            if self.contact_since is not None:
+                reclaimed = self.backend.reclaim(ids)
+        except Exception as e:
+            connections.close_all()
+            if self.contact_since is not None:
+                logger.warning(
+                    "Heartbeat failed (%s: %s); retrying every %.0fs.",
+                    type(e).__name__,
+                    e,
+                    BEAT_RETRY,
+                )
+            self.contact_since = None
+            self.next_beat = time.monotonic() + BEAT_RETRY
+            return
+        for child in children:
+            child.slots.stamp()
+        if self.contact_since is None:
+            logger.info("The store answers again; leases renewed.")
+            self.contact_since = time.monotonic()
+        else:
+            for job in reclaimed:
+                logger.warning(
+                    "Gave back job %s (%s): held under worker %s, which never reported it "
+                    "(a claim whose reply was lost).",
+                    job.id,
+                    job.task_path,
+                    job.worker_ids[-1] if job.worker_ids else "?",
+                )
+        self.next_beat = time.monotonic() + self.lease / 3
+        self.retry_releases()
+
+    def unstick(self, children: Sequence[Tracked]) -> None:
+        """Give back jobs waiting behind tasks that hold every thread of a child.
+
+        A child's own watchdog does this within milliseconds; it cannot while a task holds
+        the interpreter (a long C call), so the supervisor does it after ``STUCK``.
+        """
+        for child in children:
+            revoked = child.slots.revoke_waiting(self.threads, STUCK)
+            if not revoked:
+                continue
+            try:
+                jobs = self.backend.give_back(child.worker_id, {(d.key, d.token) for d in revoked})
+            except Exception as e:
+                connections.close_all()
+                logger.warning("Could not give back jobs of %s (%s).", child.worker_id, e)
+                continue
+            if jobs:
+                shown = ", ".join(f"{job.id} ({job.task_path})" for job in jobs[:5])
+                logger.info(
+                    "Gave back %d job(s) waiting behind a long task in worker %s: %s",
+                    len(jobs),
+                    child.worker_id,
+                    shown,
+                )
+
+    def in_contact_for(self, seconds: float) -> bool:
+        """Say whether every heartbeat of the last ``seconds`` reached the store.
+
+        After an outage every lease has run out; peers that are alive beat within a third
+        of a lease of the store coming back, so recovery waits a whole lease first.
+        """
+        since = self.contact_since
+        return since is not None and time.monotonic() - since >= seconds
+
+    def recover(self) -> None:
+        try:
+            count = self.backend.recover()
+        except Exception as e:
+            logger.warning(
+                "Could not look for jobs with expired leases (%s: %s).", type(e).__name__, e
+            )
+            connections.close_all()
+            return
+        if count:
+            logger.warning("Recovered %d job(s) whose worker stopped heartbeating.", count)
+
+
+def _deliveries(children: Sequence[Tracked]) -> list[Held]:
+    """What the children hold, as the store's heartbeat takes it."""
+    held: list[Held] = []
+    for child in children:
+        for d in child.slots.read():
+            started = datetime.fromtimestamp(d.started, UTC) if d.executing else None
+            held.append((d.key, d.token, started))
+    return held
+
+
+def log_put_back(put_back: list[PutBack], reason: str, most: int) -> None:
+    """One line per job that counted a loss; one line for those given back uncounted."""
+    for p in put_back:
+        if p.counted and p.failed:
+            logger.error(
+                "Job %s (%s) failed: %s while it ran; it was lost %d times, the most allowed.",
+                p.job.id,
+                p.job.task_path,
+                reason,
+                most,
+            )
+        elif p.counted:
+            logger.warning(
+                "Job %s (%s) runs again: %s while it ran.", p.job.id, p.job.task_path, reason
+            )
+    uncounted = [p.job for p in put_back if not p.counted]
+    if uncounted:
+        shown = ", ".join(f"{job.id} ({job.task_path})" for job in uncounted[:5])
+        more = f" and {len(uncounted) - 5} more" if len(uncounted) > 5 else ""
+        logger.warning(
+            "Put back %d job(s), uncounted (%s): %s%s", len(uncounted), reason, shown, more
+        )
