@@ -145,6 +145,7 @@ class ScaleRun:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    started = datetime.now(UTC)
     load_before = load_average()
     run = ScaleRun(args)
     source_before = (run.source_label, source_fingerprint(run.source))
@@ -161,7 +162,8 @@ def main(argv: list[str]) -> int:
     print(scale_report.render_text(results))
     if args.markdown:
         facts = scale_report.machine_facts(versions, sources, load_before, load_average())
-        section = scale_report.render_markdown(results, args, command_line(["scale", *argv]), facts)
+        command = command_line(["scale", *argv])
+        section = scale_report.render_markdown(results, args, command, facts, started)
         with args.markdown.open("a") as f:
             f.write("\n" + section)
         say(f"Added the scale run to {args.markdown}")

@@ -6,7 +6,7 @@ import argparse
 import os
 import platform
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from bench.databases import ENGINE_LABELS
@@ -207,12 +207,15 @@ N with the smallest N alone.
 
 
 def render_markdown(
-    results: Results, args: argparse.Namespace, command: str, facts: Sequence[tuple[str, str]]
+    results: Results,
+    args: argparse.Namespace,
+    command: str,
+    facts: Sequence[tuple[str, str]],
+    started: datetime,
 ) -> str:
     from bench.fill import ENQUEUE_CHUNK
 
-    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## Scale: run of {date}", ""]
+    lines = [f"## Scale: run started {started:%Y-%m-%d %H:%M} UTC", ""]
     lines += METHOD.format(chunk=ENQUEUE_CHUNK, **vars(args)).splitlines()
     lines += ["", f"Command: `{command}`", "", "| Machine | |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in facts]
