@@ -18,9 +18,16 @@ from typing import Any, ClassVar
 
 from django.tasks import Task, TaskResult, TaskResultStatus
 from django.tasks.backends.base import BaseTaskBackend
+from django.tasks.exceptions import InvalidTask
 
-from conveyor.backends.tasks import encode_arguments, resolve_task
+from conveyor.backends.tasks import (
+    encode_arguments,
+    stored_task,
+    task_problems,
+    unavailable_task,
+)
 from conveyor.conf import BackendOptions
+from conveyor.exceptions import TaskNotFound
 from conveyor.records import Job, Outcome, PutBack, QueueSelector, QueueStats, Success, WorkerInfo
 
 Call = tuple[Sequence[Any], Mapping[str, Any]]
@@ -60,6 +67,17 @@ class ConveyorBackend(BaseTaskBackend):
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:
         """Store many calls of one task together: all of them, or none."""
 
+    def enqueue(self, task: Task, args: Sequence[Any], kwargs: dict[str, Any]) -> TaskResult:
+        """Store one call of ``task``."""
+        return self.bulk_enqueue(task, [(args, kwargs)])[0]
+
+    def validate_task(self, task: Task) -> None:
+        """Refuse, besides what Django refuses, what no store could keep about ``task``."""
+        super().validate_task(task)
+        problems = task_problems(task)
+        if problems:
+            raise InvalidTask(" ".join(problems))
+
     def encode_call(self, task: Task, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Call:
         """Validate ``task`` and return its arguments as plain JSON values, or raise."""
         self.validate_task(task)
@@ -71,8 +89,17 @@ class ConveyorBackend(BaseTaskBackend):
         The stored queue is kept even if ``QUEUES`` no longer lists it: a job already
         stored runs where it was sent.
         """
-        task = resolve_task(job.task_path)
-        return task.using(priority=job.priority, run_after=job.run_after, backend=self.alias)
+        return stored_task(job.task_path, self.alias, job.queue_name, job.priority, job.run_after)
+
+    def stored_result(
+        self, job: Job, status: TaskResultStatus, finished_at: datetime | None, value: Any
+    ) -> TaskResult:
+        """The ``TaskResult`` a stored job stands for, even if its task is gone."""
+        try:
+            task = self.load_task(job)
+        except (TaskNotFound, InvalidTask):
+            task = unavailable_task(job.task_path, self.alias, job.queue_name, job.priority)
+        return self.to_task_result(job, task, status, finished_at=finished_at, return_value=value)
 
     def to_task_result(
         self, job: Job, task: Task, status: TaskResultStatus, **changes: Any

@@ -25,13 +25,11 @@ from typing import Any
 
 from django.tasks import Task, TaskResult
 from django.tasks.base import TaskError
-from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
+from django.tasks.exceptions import TaskResultDoesNotExist
 from django.tasks.signals import task_enqueued
 from django.utils import timezone
 
 from conveyor.backends.base import Call, Held, StoreBackend
-from conveyor.backends.tasks import stored_task, task_problems, unavailable_task
-from conveyor.exceptions import TaskNotFound
 from conveyor.records import (
     FINISHED_STATES,
     PENDING_STATES,
@@ -152,16 +150,6 @@ class MemoryBackend(StoreBackend):
 
     # --- the django.tasks face ----------------------------------------------------------
 
-    def validate_task(self, task: Task) -> None:
-        super().validate_task(task)
-        problems = task_problems(task)
-        if problems:
-            raise InvalidTask(" ".join(problems))
-
-    def enqueue(self, task: Task, args: Sequence[Any], kwargs: dict[str, Any]) -> TaskResult:
-        """Store one call of ``task``."""
-        return self.bulk_enqueue(task, [(args, kwargs)])[0]
-
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:
         """Store many calls of one task: all of them, or none."""
         encoded = [self.encode_call(task, args, kwargs) for args, kwargs in calls]
@@ -200,15 +188,7 @@ class MemoryBackend(StoreBackend):
             row = self._find(result_id)
             job, state, finished_at = row.record(self.alias), row.state, row.finished_at
             value = copy.deepcopy(row.return_value)
-        try:
-            task = stored_task(
-                job.task_path, self.alias, job.queue_name, job.priority, job.run_after
-            )
-        except (TaskNotFound, InvalidTask):
-            task = unavailable_task(job.task_path, self.alias, job.queue_name, job.priority)
-        return self.to_task_result(
-            job, task, state.django_status, finished_at=finished_at, return_value=value
-        )
+        return self.stored_result(job, state.django_status, finished_at, value)
 
     def _find(self, result_id: str) -> _Row:
         try:
@@ -218,9 +198,6 @@ class MemoryBackend(StoreBackend):
         if row is None:
             raise TaskResultDoesNotExist(result_id)
         return row
-
-    def load_task(self, job: Job) -> Task:
-        return stored_task(job.task_path, self.alias, job.queue_name, job.priority, job.run_after)
 
     # --- taking work ------------------------------------------------------------------------
 

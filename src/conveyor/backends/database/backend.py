@@ -14,17 +14,16 @@ from typing import Any, ClassVar
 from django.core import checks
 from django.db import DatabaseError, DataError, IntegrityError, connections
 from django.tasks import Task, TaskResult
-from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
+from django.tasks.exceptions import TaskResultDoesNotExist
 from django.tasks.signals import task_enqueued
 from django.utils import timezone
 
-from conveyor.backends import tasks as task_rules
 from conveyor.backends.base import Call, Held, StoreBackend, Waiter
 from conveyor.backends.database import operations, registry, store, transitions
 from conveyor.backends.database.dialects import SUPPORTED_VENDORS, dialect_for
 from conveyor.backends.database.models import Job
 from conveyor.conf import BackendOptions
-from conveyor.exceptions import NotMigrated, TaskNotFound
+from conveyor.exceptions import NotMigrated
 from conveyor.records import Job as JobRecord
 from conveyor.records import (
     Outcome,
@@ -95,18 +94,11 @@ class DatabaseBackend(StoreBackend):
 
     # --- the django.tasks face ----------------------------------------------------------
 
-    def validate_task(self, task: Task) -> None:
-        super().validate_task(task)
-        problems = task_rules.task_problems(task)
-        if problems:
-            raise InvalidTask(" ".join(problems))
-
-    def enqueue(self, task: Task, args: Sequence[Any], kwargs: dict[str, Any]) -> TaskResult:
-        """Store one call of ``task``; inside ``atomic()`` it exists only if that commits."""
-        return self.bulk_enqueue(task, [(args, kwargs)])[0]
-
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:
-        """Store many calls of one task in one statement per 500: all of them, or none."""
+        """Store many calls of one task in one statement per 500: all of them, or none.
+
+        Inside ``atomic()`` they exist only if that commits.
+        """
         encoded = [self.encode_call(task, args, kwargs) for args, kwargs in calls]
         now = timezone.now()
         rows = [self._new_row(task, args, kwargs, now) for args, kwargs in encoded]
@@ -162,26 +154,8 @@ class DatabaseBackend(StoreBackend):
 
     def row_to_result(self, row: Job) -> TaskResult:
         """The ``TaskResult`` a stored job stands for, even if its task is gone."""
-        try:
-            task = task_rules.stored_task(
-                row.task_path, self.alias, row.queue_name, row.priority, row.run_after
-            )
-        except (TaskNotFound, InvalidTask):
-            task = task_rules.unavailable_task(
-                row.task_path, self.alias, row.queue_name, row.priority
-            )
-        return self.to_task_result(
-            store.to_record(row),
-            task,
-            State(row.state).django_status,
-            finished_at=row.finished_at,
-            return_value=row.return_value,
-        )
-
-    def load_task(self, job: JobRecord) -> Task:
-        return task_rules.stored_task(
-            job.task_path, self.alias, job.queue_name, job.priority, job.run_after
-        )
+        status = State(row.state).django_status
+        return self.stored_result(store.to_record(row), status, row.finished_at, row.return_value)
 
     # --- the worker store ---------------------------------------------------------------
 
