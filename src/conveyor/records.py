@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -58,6 +61,14 @@ class QueueSelector:
         if self.include is not None and queue_name not in self.include:
             return False
         return queue_name not in self.exclude
+
+    def describe(self) -> str:
+        """The choice as the workers registry shows it: ``a,b``, ``*`` or ``* -a,b``."""
+        if self.include is not None:
+            return ",".join(sorted(self.include))
+        if self.exclude:
+            return "* -" + ",".join(sorted(self.exclude))
+        return "*"
 
     def narrowed(self, known: frozenset[str] | set[str]) -> QueueSelector:
         """The same choice as an explicit list when the backend's queues are known."""
@@ -204,6 +215,11 @@ class WorkerInfo:
     last_beat_at: datetime | None = None
     stopped_at: datetime | None = None
     ended: str = ""
+
+
+def new_worker_id() -> str:
+    """A worker id: host, process, and 64 random bits (no two machines share one)."""
+    return f"{socket.gethostname()[:50]}:{os.getpid()}:{secrets.token_hex(8)}"
 
 
 def error_from_exception(exc: BaseException, traceback_text: str) -> TaskError:

@@ -30,6 +30,7 @@ from django.tasks.signals import task_enqueued
 from django.utils import timezone
 
 from conveyor.backends.base import Call, Held, StoreBackend
+from conveyor.backends.tasks import due_later
 from conveyor.records import (
     FINISHED_STATES,
     PENDING_STATES,
@@ -164,7 +165,7 @@ class MemoryBackend(StoreBackend):
         return results
 
     def _insert(self, task: Task, args: Any, kwargs: Any, now: datetime) -> _Row:
-        due = task.run_after if task.run_after is not None and task.run_after > now else None
+        due = due_later(task, now)
         row = _Row(
             seq=next(self._store.seq),
             id=str(uuid.uuid4()),

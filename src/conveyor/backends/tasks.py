@@ -91,6 +91,12 @@ def unavailable_task(path: str, alias: str, queue_name: str, priority: int) -> T
     return task
 
 
+def due_later(task: Task, now: datetime) -> datetime | None:
+    """When a call of ``task`` enqueued ``now`` falls due, if that is later (it is scheduled)."""
+    run_after = task.run_after
+    return run_after if run_after is not None and run_after > now else None
+
+
 def task_problems(task: Task) -> list[str]:
     """What no engine could store about ``task`` itself (its path, queue or run_after)."""
     problems = []

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import secrets
 import signal
 import socket
 import threading
@@ -35,7 +34,7 @@ from django.utils import timezone
 
 from conveyor.backends.base import Held, StoreBackend
 from conveyor.exceptions import ConveyorImproperlyConfigured
-from conveyor.records import Job, Outcome, QueueSelector, WorkerInfo
+from conveyor.records import Job, Outcome, QueueSelector, WorkerInfo, new_worker_id
 from conveyor.runtime.channel import Slots
 from conveyor.runtime.loop import Loop, WorkerConfig
 from conveyor.runtime.middleware import DEFAULT_MIDDLEWARE, Middleware
@@ -80,7 +79,7 @@ class InProcessWorker:
         self.until_done = until_done
         self.max_tasks = max_tasks
         self.stop_on_signals = stop_on_signals  # only a command-line run owns the signals
-        self.worker_id = _new_worker_id()
+        self.worker_id = new_worker_id()
         self.summary = RunSummary()
         self.loop: Loop | None = None
         self.stop_requested = threading.Event()
@@ -94,7 +93,7 @@ class InProcessWorker:
     def run(self) -> int:
         """Work until no job is ready (or the budget is spent, or a stop); return the code."""
         if self.loop is not None:  # run before: the registry takes an id once
-            self.worker_id = _new_worker_id()
+            self.worker_id = new_worker_id()
         backend = _store(self.alias)
         tally = _Tally()
         hooks = [*(m() for m in DEFAULT_MIDDLEWARE), tally]
@@ -139,7 +138,7 @@ class InProcessWorker:
             kind="process",
             host=socket.gethostname(),
             pid=os.getpid(),
-            queues=_describe_queues(self.queues),
+            queues=self.queues.describe(),
             threads=1,
             started_at=timezone.now(),
         )
@@ -264,21 +263,9 @@ def _store(alias: str) -> StoreBackend:
     return backend
 
 
-def _new_worker_id() -> str:
-    return f"{socket.gethostname()[:50]}:{os.getpid()}:{secrets.token_hex(8)}"
-
-
 def _in_transaction() -> bool:
     """Say whether this thread is inside ``atomic()`` on any database (a ``TestCase``)."""
     return any(conn.in_atomic_block for conn in connections.all(initialized_only=True))
-
-
-def _describe_queues(queues: QueueSelector) -> str:
-    if queues.include is not None:
-        return ",".join(sorted(queues.include))
-    if queues.exclude:
-        return "* -" + ",".join(sorted(queues.exclude))
-    return "*"
 
 
 @contextlib.contextmanager

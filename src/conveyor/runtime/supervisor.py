@@ -12,7 +12,6 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import secrets
 import signal
 import socket
 import time
@@ -27,7 +26,7 @@ from django.utils import timezone
 
 from conveyor.backends.base import StoreBackend
 from conveyor.exceptions import ConveyorImproperlyConfigured, NotMigrated
-from conveyor.records import QueueSelector, WorkerInfo
+from conveyor.records import QueueSelector, WorkerInfo, new_worker_id
 from conveyor.runtime.channel import Slots
 from conveyor.runtime.child import STOP_SIGNALS, child_main
 from conveyor.runtime.leases import Leases
@@ -89,7 +88,7 @@ class Supervisor:
         self.forced = False
         self.context = multiprocessing.get_context("fork")
         self.hostname = socket.gethostname()
-        self.host = f"{self.hostname[:50]}:{os.getpid()}:{secrets.token_hex(8)}"
+        self.host = new_worker_id()
         self.progress: Progress | None = None
         self.tick = min(TICK, self.lease / 3, PROGRESS_TICK if settings.progress else TICK)
         self.wake_read, self.wake_write = os.pipe()
@@ -305,7 +304,7 @@ class Supervisor:
             host=self.hostname,
             pid=pid,
             supervisor=None if kind == "supervisor" else self.host,
-            queues=_describe_queues(self.settings.queues),
+            queues=self.settings.queues.describe(),
             threads=self.settings.threads,
             started_at=timezone.now(),
         )
@@ -332,14 +331,6 @@ class Supervisor:
             self.progress.update()
         except Exception:
             connections.close_all()  # a blip in the store: the bar catches up next time
-
-
-def _describe_queues(queues: QueueSelector) -> str:
-    if queues.include is not None:
-        return ",".join(sorted(queues.include))
-    if queues.exclude:
-        return "* -" + ",".join(sorted(queues.exclude))
-    return "*"
 
 
 def _describe_exit(code: int | None) -> str:

@@ -22,6 +22,7 @@ from conveyor.backends.base import Call, Held, StoreBackend, Waiter
 from conveyor.backends.database import operations, registry, store, transitions
 from conveyor.backends.database.dialects import SUPPORTED_VENDORS, dialect_for
 from conveyor.backends.database.models import Job
+from conveyor.backends.tasks import due_later
 from conveyor.conf import BackendOptions
 from conveyor.exceptions import NotMigrated
 from conveyor.records import Job as JobRecord
@@ -117,7 +118,7 @@ class DatabaseBackend(StoreBackend):
         return results
 
     def _new_row(self, task: Task, args: Any, kwargs: Any, now: datetime) -> Job:
-        due = task.run_after if task.run_after is not None and task.run_after > now else None
+        due = due_later(task, now)
         return Job(
             uuid=uuid.uuid4(),
             backend_name=self.alias,
