@@ -217,3 +217,49 @@ class outage:
     def __exit__(self, *exc: object) -> None:
         self._sql(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS true')
         connections[self.alias].close()  # this test's own session was cut too
+
+
+def test_jobs_waiting_behind_a_task_that_holds_the_interpreter_go_back(
+    backend, backend_alias, tmp_path: Path
+):
+    # The child's own watchdog cannot run while the task holds the GIL: the supervisor
+    # gives back the jobs waiting behind it. (Outcomes already finished stay held until the
+    # task ends: giving those back would run them twice.)
+    log = tmp_path / "log"
+    neighbour = on(tasks.log_line, backend_alias)
+    before = conveyor.bulk_enqueue(neighbour, [(str(log), f"b{i}") for i in range(100)])
+    held = on(tasks.hold_interpreter, backend_alias).enqueue(str(log), 4.0)
+    after = conveyor.bulk_enqueue(neighbour, [(str(log), f"a{i}") for i in range(100)])
+    label = {r.id: r.args[1] for r in [*before, *after]}
+
+    def only_run_jobs_held() -> bool:
+        owner = job(held).worker_ids[-1]
+        started = {line.split()[1] for line in lines(log) if line.startswith("start")}
+        return all(label[j] in started for j in held_by(backend, owner) if j != held.id)
+
+    with Worker(backend_alias, "--processes", "2") as worker:
+        wait_for(lambda: any(line.startswith("start hold") for line in lines(log)))
+        time.sleep(1.5)  # past the supervisor's one second, and a tick
+        assert only_run_jobs_held()
+        wait_for(lambda: job(held).status == TaskResultStatus.SUCCESSFUL, timeout=15)
+        wait_for(lambda: backend.stats().pending == 0, timeout=15)
+        worker.signal()
+        assert worker.wait() == 0, worker.output
+    assert backend.stats().successful == 201
+
+
+@pytest.mark.parametrize("engine", ["postgres"], indirect=True)
+def test_a_connection_cut_while_a_task_runs_fails_nothing(backend, backend_alias, tmp_path):
+    log = tmp_path / "log"
+    result = on(tasks.log_line, backend_alias).enqueue(str(log), "cut", sleep=1.5)
+    with Worker(backend_alias, "--processes", "1") as worker:
+        wait_for(lambda: lines(log))
+        with outage(backend, seconds=0.0):  # every session cut; reconnecting works at once
+            pass
+        wait_for(lambda: job(result).status != TaskResultStatus.RUNNING, timeout=15)
+        worker.signal()
+        assert worker.wait() == 0, worker.output
+    done = job(result)
+    assert done.status == TaskResultStatus.SUCCESSFUL, done.errors
+    assert done.errors == [] and done.attempts == 1
+    assert len([line for line in lines(log) if line.startswith("start")]) == 1

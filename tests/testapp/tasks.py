@@ -114,3 +114,14 @@ def begin_and_leave_open() -> str:
     with connection.cursor() as cursor:
         cursor.execute("BEGIN")
     return "left open"
+
+
+@task()
+def hold_interpreter(path: str, seconds: float) -> str:
+    """Log a start line, then sleep in C without releasing the GIL (a long C call)."""
+    import ctypes
+
+    with Path(path).open("a") as f:
+        f.write(f"start hold {os.getpid()}\n")
+    ctypes.PyDLL(None).usleep(int(seconds * 1_000_000))
+    return "held"
