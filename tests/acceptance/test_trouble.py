@@ -165,17 +165,21 @@ def test_an_outage_longer_than_the_lease_reruns_nothing(backend, backend_alias, 
     log = tmp_path / "log"
     result = on(tasks.log_line, backend_alias).enqueue(str(log), "through", sleep=2.5)
     runner = Worker(backend_alias, "--processes", "1")
-    other = Worker(backend_alias, "--processes", "1")  # another machine, idle
+    other = None
     try:
         wait_for(lambda: lines(log))
+        # Another machine, idle: started once the runner holds the job, so it runs there.
+        other = Worker(backend_alias, "--processes", "1")
         with outage(backend, seconds=3.0):  # three leases without the database
             pass
         wait_for(lambda: job(result).status == TaskResultStatus.SUCCESSFUL, timeout=20)
         time.sleep(1.5)  # a recovery round of both supervisors after the outage
     finally:
         for worker in (runner, other):
-            worker.signal()
-            worker.wait()
+            if worker is not None:
+                worker.signal()
+                worker.wait()
+    assert other is not None
     starts = [line for line in lines(log) if line.startswith("start")]
     assert len(starts) == 1, runner.output + other.output
     done = job(result)
