@@ -150,6 +150,7 @@ class PutBack:
     job: Job
     counted: bool  # the loss counts toward MAX_ATTEMPTS
     failed: bool  # ... and the job was failed for it
+    saved: bool = False  # not put back: the process had finished it; its success is saved
 
 
 STAT_NAMES = ("ready", "scheduled", "running", "successful", "failed")

@@ -74,6 +74,27 @@ def test_a_crash_counts_only_the_job_that_was_running(backend, backend_alias):
     assert "before it was ready" not in worker.output
 
 
+def test_a_crash_runs_nothing_again_that_had_finished(backend, backend_alias, tmp_path: Path):
+    # The jobs just before the crash had returned, their outcomes waiting for the next
+    # group commit: the supervisor saves them from the dead process's slots.
+    log = tmp_path / "log"
+    noop = on(tasks.log_line, backend_alias)
+    before = conveyor.bulk_enqueue(noop, [(str(log), f"n{i}") for i in range(30)])
+    poison = on(tasks.kill_self, backend_alias).enqueue()
+
+    worker = Worker(backend_alias, "--processes", "1", "--until-done", options={"MAX_ATTEMPTS": 1})
+    assert worker.wait(timeout=60) == 0, worker.output
+
+    assert job(poison).status == TaskResultStatus.FAILED
+    starts = [line.split()[1] for line in lines(log) if line.startswith("start")]
+    assert sorted(starts) == sorted(f"n{i}" for i in range(30)), worker.output
+    for result in before:
+        done = job(result)
+        assert done.status == TaskResultStatus.SUCCESSFUL and done.attempts == 1, done
+        assert done.return_value == result.args[1]
+    assert "outcome(s) a dead worker process had finished" in worker.output
+
+
 def test_a_slow_task_holds_no_other_job(backend, backend_alias, tmp_path: Path):
     log = tmp_path / "log"
     noop = on(tasks.add, backend_alias)

@@ -252,6 +252,39 @@ def test_release_counts_only_what_was_executing(backend, backend_alias):
     assert [j.id for j in backend.claim("next", ALL, 3)] == [r.id for r in results[:3]]
 
 
+def test_release_saves_what_the_process_had_finished(backend, backend_alias):
+    add = on(tasks.add, backend_alias)
+    results = [add.enqueue(i, i) for i in range(3)]
+    done, running, ahead = backend.claim("gone", ALL, 3)
+    refused = enqueue(backend, on(tasks.noop, backend_alias))
+    [unsavable] = backend.claim("gone", ALL, 1)
+    finished = {
+        (done.key, done.delivery): returned(0),
+        # Not JSON, as a refused value would be: the job goes back and runs again.
+        (unsavable.key, unsavable.delivery): returned(float("nan")),
+    }
+    put_back = backend.release(
+        "gone",
+        "its process was killed",
+        executing={(running.key, running.delivery)},
+        finished=finished,
+    )
+
+    assert {(p.job.id, p.counted, p.saved) for p in put_back} == {
+        (done.id, False, True),
+        (running.id, True, False),
+        (ahead.id, False, False),
+        (refused.id, False, False),
+    }
+    saved = backend.get_result(done.id)
+    assert saved.status == TaskResultStatus.SUCCESSFUL and saved.return_value == 0
+    assert saved.attempts == 1 and saved.errors == []
+    assert backend.get_result(refused.id).status == TaskResultStatus.READY
+    assert backend.get_result(results[2].id).attempts == 0
+    # A second release (the first one's reply was lost) changes nothing.
+    assert backend.release("gone", "again", finished=finished) == []
+
+
 def test_a_stopped_worker_s_running_job_is_not_counted(backend_alias):
     backend = with_options(backend_alias, max_attempts=1)
     result = enqueue(backend, on(tasks.add, backend_alias), 1, 2)

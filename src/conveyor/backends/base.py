@@ -187,12 +187,15 @@ class WorkerStore(ABC):
         *,
         executing: Collection[tuple[int, str]] = (),
         counts_as_attempt: bool = True,
+        finished: Mapping[tuple[int, str], Outcome] | None = None,
     ) -> list[PutBack]:
         """Put back every delivery ``worker_id`` holds: its process ended.
 
         Deliveries in ``executing`` (job key, token) were running: they are requeued
         (counted if ``counts_as_attempt``); the rest never started and go back uncounted,
-        keeping their place in line.
+        keeping their place in line. Deliveries in ``finished`` had returned and their
+        successes were not saved yet: they are saved as ``complete`` would
+        (``PutBack.saved``), or, if the store refuses the value, go back uncounted.
         """
 
     @abstractmethod

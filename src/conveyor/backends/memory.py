@@ -9,6 +9,7 @@ of them must see the same jobs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import heapq
 import itertools
@@ -18,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -320,8 +321,9 @@ class MemoryBackend(StoreBackend):
         *,
         executing: Collection[tuple[int, str]] = (),
         counts_as_attempt: bool = True,
+        finished: Mapping[tuple[int, str], Outcome] | None = None,
     ) -> list[PutBack]:
-        done: list[PutBack] = []
+        done = self._save_finished(worker_id, finished or {})
         with self._store.lock:
             held = [r for r in self._rows(State.RUNNING) if r.lease_owner == worker_id]
             for row in sorted(held, key=lambda r: r.seq):
@@ -333,6 +335,25 @@ class MemoryBackend(StoreBackend):
                     self._give_back(row)
                     done.append(PutBack(job=job, counted=False, failed=False))
         return done
+
+    def _save_finished(
+        self, worker_id: str, finished: Mapping[tuple[int, str], Outcome]
+    ) -> list[PutBack]:
+        with self._store.lock:
+            jobs = [
+                row.record(self.alias)
+                for row in self._rows(State.RUNNING)
+                if row.lease_owner == worker_id and (row.seq, row.delivery) in finished
+            ]
+        saved: set[str] = set()
+        for job in jobs:  # a value the store refuses: that job runs again, and fails then
+            with contextlib.suppress(TypeError, ValueError):
+                saved |= self.complete([(job, finished[job.key, job.delivery])])
+        return [
+            PutBack(job=job, counted=False, failed=False, saved=True)
+            for job in jobs
+            if job.id in saved
+        ]
 
     def give_back(self, worker_id: str, deliveries: Collection[tuple[int, str]]) -> list[Job]:
         with self._store.lock:

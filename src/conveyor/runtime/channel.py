@@ -7,6 +7,10 @@ supervisor reads every table on its tick (to renew exactly those leases) and the
 a child that died (to count only what was executing). A ``ready`` flag says the child got
 through its start-up, and the supervisor stamps each heartbeat that reached the store.
 
+A task that returned leaves a small copy of its success in its slot until the outcome is
+saved, so that the supervisor of a child that died can save it instead of running the job
+again (a value too large for the slot is not copied: that job runs again).
+
 A held delivery may be *revoked* by the supervisor (when every thread of the child is stuck
 in a task, and the child's own watchdog cannot run): under a lock the two processes share,
 a delivery is either started by the child or revoked by the supervisor, never both.
@@ -15,18 +19,23 @@ a delivery is either started by the child or revoked by the supervisor, never bo
 from __future__ import annotations
 
 import ctypes
+import json
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from multiprocessing.context import BaseContext
 
-from conveyor.records import Job
+from conveyor.records import Job, Outcome
+
+OUTCOME_BYTES = 1024  # room for one success per slot: its return value and times, as JSON
 
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One slot as the supervisor reads it."""
 
+    index: int
     key: int
     token: str
     started: float  # wall-clock time the task started; 0.0 while only held; < 0 once done
@@ -47,6 +56,8 @@ class Slots:
         self.started = context.RawArray(ctypes.c_double, size)
         self.deadlines = context.RawArray(ctypes.c_double, size)
         self.revoked = context.RawArray(ctypes.c_uint8, size)
+        self.outcomes = context.RawArray(ctypes.c_char, size * OUTCOME_BYTES)
+        self.outcome_sizes = context.RawArray(ctypes.c_uint32, size)
         self.gate = context.Lock()
         self.ready = context.RawValue(ctypes.c_int, 0)
         self.beat = context.RawValue(ctypes.c_double, 0.0)  # 0.0: no supervisor
@@ -71,6 +82,7 @@ class Slots:
         self.started[index] = 0.0
         self.deadlines[index] = 0.0
         self.revoked[index] = 0
+        self.outcome_sizes[index] = 0
         self.keys[index] = int(job.key)  # written last: a reader sees a whole slot or none
         return index
 
@@ -88,8 +100,17 @@ class Slots:
         stamp = self.beat.value
         return stamp == 0.0 or time.time() - stamp < within
 
-    def finish(self, index: int) -> None:
-        """The task in ``index`` returned; its outcome is not saved yet (never revoked)."""
+    def finish(self, index: int, outcome: Outcome | None = None) -> None:
+        """The task in ``index`` returned; its outcome is not saved yet (never revoked).
+
+        A success small enough is copied into the slot first, for the supervisor to save
+        should this process die before it does.
+        """
+        if outcome is not None and outcome.error is None:
+            blob = _encode(outcome)
+            if blob is not None:
+                ctypes.memmove(self._outcome_at(index), blob, len(blob))
+                self.outcome_sizes[index] = len(blob)
         self.started[index] = -1.0
 
     def release(self, index: int) -> None:
@@ -99,6 +120,9 @@ class Slots:
         with self._lock:
             self._jobs.pop(index, None)
             self._free.append(index)
+
+    def _outcome_at(self, index: int) -> int:
+        return ctypes.addressof(self.outcomes) + index * OUTCOME_BYTES
 
     def mark_ready(self) -> None:
         self.ready.value = 1
@@ -113,12 +137,27 @@ class Slots:
             if key:
                 found.append(
                     Delivery(
+                        index=index,
                         key=key,
                         token=f"{self.tokens[index]:016x}",
                         started=self.started[index],
                         deadline=self.deadlines[index],
                     )
                 )
+        return found
+
+    def finished(self) -> dict[tuple[int, str], Outcome]:
+        """The successes copied into slots and not saved yet, by (job key, token).
+
+        Read once the child is dead: nothing writes the slots any more.
+        """
+        found = {}
+        for d in self.read():
+            size = self.outcome_sizes[d.index]
+            if d.started < 0.0 and size:
+                outcome = _decode(ctypes.string_at(self._outcome_at(d.index), size))
+                if outcome is not None:
+                    found[d.key, d.token] = outcome
         return found
 
     @property
@@ -145,3 +184,28 @@ class Slots:
                 if self.keys[index] and self.started[index] == 0.0:
                     self.revoked[index] = 1
         return waiting
+
+
+def _encode(outcome: Outcome) -> bytes | None:
+    """A success as the slot holds it, or None if it does not fit (or is not JSON)."""
+    try:
+        blob = json.dumps(
+            [outcome.return_value, outcome.started_at.timestamp(), outcome.finished_at.timestamp()],
+            allow_nan=False,
+            separators=(",", ":"),
+        ).encode()
+    except (TypeError, ValueError):
+        return None
+    return blob if len(blob) <= OUTCOME_BYTES else None
+
+
+def _decode(blob: bytes) -> Outcome | None:
+    try:
+        value, started, finished = json.loads(blob)
+        return Outcome(
+            started_at=datetime.fromtimestamp(started, UTC),
+            finished_at=datetime.fromtimestamp(finished, UTC),
+            return_value=value,
+        )
+    except (TypeError, ValueError):
+        return None

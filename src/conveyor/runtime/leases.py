@@ -12,16 +12,18 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
 from django.db import connections
+from django.tasks.signals import task_finished
 
 from conveyor.backends.base import Held, StoreBackend
-from conveyor.records import PutBack
+from conveyor.records import Job, Outcome, PutBack
 from conveyor.runtime.channel import Slots
+from conveyor.runtime.runner import send
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class PendingRelease:
     reason: str
     executing: frozenset[tuple[int, str]]
     counts: bool
+    finished: Mapping[tuple[int, str], Outcome]
 
 
 class Leases:
@@ -75,9 +78,13 @@ class Leases:
             self.next_recover = now + self.lease / 2 * random.uniform(0.8, 1.2)
 
     def release(self, child: Tracked, reason: str, *, counts: bool) -> None:
-        """Put back what a child that ended held: only what it was executing counts."""
+        """Put back what a child that ended held: only what it was executing counts.
+
+        Successes it had finished but not saved are saved here, and announced.
+        """
         executing = frozenset((d.key, d.token) for d in child.slots.read() if d.executing)
-        self._put_back(PendingRelease(child.worker_id, reason, executing, counts))
+        finished = child.slots.finished()
+        self._put_back(PendingRelease(child.worker_id, reason, executing, counts, finished))
 
     def _put_back(self, pending: PendingRelease) -> bool:
         try:
@@ -86,6 +93,7 @@ class Leases:
                 pending.reason,
                 executing=pending.executing,
                 counts_as_attempt=pending.counts,
+                finished=pending.finished,
             )
         except Exception as e:
             connections.close_all()
@@ -98,7 +106,27 @@ class Leases:
             self.pending.append(pending)
             return False
         log_put_back(put_back, pending.reason, self.backend.conveyor_options.max_attempts)
+        self._announce_saved([p.job for p in put_back if p.saved])
         return True
+
+    def _announce_saved(self, jobs: Sequence[Job]) -> None:
+        """Send ``task_finished`` for the successes saved on behalf of a dead child."""
+        if not jobs:
+            return
+        logger.info(
+            "Saved %d outcome(s) a dead worker process had finished: %s",
+            len(jobs),
+            ", ".join(f"{job.id} ({job.task_path})" for job in jobs[:5])
+            + (f" and {len(jobs) - 5} more" if len(jobs) > 5 else ""),
+        )
+        for job in jobs:
+            try:
+                result = self.backend.get_result(job.id)
+            except Exception:
+                connections.close_all()
+                logger.exception("Could not read back job %s (%s)", job.id, job.task_path)
+                continue
+            send(self.backend, task_finished, result)
 
     def retry_releases(self) -> None:
         """Try again the put-backs the store could not take."""
@@ -218,7 +246,7 @@ def log_put_back(put_back: list[PutBack], reason: str, most: int) -> None:
             logger.warning(
                 "Job %s (%s) runs again: %s while it ran.", p.job.id, p.job.task_path, reason
             )
-    uncounted = [p.job for p in put_back if not p.counted]
+    uncounted = [p.job for p in put_back if not (p.counted or p.saved)]
     if uncounted:
         shown = ", ".join(f"{job.id} ({job.task_path})" for job in uncounted[:5])
         more = f" and {len(uncounted) - 5} more" if len(uncounted) > 5 else ""

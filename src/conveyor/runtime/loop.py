@@ -329,7 +329,7 @@ class Loop:
     def _run(self, index: int, job: Job, deliver: Callable[[tuple[int, Finished]], None]) -> None:
         """Run ``job`` and hand its result on; it is never out of sight in between."""
         finished = self.runner.run_one(job)
-        self.slots.finish(index)  # no longer executing: a crash now would not count it
+        self.slots.finish(index, finished.outcome)  # a crash now would not count it
         with self.cond:
             began = self.running.pop(index, time.monotonic())
             self.recent.append(time.monotonic() - began)

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import logging
 import uuid
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
@@ -193,11 +193,12 @@ class DatabaseBackend(StoreBackend):
         *,
         executing: Collection[tuple[int, str]] = (),
         counts_as_attempt: bool = True,
+        finished: Mapping[tuple[int, str], Outcome] | None = None,
     ) -> list[PutBack]:
         put_back = transitions.release(
-            self.worker_store, worker_id, reason, executing, counts_as_attempt
+            self.worker_store, worker_id, reason, executing, counts_as_attempt, finished or {}
         )
-        self._notify(put_back, [p.job for p in put_back if not p.failed])
+        self._notify(put_back, [p.job for p in put_back if not (p.failed or p.saved)])
         return put_back
 
     def give_back(self, worker_id: str, deliveries: Collection[tuple[int, str]]) -> list[JobRecord]:

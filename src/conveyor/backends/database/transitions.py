@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from django.db import DataError, IntegrityError
 from django.db.models.sql import InsertQuery
 from django.utils import timezone
 
@@ -390,11 +391,24 @@ def _held(store: Store, where: str, params: Sequence[Any]) -> list[JobRecord]:
 
 
 def release(
-    store: Store, worker_id: str, reason: str, executing: Collection[tuple[int, str]], counts: bool
+    store: Store,
+    worker_id: str,
+    reason: str,
+    executing: Collection[tuple[int, str]],
+    counts: bool,
+    finished: Mapping[tuple[int, str], Outcome],
 ) -> list[PutBack]:
-    """Requeue what ``worker_id`` was executing; give back the rest uncounted."""
-    done: list[PutBack] = []
-    for job in _held(store, "lease_owner = %s", [worker_id]):
+    """Save what ``worker_id`` had finished, requeue what it was executing, give back the rest.
+
+    A finished success the store refuses is given back uncounted with the rest: the job
+    runs again and its next outcome is refused, and failed, the usual way.
+    """
+    held = _held(store, "lease_owner = %s", [worker_id])
+    saved = _save_finished(store, held, finished)
+    done = [PutBack(job=job, counted=False, failed=False, saved=True) for job in saved]
+    for job in held:
+        if job in saved:
+            continue
         if (job.key, job.delivery) in executing:
             put_back = requeue(store, job, reason, counts)
         elif unclaim(store, [job]):
@@ -404,6 +418,24 @@ def release(
         if put_back is not None:
             done.append(put_back)
     return done
+
+
+def _save_finished(
+    store: Store, held: Sequence[JobRecord], finished: Mapping[tuple[int, str], Outcome]
+) -> list[JobRecord]:
+    successes = [(job, finished[d]) for job in held if (d := (job.key, job.delivery)) in finished]
+    saved = _complete_all_but_refused(store, successes)
+    return [job for job, _ in successes if job.id in saved]
+
+
+def _complete_all_but_refused(store: Store, successes: Sequence[Success]) -> set[str]:
+    """``complete``, leaving out values the database refuses (those jobs run again)."""
+    try:
+        return complete(store, successes)  # one statement: autocommit keeps it whole
+    except (DataError, IntegrityError, TypeError, ValueError):
+        if len(successes) == 1:
+            return set()
+    return {saved for one in successes for saved in _complete_all_but_refused(store, [one])}
 
 
 def give_back(
