@@ -161,6 +161,27 @@ def test_sighup_stops_as_gracefully_as_sigterm(backend, backend_alias, tmp_path:
     assert lines(log)[-1].startswith("end running")
 
 
+def test_children_claim_nothing_while_their_supervisor_is_late(backend, backend_alias):
+    # Nobody would renew what a child claimed while its supervisor is stopped: the lease
+    # would run out under a running task, and another machine would run it again.
+    first = on(tasks.add, backend_alias).enqueue(1, 1)
+    with Worker(backend_alias, "--processes", "1", options={"LEASE": 1.0}) as worker:
+        wait_for(lambda: job(first).status == TaskResultStatus.SUCCESSFUL)
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.8)  # past two thirds of the lease since the last beat
+            later = conveyor.bulk_enqueue(on(tasks.add, backend_alias), [(i, i) for i in range(5)])
+            time.sleep(0.5)
+            assert [job(r).status for r in later] == [TaskResultStatus.READY] * 5
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        for result in later:
+            wait_for(lambda r=result: job(r).status == TaskResultStatus.SUCCESSFUL)
+            assert job(result).attempts == 1
+        worker.signal()
+        assert worker.wait() == 0, worker.output
+
+
 def test_a_task_s_open_transaction_never_holds_the_worker_s_writes(backend, backend_alias):
     left_open = on(tasks.begin_and_leave_open, backend_alias).enqueue()
     after = conveyor.bulk_enqueue(on(tasks.add, backend_alias), [(i, i) for i in range(5)])
