@@ -12,14 +12,16 @@ class SignupTests(TestCase):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, task_backends
 
+from conveyor import clock
 from conveyor.records import QueueSelector
 from conveyor.runtime.inprocess import InProcessWorker, RunSummary
 
-__all__ = ["RunSummary", "run_until_done"]
+__all__ = ["RunSummary", "StoreClock", "run_until_done", "store_clock"]
 
 
 def run_until_done(
@@ -50,3 +52,29 @@ def _selector(backend: str, queues: Iterable[str] | str | None) -> QueueSelector
             f"QUEUES are {', '.join(map(repr, sorted(known)))}."
         )
     return QueueSelector(include=names)
+
+
+class StoreClock:
+    """The stores' clock inside ``store_clock()``: move it forward instead of sleeping."""
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock ``seconds`` forward: leases run out, scheduled jobs fall due."""
+        if seconds < 0:
+            raise ValueError(f"The clock only moves forward; got {seconds!r} seconds.")
+        clock.set_offset(clock.offset() + seconds)
+
+
+@contextmanager
+def store_clock() -> Iterator[StoreClock]:
+    """Let a test move the stores' clock (in this process), and put it back after.
+
+    with store_clock() as clock:
+        result = send_reminder.using(run_after=in_an_hour).enqueue()
+        clock.advance(3600)
+        run_until_done()
+    """
+    saved = clock.offset()
+    try:
+        yield StoreClock()
+    finally:
+        clock.set_offset(saved)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from datetime import timedelta
 
 import pytest
@@ -13,6 +12,7 @@ from django.tasks.base import TaskError
 from django.utils import timezone
 
 from conveyor.records import Outcome, QueueSelector, WorkerInfo
+from conveyor.testing import store_clock
 from tests.contract.stores import enqueue, raised, returned, total, with_options
 from tests.helpers import on
 from tests.testapp import tasks
@@ -199,7 +199,7 @@ def test_a_retry_due_now_is_ready_at_once(backend, backend_alias):
 
 
 def test_scheduled_jobs_wait_until_staged_when_due(backend, backend_alias):
-    soon = timezone.now() + timedelta(seconds=0.3)
+    soon = timezone.now() + timedelta(seconds=30)
     result = on(tasks.add, backend_alias, run_after=soon).enqueue(1, 1)
     on(tasks.add, backend_alias, run_after=timezone.now() + timedelta(days=1)).enqueue(2, 2)
 
@@ -207,10 +207,11 @@ def test_scheduled_jobs_wait_until_staged_when_due(backend, backend_alias):
     assert backend.next_due(ALL) == soon
     assert backend.stage() == 0
     assert backend.claim("w", ALL, 5) == []
-    time.sleep(max(0.0, (soon - timezone.now()).total_seconds()) + 0.05)
-    assert backend.stage() == 1
-    assert backend.stage() == 0  # idempotent
-    [claimed] = backend.claim("w", ALL, 5)
+    with store_clock() as clock:
+        clock.advance(30.05)
+        assert backend.stage() == 1
+        assert backend.stage() == 0  # idempotent
+        [claimed] = backend.claim("w", ALL, 5)
     assert claimed.id == result.id
     assert backend.stats().scheduled == 1
 
@@ -296,7 +297,7 @@ def test_a_stopped_worker_s_running_job_is_not_counted(backend_alias):
 
 
 def test_heartbeat_renews_the_deliveries_named_and_marks_started(backend_alias):
-    backend = with_options(backend_alias, lease=0.4)
+    backend = with_options(backend_alias, lease=30)
     task = on(tasks.add, backend_alias)
     named = enqueue(backend, task, 1, 1)
     unnamed = enqueue(backend, task, 2, 2)
@@ -304,15 +305,17 @@ def test_heartbeat_renews_the_deliveries_named_and_marks_started(backend_alias):
     assert backend.get_result(named.id).started_at is None  # not started yet
     began = timezone.now()
 
-    time.sleep(0.25)
-    assert backend.heartbeat(["w"], [(first.key, first.delivery, began)]) == 1
-    assert backend.heartbeat(["w"], [(second.key, "0" * 16, None)]) == 0  # a stale token
-    assert backend.reclaim(["w"]) == []  # expired, but not for a whole lease yet
-    time.sleep(0.6)
-    # Unrenewed for two leases while its worker lives: given back uncounted.
-    [reclaimed] = backend.reclaim(["w"])
-    assert reclaimed.id == unnamed.id
-    assert backend.reclaim(["w"]) == []
+    with store_clock() as clock:
+        clock.advance(25)
+        assert backend.heartbeat(["w"], [(first.key, first.delivery, began)]) == 1
+        assert backend.heartbeat(["w"], [(second.key, "0" * 16, None)]) == 0  # a stale token
+        clock.advance(10)
+        assert backend.reclaim(["w"]) == []  # expired, but not for a whole lease yet
+        clock.advance(30)
+        # Unrenewed for two leases while its worker lives: given back uncounted.
+        [reclaimed] = backend.reclaim(["w"])
+        assert reclaimed.id == unnamed.id
+        assert backend.reclaim(["w"]) == []
     again = backend.get_result(unnamed.id)
     assert again.status == TaskResultStatus.READY and again.attempts == 0
     running = backend.get_result(named.id)
@@ -368,9 +371,10 @@ def test_heartbeat_keeps_a_lease_and_an_expired_lease_is_recovered(backend_alias
     [alive] = backend.claim("alive", ALL, 1)
     backend.claim("vanished", ALL, 1)
 
-    time.sleep(0.4)
-    assert backend.heartbeat(["alive"], [(alive.key, alive.delivery, None)]) == 1
-    assert backend.recover() == 1
+    with store_clock() as clock:
+        clock.advance(0.4)
+        assert backend.heartbeat(["alive"], [(alive.key, alive.delivery, None)]) == 1
+        assert backend.recover() == 1
     assert backend.recover() == 0
 
     assert backend.get_result(kept.id).status == TaskResultStatus.RUNNING
@@ -388,8 +392,9 @@ def test_only_expired_leases_are_recovered(backend_alias):
     backend.end_worker("w", "stopped")
     assert backend.recover() == 0
     assert backend.get_result(result.id).status == TaskResultStatus.RUNNING
-    time.sleep(0.4)
-    assert backend.recover() == 1
+    with store_clock() as clock:
+        clock.advance(0.4)
+        assert backend.recover() == 1
     assert backend.get_result(result.id).status == TaskResultStatus.READY
 
 

@@ -24,7 +24,7 @@ from django.utils import timezone
 from conveyor.records import QueueSelector
 from conveyor.runtime.channel import Slots
 from conveyor.runtime.inprocess import EXIT_OK, InProcessWorker, held
-from conveyor.testing import RunSummary, run_until_done
+from conveyor.testing import RunSummary, run_until_done, store_clock
 from tests.helpers import job, lines, on, wait_for
 from tests.testapp import tasks
 
@@ -131,6 +131,12 @@ class InATestCase:
         result = later.enqueue(1, 1)
         assert run_until_done(self.alias).ran == 0
         assert job(result).status == TaskResultStatus.READY
+        with store_clock() as clock:
+            clock.advance(3600)
+            assert run_until_done(self.alias).succeeded == 1
+        assert job(result).status == TaskResultStatus.SUCCESSFUL
+        with pytest.raises(ValueError, match="only moves forward"), store_clock() as clock:
+            clock.advance(-1)
 
 
 class SQLiteTestCase(InATestCase, TestCase):

@@ -28,8 +28,8 @@ from django.tasks import Task, TaskResult
 from django.tasks.base import TaskError
 from django.tasks.exceptions import TaskResultDoesNotExist
 from django.tasks.signals import task_enqueued
-from django.utils import timezone
 
+from conveyor import clock
 from conveyor.backends.base import Call, Held, StoreBackend
 from conveyor.backends.tasks import due_later
 from conveyor.records import (
@@ -155,7 +155,7 @@ class MemoryBackend(StoreBackend):
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:
         """Store many calls of one task: all of them, or none."""
         encoded = [self.encode_call(task, args, kwargs) for args, kwargs in calls]
-        now = timezone.now()
+        now = clock.now()
         with self._store.lock:
             jobs = [
                 self._insert(task, args, kwargs, now).record(self.alias) for args, kwargs in encoded
@@ -207,7 +207,7 @@ class MemoryBackend(StoreBackend):
         queues = queues.narrowed(self.queues)
         if queues.include is not None and not (queues.include - queues.exclude):
             return []
-        now, token = timezone.now(), secrets.token_hex(8)
+        now, token = clock.now(), secrets.token_hex(8)
         with self._store.lock:
             ready = [r for r in self._rows(State.READY) if queues.allows(r.queue_name)]
             taken = heapq.nsmallest(max(limit, 0), ready, key=_line)
@@ -221,7 +221,7 @@ class MemoryBackend(StoreBackend):
         return row.record(self.alias)
 
     def stage(self, limit: int = 1000) -> int:
-        now = timezone.now()
+        now = clock.now()
         with self._store.lock:
             due = [r for r in self._rows(State.SCHEDULED) if r.available_at <= now]
             staged = heapq.nsmallest(max(limit, 0), due, key=lambda r: r.available_at)
@@ -261,7 +261,7 @@ class MemoryBackend(StoreBackend):
     def retry(self, job: Job, outcome: Outcome) -> bool:
         run_after = outcome.retry_at
         assert run_after is not None
-        state = State.READY if run_after <= timezone.now() else State.SCHEDULED
+        state = State.READY if run_after <= clock.now() else State.SCHEDULED
         done = (State.SCHEDULED, State.READY)
         return self._end_delivery(job, outcome, done, state=state, available_at=run_after)
 
@@ -368,7 +368,7 @@ class MemoryBackend(StoreBackend):
         return jobs
 
     def reclaim(self, worker_ids: Sequence[str]) -> list[Job]:
-        now, owners = timezone.now(), set(worker_ids)
+        now, owners = clock.now(), set(worker_ids)
         with self._store.lock:
             lapsed = [
                 r
@@ -400,7 +400,7 @@ class MemoryBackend(StoreBackend):
                 f"{reason}; the job was lost {row.lost} times (the most allowed is "
                 f"{self.max_attempts}) and is given up."
             )
-            row.state, row.finished_at = State.FAILED, timezone.now()
+            row.state, row.finished_at = State.FAILED, clock.now()
         else:
             row.state = State.READY
         row.errors.append(error_from_text(LOST_ERROR, reason))
@@ -410,7 +410,7 @@ class MemoryBackend(StoreBackend):
     # --- leases and the workers registry ------------------------------------------------
 
     def heartbeat(self, worker_ids: Sequence[str], deliveries: Sequence[Held] = ()) -> int:
-        now, owners = timezone.now(), set(worker_ids)
+        now, owners = clock.now(), set(worker_ids)
         renewed = 0
         with self._store.lock:
             for key, token, started in deliveries:
@@ -432,7 +432,7 @@ class MemoryBackend(StoreBackend):
         return True
 
     def recover(self) -> int:
-        now = timezone.now()
+        now = clock.now()
         with self._store.lock:
             stale = [
                 row
@@ -453,7 +453,7 @@ class MemoryBackend(StoreBackend):
         return info.last_beat_at > now - self.lease
 
     def register_worker(self, info: WorkerInfo) -> None:
-        now = timezone.now()
+        now = clock.now()
         row = replace(
             info,
             backend=self.alias,
@@ -469,7 +469,7 @@ class MemoryBackend(StoreBackend):
             self._store.workers[info.id] = row
 
     def end_worker(self, worker_id: str, ended: str) -> None:
-        now = timezone.now()
+        now = clock.now()
         with self._store.lock:
             info = self._store.workers.get(worker_id)
             if info is not None and info.stopped_at is None:
@@ -487,7 +487,7 @@ class MemoryBackend(StoreBackend):
             row = self._find(result_id)
             if row.state not in PENDING_STATES:
                 return False
-            row.state, row.finished_at = State.CANCELLED, timezone.now()
+            row.state, row.finished_at = State.CANCELLED, clock.now()
             row.errors.append(
                 error_from_text("conveyor.exceptions.Cancelled", "the job was cancelled")
             )

@@ -16,8 +16,8 @@ from django.db import DatabaseError, DataError, IntegrityError, connections
 from django.tasks import Task, TaskResult
 from django.tasks.exceptions import TaskResultDoesNotExist
 from django.tasks.signals import task_enqueued
-from django.utils import timezone
 
+from conveyor import clock
 from conveyor.backends.base import Call, Held, StoreBackend, Waiter
 from conveyor.backends.database import operations, registry, store, transitions
 from conveyor.backends.database.dialects import SUPPORTED_VENDORS, dialect_for
@@ -101,7 +101,7 @@ class DatabaseBackend(StoreBackend):
         Inside ``atomic()`` they exist only if that commits.
         """
         encoded = [self.encode_call(task, args, kwargs) for args, kwargs in calls]
-        now = timezone.now()
+        now = clock.now()
         rows = [self._new_row(task, args, kwargs, now) for args, kwargs in encoded]
         notify = (self.channel, task.queue_name) if self.vendor == "postgresql" else None
         try:

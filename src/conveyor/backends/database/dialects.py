@@ -16,6 +16,8 @@ from django.db import transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.utils import DatabaseError
 
+from conveyor import clock
+
 SUPPORTED_VENDORS = ("sqlite", "postgresql", "mysql")
 Statement = tuple[str, list[Any]]  # SQL with %s marks, and its parameters
 
@@ -86,8 +88,9 @@ class SQLiteDialect(Dialect):
     probe_before_claim = True  # one write lock for the whole database
 
     def _clock(self, shift: str = "") -> str:
+        moved = f", '{clock.offset():+.6f} seconds'" if clock.offset() else ""
         zone = "" if self.use_tz else ", 'localtime'"
-        return f"strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now'{zone}{shift})"
+        return f"strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now'{moved}{zone}{shift})"
 
     def now(self) -> str:
         return self._clock()
@@ -143,13 +146,15 @@ class PostgreSQLDialect(Dialect):
     lock_rows = " FOR UPDATE SKIP LOCKED"
 
     def now(self) -> str:
+        if clock.offset():
+            return f"(statement_timestamp() + interval '{clock.offset():.6f} seconds')"
         return "statement_timestamp()"
 
     def later(self) -> str:
-        return "(statement_timestamp() + %s * interval '1 second')"
+        return f"({self.now()} + %s * interval '1 second')"
 
     def earlier(self) -> str:
-        return "(statement_timestamp() - %s * interval '1 second')"
+        return f"({self.now()} - %s * interval '1 second')"
 
     def json_value(self) -> str:
         return "%s::jsonb"
@@ -190,7 +195,10 @@ class MySQLDialect(Dialect):
     lock_rows = " FOR UPDATE SKIP LOCKED"
 
     def now(self) -> str:
-        return "UTC_TIMESTAMP(6)" if self.use_tz else "NOW(6)"
+        now = "UTC_TIMESTAMP(6)" if self.use_tz else "NOW(6)"
+        if clock.offset():
+            return f"({now} + INTERVAL {round(clock.offset() * 1_000_000)} MICROSECOND)"
+        return now
 
     def later(self) -> str:
         return f"({self.now()} + INTERVAL ROUND(%s * 1000000) MICROSECOND)"

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from django.utils import timezone
-
+from conveyor import clock
 from conveyor.backends.database.models import Worker
 from conveyor.backends.database.store import WORKERS, Store
 from conveyor.records import WorkerInfo
@@ -27,7 +26,7 @@ def register_worker(store: Store, info: WorkerInfo) -> None:
             info.pid,
             info.queues,
             info.threads,
-            store.time(info.started_at or timezone.now()),
+            store.time(info.started_at or clock.now()),
         ],
     )
 
@@ -35,7 +34,7 @@ def register_worker(store: Store, info: WorkerInfo) -> None:
 def end_worker(store: Store, worker_id: str, ended: str) -> None:
     store.execute(
         f"UPDATE {WORKERS} SET stopped_at = %s, ended = %s WHERE id = %s AND stopped_at IS NULL",
-        [store.time(timezone.now()), ended, worker_id],
+        [store.time(clock.now()), ended, worker_id],
     )
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from django.db import DataError, IntegrityError
 from django.db.models.sql import InsertQuery
-from django.utils import timezone
 
+from conveyor import clock
 from conveyor.backends.base import Held
 from conveyor.backends.database.models import Job
 from conveyor.backends.database.store import (
@@ -369,7 +369,7 @@ def requeue(
             f"{store.max_attempts}) and is given up."
         )
         assign = "state = 'failed', finished_at = %s"
-        params: list[Any] = [store.time(timezone.now())]
+        params: list[Any] = [store.time(clock.now())]
     else:
         message, assign, params = reason, "state = 'ready'", []
     error = error_json(error_from_text(LOST_ERROR, message))
@@ -539,6 +539,6 @@ def cancel(store: Store, key: int) -> bool:
             f"UPDATE {TABLE} SET state = 'cancelled', finished_at = %s, "
             f"errors = {d.append_json('errors')} "
             "WHERE id = %s AND state IN ('scheduled', 'ready', 'waiting')",
-            [store.time(timezone.now()), error, key],
+            [store.time(clock.now()), error, key],
         )
     )

@@ -1,0 +1,30 @@
+"""The stores' clock: the real one, or one a test moved forward instead of sleeping.
+
+A store compares times with its own clock: the database's (leases, due times) or, for the
+in-process store, this process's. ``conveyor.testing.store_clock()`` moves both forward
+for the code of one test, so "two leases later" or "an hour later" takes no time.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.utils import timezone
+
+_offset = 0.0  # seconds added to every reading, in this process
+
+
+def offset() -> float:
+    """Seconds the stores' clock is ahead of the real one (0.0 outside tests)."""
+    return _offset
+
+
+def now() -> datetime:
+    """The current time on the stores' clock."""
+    return timezone.now() + timedelta(seconds=_offset) if _offset else timezone.now()
+
+
+def set_offset(seconds: float) -> None:
+    """Move the stores' clock to ``seconds`` ahead of the real one (for tests)."""
+    global _offset
+    _offset = float(seconds)
