@@ -18,6 +18,8 @@ class BackendOptions:
     ``poll_interval``: longest idle wait between looks for work, in seconds.
     ``batch_size``: most jobs one worker process claims, or saves outcomes for, at once.
     ``max_payload``: most bytes the arguments of one call may take as JSON.
+    ``retries``, ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter``: the retry
+    policy of tasks that set none of their own (see ``conveyor.options.ConveyorTask``).
     """
 
     lease: float = 30.0
@@ -25,6 +27,10 @@ class BackendOptions:
     poll_interval: float = 0.5
     batch_size: int = 16
     max_payload: int = 1024 * 1024
+    retries: int = 0
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 600.0
+    retry_jitter: bool = True
 
     # name -> (smallest, largest) allowed; whole numbers for int fields.
     ranges: ClassVar[dict[str, tuple[float, float]]] = {
@@ -33,6 +39,9 @@ class BackendOptions:
         "poll_interval": (0.001, 60.0),
         "batch_size": (1, 1000),
         "max_payload": (1024, 64 * 1024 * 1024),
+        "retries": (0, 1000),
+        "retry_backoff": (0.0, 7 * 86400.0),
+        "retry_backoff_max": (0.0, 30 * 86400.0),
     }
 
     @classmethod
@@ -64,6 +73,10 @@ class BackendOptions:
                 raise ConveyorImproperlyConfigured(
                     f"{where}[{field.name.upper()!r}] must be a non-empty string, not {value!r}."
                 )
+            if isinstance(field.default, bool) and not isinstance(value, bool):
+                raise ConveyorImproperlyConfigured(
+                    f"{where}[{field.name.upper()!r}] must be True or False, not {value!r}."
+                )
         for name, (low, high) in self.ranges.items():
             value = getattr(self, name)
             whole = name in _WHOLE
@@ -75,7 +88,7 @@ class BackendOptions:
                 )
 
 
-_WHOLE = {"max_attempts", "batch_size", "max_payload"}
+_WHOLE = {"max_attempts", "batch_size", "max_payload", "retries"}
 
 
 def _in_range(value: Any, low: float, high: float, whole: bool) -> bool:

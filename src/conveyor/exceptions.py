@@ -23,6 +23,42 @@ class InvalidTaskArguments(ConveyorError, InvalidTask, TypeError):
     """
 
 
+class InvalidTaskOption(ConveyorError, InvalidTask, TypeError):
+    """A task was given an option Conveyor does not know, or a value it cannot take."""
+
+
+class Retry(ConveyorError):
+    """Raised by a task to be tried again after ``delay`` seconds.
+
+    It counts as a failed try: the task's ``retries`` bound it, and once they are spent the
+    job fails with this error.
+    """
+
+    def __init__(self, delay: float | None = None, message: str = "") -> None:
+        self.delay = None if delay is None else _delay(delay, "Retry")
+        super().__init__(message or (f"retry in {delay}s" if delay is not None else "retry"))
+
+
+class Snooze(ConveyorError):
+    """Raised by a task to run again after ``delay`` seconds, without counting a failure."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = _delay(delay, "Snooze")
+        super().__init__(f"snoozed for {delay}s")
+
+
+def _delay(value: object, name: str) -> float:
+    """``value`` as seconds to wait, or a ValueError naming what is wrong with it."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name}(delay) must be a number of seconds, not {value!r}.")
+    if not 0 <= value <= MAX_DELAY:
+        raise ValueError(f"{name}(delay) must be from 0 to {MAX_DELAY:g} seconds, not {value!r}.")
+    return float(value)
+
+
+MAX_DELAY = 366 * 86400.0
+
+
 class BackendUnavailable(ConveyorError):
     """The store behind a backend cannot be reached."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -101,6 +102,8 @@ class Job:
     delivery: str = ""
     # The backend's own handle for the row or key behind the job; opaque to the runtime.
     key: Any = None
+    # The policies stored with the job at enqueue (``ConveyorBackend.job_options``).
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Disposition(StrEnum):
@@ -109,6 +112,7 @@ class Disposition(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     RETRY = "retry"  # failed this time; scheduled again at ``Outcome.retry_at``
+    SNOOZED = "snoozed"  # asked to run again at ``Outcome.retry_at``; no failure counted
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -136,7 +140,7 @@ class Outcome:
     @property
     def disposition(self) -> Disposition:
         if self.error is None:
-            return Disposition.SUCCEEDED
+            return Disposition.SUCCEEDED if self.retry_at is None else Disposition.SNOOZED
         return Disposition.FAILED if self.retry_at is None else Disposition.RETRY
 
 

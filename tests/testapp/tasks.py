@@ -125,3 +125,51 @@ def hold_interpreter(path: str, seconds: float) -> str:
         f.write(f"start hold {os.getpid()}\n")
     ctypes.PyDLL(None).usleep(int(seconds * 1_000_000))
     return "held"
+
+
+def _tries(path: str) -> int:
+    """Count this call in ``path``; return how many calls came before it."""
+    with Path(path).open("a+") as f:
+        f.seek(0)
+        before = len(f.read().splitlines())
+        f.write("try\n")
+    return before
+
+
+@task(retries=2, retry_backoff=10, retry_jitter=False)
+def fails_twice(path: str) -> str:
+    if _tries(path) < 2:
+        raise ValueError("not yet")
+    return "done"
+
+
+@task(retries=5, retry_backoff=1, retry_jitter=False, retry_on=[ConnectionError])
+def raises(kind: str) -> None:
+    import builtins
+
+    raise getattr(builtins, kind)(kind)
+
+
+@task(retries=5, retry_backoff=1, retry_jitter=False, dont_retry_on=[PermissionError])
+def raises_any(kind: str) -> None:
+    import builtins
+
+    raise getattr(builtins, kind)(kind)
+
+
+@task()
+def snoozes(path: str, seconds: float) -> str:
+    from conveyor.exceptions import Snooze
+
+    if _tries(path) == 0:
+        raise Snooze(seconds)
+    return "woke"
+
+
+@task(retries=1)
+def asks_to_retry(path: str, seconds: float) -> str:
+    from conveyor.exceptions import Retry
+
+    if _tries(path) < 2:
+        raise Retry(delay=seconds)
+    return "done"

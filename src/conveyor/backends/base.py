@@ -28,6 +28,7 @@ from conveyor.backends.tasks import (
 )
 from conveyor.conf import BackendOptions
 from conveyor.exceptions import TaskNotFound
+from conveyor.options import ConveyorTask, RetryPolicy
 from conveyor.records import Job, Outcome, PutBack, QueueSelector, QueueStats, Success, WorkerInfo
 
 Call = tuple[Sequence[Any], Mapping[str, Any]]
@@ -58,10 +59,23 @@ class ConveyorBackend(BaseTaskBackend):
     """A ``django.tasks`` backend with Conveyor's options and bulk enqueue."""
 
     options_class: ClassVar[type[BackendOptions]] = BackendOptions
+    task_class = ConveyorTask
 
     def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
         self.conveyor_options = self.options_class.from_settings(alias, dict(self.options))
+        o = self.conveyor_options
+        self.retry_defaults = RetryPolicy(
+            retries=o.retries,
+            backoff=o.retry_backoff,
+            backoff_max=o.retry_backoff_max,
+            jitter=o.retry_jitter,
+        )
+
+    def job_options(self, task: Task) -> dict[str, Any]:
+        """The options a call of ``task`` is stored with (the policies that will apply)."""
+        retry = RetryPolicy.for_task(task, self.retry_defaults).stored()
+        return {"retry": retry} if retry else {}
 
     @abstractmethod
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.context import BaseContext
 
-from conveyor.records import Job, Outcome
+from conveyor.records import Disposition, Job, Outcome
 
 OUTCOME_BYTES = 1024  # room for one success per slot: its return value and times, as JSON
 
@@ -106,7 +106,7 @@ class Slots:
         A success small enough is copied into the slot first, for the supervisor to save
         should this process die before it does.
         """
-        if outcome is not None and outcome.error is None:
+        if outcome is not None and outcome.disposition is Disposition.SUCCEEDED:
             blob = _encode(outcome)
             if blob is not None:
                 ctypes.memmove(self._outcome_at(index), blob, len(blob))

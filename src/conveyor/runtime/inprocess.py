@@ -54,12 +54,13 @@ class RunSummary:
     succeeded: int = 0
     failed: int = 0
     retried: int = 0  # failed this time, scheduled to run again
+    snoozed: int = 0  # asked to run again later, no failure counted
     unrecorded: int = 0  # refused by the store: the job had already ended or moved on
 
     @property
     def ran(self) -> int:
         """How many jobs ran (each retry counts once more)."""
-        return self.succeeded + self.failed + self.retried + self.unrecorded
+        return self.succeeded + self.failed + self.retried + self.snoozed + self.unrecorded
 
 
 class InProcessWorker:
@@ -249,6 +250,7 @@ class _Tally(Middleware):
             succeeded=self.counts["succeeded"],
             failed=self.counts["failed"],
             retried=self.counts["retry"],
+            snoozed=self.counts["snoozed"],
             unrecorded=self.counts["unrecorded"],
         )
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
+from datetime import timedelta
 
 from django.db import connections
 from django.tasks import Task
 
+from conveyor import clock
+from conveyor.exceptions import Retry, Snooze, WorkerLost
+from conveyor.options import RetryPolicy, class_path
 from conveyor.records import Job, Outcome
 
 logger = logging.getLogger(__name__)
@@ -56,4 +61,35 @@ class ConnectionHygiene(Middleware):
         return None
 
 
-DEFAULT_MIDDLEWARE: tuple[type[Middleware], ...] = (ConnectionHygiene,)
+class Retries(Middleware):
+    """Turn a failure into a retry while the job's stored retry policy allows it.
+
+    A task may also raise ``Retry(delay)`` (a failed try, counted) or ``Snooze(delay)`` (run
+    again later, no failure counted).
+    """
+
+    def after_invoke(self, job: Job, task: Task, outcome: Outcome) -> Outcome | None:
+        error = outcome.exception
+        if outcome.error is None or error is None:
+            return None
+        if isinstance(error, Snooze):
+            due = clock.now() + timedelta(seconds=error.delay)
+            return replace(outcome, error=None, retry_at=due)
+        policy = RetryPolicy.from_stored(job.options.get("retry", {}))
+        failures = 1 + sum(1 for e in job.errors if e.exception_class_path not in NOT_FAILURES)
+        if failures > policy.retries:
+            return None
+        if isinstance(error, Retry):
+            delay = policy.delay(failures) if error.delay is None else error.delay
+        elif policy.retries_error(error):
+            delay = policy.delay(failures)
+        else:
+            return None
+        return replace(outcome, retry_at=clock.now() + timedelta(seconds=delay))
+
+
+# Errors a job's history holds that were not failures of its task.
+NOT_FAILURES = frozenset({class_path(WorkerLost)})
+
+
+DEFAULT_MIDDLEWARE: tuple[type[Middleware], ...] = (Retries, ConnectionHygiene)

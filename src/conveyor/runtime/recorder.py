@@ -177,7 +177,7 @@ class Recorder:
         return []
 
     def _write_other(self, item: Finished) -> bool:
-        if item.outcome.disposition is Disposition.RETRY:
+        if item.outcome.disposition in (Disposition.RETRY, Disposition.SNOOZED):
             return self.backend.retry(item.job, item.outcome)
         return self.backend.fail(item.job, item.outcome)
 
@@ -226,7 +226,7 @@ class Recorder:
                 job.id,
                 job.task_path,
             )
-        elif outcome.disposition is not Disposition.RETRY:
+        elif outcome.disposition in (Disposition.SUCCEEDED, Disposition.FAILED):
             self._finished(item)
         for hook in reversed(self.middleware):
             try:

@@ -1,0 +1,211 @@
+"""What a task says beyond Django's own fields: Conveyor's ``task_class`` and its policies.
+
+``@task(retries=3, retry_on=[ConnectionError])`` on a Conveyor backend builds a
+``ConveyorTask``: Django's ``Task`` with Conveyor's options as fields, validated when the task
+is defined (or changed with ``.using(...)``). A field left at ``None`` takes the backend's
+default from ``TASKS[alias]["OPTIONS"]``. At enqueue the options that apply are resolved and
+stored with the job, so a deploy that changes a task's policy does not change jobs already
+queued.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields, replace
+from datetime import datetime
+from typing import Any, Self, cast
+
+from django.tasks import Task
+
+from conveyor.exceptions import InvalidTaskOption
+
+TASK_FIELDS = frozenset(f.name for f in fields(Task))
+
+# Options and the values they take: (kind, smallest, largest).
+_NUMBERS: dict[str, tuple[type, float, float]] = {
+    "retries": (int, 0, 1000),
+    "retry_backoff": (float, 0.0, 7 * 86400.0),
+    "retry_backoff_max": (float, 0.0, 30 * 86400.0),
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConveyorTask(Task):
+    """A ``django.tasks`` task with Conveyor's options.
+
+    ``retries``: how many times a failed run is tried again (0: never).
+    ``retry_backoff``: seconds before the first retry; each later one waits twice as long.
+    ``retry_backoff_max``: the longest wait between two tries, in seconds.
+    ``retry_jitter``: spread each wait at random over its upper half, so that jobs that
+    failed together do not all come back at once.
+    ``retry_on``: only these exception types are retried (default: any ``Exception``).
+    ``dont_retry_on``: these exception types are never retried.
+    """
+
+    retries: int | None = None
+    retry_backoff: float | None = None
+    retry_backoff_max: float | None = None
+    retry_jitter: bool | None = None
+    retry_on: tuple[type[BaseException], ...] = ()
+    dont_retry_on: tuple[type[BaseException], ...] = ()
+
+    def __new__(cls, **kwargs: Any) -> Self:
+        # Django's @task passes every keyword it does not know on to here: a misspelt
+        # option is named with its task, not left to a bare TypeError.
+        unknown = sorted(set(kwargs) - _FIELD_NAMES)
+        if unknown:
+            func = kwargs.get("func")
+            path = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
+            raise InvalidTaskOption(_unknown(path, unknown))
+        return object.__new__(cls)
+
+    def __post_init__(self) -> None:
+        for name in ("retry_on", "dont_retry_on"):
+            value = getattr(self, name)
+            if isinstance(value, Iterable) and not isinstance(value, str | bytes):
+                object.__setattr__(self, name, tuple(value))
+        problems = option_problems(self)
+        if problems:
+            raise InvalidTaskOption(f"Task {self.module_path}: {' '.join(problems)}")
+        Task.__post_init__(self)  # zero-argument super() fails in a slotted dataclass
+
+    def using(
+        self,
+        *,
+        priority: int | None = None,
+        queue_name: str | None = None,
+        run_after: datetime | None = None,
+        backend: str | None = None,
+        **options: Any,
+    ) -> Self:
+        """A copy with other defaults; Conveyor's options may be changed here too."""
+        unknown = sorted(set(options) - set(OPTION_NAMES))
+        if unknown:
+            raise InvalidTaskOption(_unknown(self.module_path, unknown))
+        changed: Task = Task.using(
+            self, priority=priority, queue_name=queue_name, run_after=run_after, backend=backend
+        )
+        return cast(Self, replace(changed, **options) if options else changed)
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(ConveyorTask))
+OPTION_NAMES = tuple(f.name for f in fields(ConveyorTask) if f.name not in TASK_FIELDS)
+
+
+def option_problems(task: ConveyorTask) -> list[str]:
+    """What is wrong with ``task``'s options, each naming the option; [] if nothing."""
+    problems = []
+    for name, (kind, low, high) in _NUMBERS.items():
+        value = getattr(task, name)
+        if value is not None and not _number(value, kind, low, high):
+            whole = "a whole number" if kind is int else "a number"
+            problems.append(f"{name} must be {whole} from {low:g} to {high:g}, not {value!r}.")
+    if task.retry_jitter is not None and not isinstance(task.retry_jitter, bool):
+        problems.append(f"retry_jitter must be True or False, not {task.retry_jitter!r}.")
+    for name in ("retry_on", "dont_retry_on"):
+        value = getattr(task, name)
+        bad = [v for v in value if not _exception_type(v)] if isinstance(value, tuple) else [value]
+        if bad:
+            problems.append(
+                f"{name} must list exception classes (such as ConnectionError), not "
+                f"{', '.join(map(repr, bad))}."
+            )
+    return problems
+
+
+def _number(value: Any, kind: type, low: float, high: float) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if kind is int and not isinstance(value, int):
+        return False
+    return low <= value <= high and math.isfinite(value)
+
+
+def _exception_type(value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, BaseException)
+
+
+def _unknown(path: str, names: Iterable[str]) -> str:
+    return (
+        f"Task {path}: unknown option(s) {', '.join(map(repr, names))}; Conveyor's options "
+        f"are {', '.join(OPTION_NAMES)}."
+    )
+
+
+def class_path(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+# --- the retry policy, as stored with a job ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """How a failed run of one job is retried; stored with the job at enqueue."""
+
+    retries: int = 0
+    backoff: float = 1.0
+    backoff_max: float = 600.0
+    jitter: bool = True
+    retry_on: tuple[str, ...] = ()  # exception class paths; empty: any Exception
+    dont_retry_on: tuple[str, ...] = ()
+
+    @classmethod
+    def for_task(cls, task: Task, defaults: RetryPolicy) -> RetryPolicy:
+        """The policy a call of ``task`` is enqueued with: its options over ``defaults``."""
+        if not isinstance(task, ConveyorTask):
+            return defaults
+        return cls(
+            retries=_pick(task.retries, defaults.retries),
+            backoff=_pick(task.retry_backoff, defaults.backoff),
+            backoff_max=_pick(task.retry_backoff_max, defaults.backoff_max),
+            jitter=_pick(task.retry_jitter, defaults.jitter),
+            retry_on=tuple(map(class_path, task.retry_on)) or defaults.retry_on,
+            dont_retry_on=tuple(map(class_path, task.dont_retry_on)) or defaults.dont_retry_on,
+        )
+
+    def stored(self) -> dict[str, Any]:
+        """As kept with the job: nothing when the job is never retried."""
+        if not self.retries:
+            return {}
+        return {
+            "retries": self.retries,
+            "backoff": self.backoff,
+            "backoff_max": self.backoff_max,
+            "jitter": self.jitter,
+            "retry_on": list(self.retry_on),
+            "dont_retry_on": list(self.dont_retry_on),
+        }
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, Any]) -> RetryPolicy:
+        if not stored.get("retries"):
+            return cls()
+        return cls(
+            retries=int(stored["retries"]),
+            backoff=float(stored["backoff"]),
+            backoff_max=float(stored["backoff_max"]),
+            jitter=bool(stored["jitter"]),
+            retry_on=tuple(stored.get("retry_on", ())),
+            dont_retry_on=tuple(stored.get("dont_retry_on", ())),
+        )
+
+    def retries_error(self, error: BaseException) -> bool:
+        """Say whether a run that raised ``error`` may be retried (retries left aside)."""
+        if not isinstance(error, Exception):
+            return False
+        paths = {class_path(kind) for kind in type(error).__mro__}
+        if paths & set(self.dont_retry_on):
+            return False
+        return not self.retry_on or bool(paths & set(self.retry_on))
+
+    def delay(self, retry: int) -> float:
+        """Seconds before retry number ``retry`` (1 for the first)."""
+        wait = min(self.backoff_max, self.backoff * 2.0 ** min(retry - 1, 64))
+        return random.uniform(wait / 2, wait) if self.jitter else wait
+
+
+def _pick[T](value: T | None, default: T) -> T:
+    return default if value is None else value
