@@ -23,8 +23,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from conveyor.backends.database import store as store_module
-from conveyor.backends.database import transitions
 from conveyor.backends.database.models import Job
+from conveyor.backends.database.transitions import dispatch
 from conveyor.records import QueueSelector
 
 ROWS = 100_000
@@ -206,7 +206,7 @@ def _probes(backend: Any, loaded: Loaded) -> dict[str, Probe]:
     """Each statement to explain, with the indexes it may read."""
     store = backend.store
     picks = {
-        f"claim pick ({name})": Probe(*transitions._arms(store, selector, LIMIT), READY)
+        f"claim pick ({name})": Probe(*dispatch._arms(store, selector, LIMIT), READY)
         for name, selector in SELECTORS.items()
     }
     claims = {

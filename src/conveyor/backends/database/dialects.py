@@ -1,8 +1,8 @@
 """What differs between SQLite, PostgreSQL and MySQL/MariaDB, in one place per engine.
 
-The transitions are written once, in ``transitions.py``, and ask a dialect for the few
-pieces of SQL that differ: the store's clock, JSON appends, typed parameters, row locks,
-and the shape of a claim. Like Django's ``connection.ops``, one object per engine.
+The transitions are written once, in the ``transitions`` package, and ask a dialect for
+the few pieces of SQL that differ: the store's clock, JSON appends, typed parameters, row
+locks, and the shape of a claim. Like Django's ``connection.ops``, one object per engine.
 """
 
 from __future__ import annotations

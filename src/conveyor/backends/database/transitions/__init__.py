@@ -1,0 +1,41 @@
+"""Every state change of a job, each written once, for every engine.
+
+A transition is one short transaction (mostly one statement) built from the pieces the
+engine's dialect supplies. Writes about a delivery name its token and are refused once the
+job has been delivered again. Lease times use the store's clock (``dialect.now()``), never
+the caller's.
+
+``dispatch`` gets jobs to workers (insert, stage, claim, next_due), ``outcomes`` ends them
+(complete, fail, retry, cancel), and ``leases`` renews, gives back and recovers deliveries
+(heartbeat, unclaim, requeue, release, give_back, reclaim, recover).
+"""
+
+from conveyor.backends.database.transitions.dispatch import claim, insert, next_due, stage
+from conveyor.backends.database.transitions.leases import (
+    give_back,
+    heartbeat,
+    reclaim,
+    recover,
+    release,
+    requeue,
+    unclaim,
+)
+from conveyor.backends.database.transitions.outcomes import cancel, complete, fail, retry
+
+__all__ = [
+    "cancel",
+    "claim",
+    "complete",
+    "fail",
+    "give_back",
+    "heartbeat",
+    "insert",
+    "next_due",
+    "reclaim",
+    "recover",
+    "release",
+    "requeue",
+    "retry",
+    "stage",
+    "unclaim",
+]

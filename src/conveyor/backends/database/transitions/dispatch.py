@@ -1,0 +1,191 @@
+"""Getting jobs to workers: storing them, staging the due ones, and claiming.
+
+A claim leases the best ready jobs to one worker under a new delivery token; every later
+write about that delivery names the token.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from django.db.models.sql import InsertQuery
+
+from conveyor.backends.database.models import Job
+from conveyor.backends.database.store import (
+    COLUMNS,
+    IS_READY,
+    IS_SCHEDULED,
+    TABLE,
+    Store,
+    to_record,
+)
+from conveyor.records import Job as JobRecord
+from conveyor.records import QueueSelector
+
+INSERT_CHUNK = 500
+CLAIM_ORDER = "priority DESC, available_at, id"
+
+
+_SINGLE_INSERT: dict[str, str] = {}
+
+
+def insert(store: Store, rows: Sequence[Job], notify: tuple[str, str] | None) -> None:
+    """Store new jobs, with one NOTIFY ``(channel, payload)`` in the same statement.
+
+    One statement per 500 rows, with no transaction of its own unless there are more
+    (a lone INSERT is atomic): inside the caller's ``atomic()`` the jobs, and the
+    wake-up, exist only if it commits.
+    """
+    chunks = [rows[i : i + INSERT_CHUNK] for i in range(0, len(rows), INSERT_CHUNK)]
+    if len(chunks) == 1:
+        _insert_chunk(store, chunks[0], notify)
+        return
+    with store.dialect.write_transaction():
+        for chunk in chunks:
+            _insert_chunk(store, chunk, notify)
+
+
+def _insert_chunk(store: Store, rows: Sequence[Job], notify: tuple[str, str] | None) -> None:
+    sql, params = _insert_sql(store, rows)
+    if notify is not None:
+        sql = store.dialect.notify_after(sql)  # type: ignore[attr-defined]
+        params = (*params, *notify)
+    store.execute(sql, params)
+
+
+def _insert_sql(store: Store, rows: Sequence[Job]) -> tuple[str, tuple[Any, ...]]:
+    """The multi-row INSERT Django would send (the key left to the database).
+
+    The one-row statement, the hot path of ``enqueue()``, is compiled once per database;
+    its parameters are prepared the way Django's insert compiler prepares them.
+    """
+    fields = [f for f in Job._meta.concrete_fields if not f.primary_key]
+    conn = store.connection
+    if len(rows) == 1 and store.using in _SINGLE_INSERT:
+        [row] = rows
+        params = tuple(f.get_db_prep_save(f.pre_save(row, True), conn) for f in fields)
+        return _SINGLE_INSERT[store.using], params
+    query = InsertQuery(Job)
+    query.insert_values(fields, list(rows))
+    [(sql, compiled)] = query.get_compiler(using=store.using).as_sql()
+    if len(rows) == 1:
+        _SINGLE_INSERT[store.using] = sql
+    return sql, tuple(compiled)
+
+
+def stage(store: Store, limit: int) -> int:
+    """Make scheduled jobs that are due by the store's clock ready, oldest due first."""
+    d = store.dialect
+    due = (
+        f"SELECT id FROM {TABLE} WHERE {IS_SCHEDULED} AND backend_name = %s "
+        f"AND available_at <= {d.now()}"
+    )
+    # A read, so no write lock is taken while nothing is due. In index order: a bare LIMIT 1
+    # lets PostgreSQL guess a match is near and scan the whole table when none is.
+    if not store.fetch(f"{due} ORDER BY available_at LIMIT 1", [store.backend]):
+        return 0
+    with d.write_transaction():
+        ids = [
+            row[0]
+            for row in store.fetch(
+                f"{due} ORDER BY available_at LIMIT %s{d.lock_rows}", [store.backend, limit]
+            )
+        ]
+        if not ids:
+            return 0
+        marks = ", ".join(["%s"] * len(ids))
+        return store.execute(
+            f"UPDATE {TABLE} SET state = 'ready' WHERE id IN ({marks}) AND state = 'scheduled'",
+            ids,
+        )
+
+
+def _arms(store: Store, queues: QueueSelector, limit: int) -> tuple[str, list[Any]]:
+    """The SELECT that picks the best ``limit`` ready jobs for ``queues``.
+
+    A worker serving named queues reads each queue's rows through the per-queue index and
+    merges them; one serving every queue (or all but some) reads the backend's index.
+    """
+    d = store.dialect
+    columns = "SELECT id, priority, available_at"
+    base = f"{columns} FROM {TABLE} WHERE {IS_READY} AND backend_name = %s"
+    tail = f" ORDER BY {CLAIM_ORDER} LIMIT %s{d.lock_rows}"
+    if queues.include is None:
+        sql, params = base, list[Any]([store.backend])
+        if queues.exclude:  # the backend's queues are not known: filter the rows read
+            marks = ", ".join(["%s"] * len(queues.exclude))
+            sql += f" AND queue_name NOT IN ({marks})"
+            params += sorted(queues.exclude)
+        return sql + tail, [*params, limit]
+    names = sorted(queues.include - queues.exclude)
+    if len(names) == 1:
+        return f"{base} AND queue_name = %s{tail}", [store.backend, names[0], limit]
+    arms = " UNION ALL ".join(
+        f"{columns} FROM ({base} AND queue_name = %s{tail}) AS q{i}" for i in range(len(names))
+    )
+    per_queue = [p for name in names for p in (store.backend, name, limit)]
+    return (
+        f"{columns} FROM ({arms}) AS picked ORDER BY {CLAIM_ORDER} LIMIT %s",
+        [*per_queue, limit],
+    )
+
+
+def claim(store: Store, worker_id: str, queues: QueueSelector, limit: int) -> list[JobRecord]:
+    """Lease up to ``limit`` of the best ready jobs to ``worker_id``, under a new token."""
+    if queues.include is not None and not (queues.include - queues.exclude):
+        return []
+    d = store.dialect
+    pick, pick_params = _arms(store, queues, limit)
+    token = secrets.token_hex(8)
+    # started_at and last_attempted_at are written when the task really starts.
+    assign = (
+        f"state = 'running', lease_owner = %s, delivery = %s, lease_expires_at = {d.later()}, "
+        f"attempts = attempts + 1, worker_ids = {d.append_text('worker_ids')}"
+    )
+    assign_params = [worker_id, token, store.lease, worker_id]
+    if d.update_returning:
+        if d.probe_before_claim and not store.fetch(*_arms(store, queues, 1)):
+            return []  # nothing to take: a read, so no write lock is taken
+        returning = ", ".join(f"{TABLE}.{column}" for column in COLUMNS.split(", "))
+        sql, params = d.claim_statement(
+            TABLE, (pick, pick_params), (assign, assign_params), returning
+        )
+        rows = list(Job.objects.raw(sql, params).using(store.using))
+    else:
+        rows = _claim_locked(store, pick, pick_params, assign, assign_params, token)
+    rows.sort(key=lambda row: (-row.priority, row.available_at or row.enqueued_at, row.pk))
+    return [to_record(row) for row in rows]
+
+
+def _claim_locked(
+    store: Store,
+    pick: str,
+    pick_params: list[Any],
+    assign: str,
+    assign_params: list[Any],
+    token: str,
+) -> list[Job]:
+    # No UPDATE ... RETURNING: lock the picked rows, update them, read back this token's.
+    with store.dialect.write_transaction():
+        ids = [row[0] for row in store.fetch(pick, pick_params)]
+        if not ids:
+            return []
+        marks = ", ".join(["%s"] * len(ids))
+        store.execute(
+            f"UPDATE {TABLE} SET {assign} WHERE id IN ({marks}) AND state = 'ready'",
+            [*assign_params, *ids],
+        )
+        return list(Job.objects.using(store.using).filter(pk__in=ids, delivery=token))
+
+
+def next_due(store: Store) -> datetime | None:
+    """When the earliest scheduled job of the backend falls due."""
+    rows = Job.objects.raw(
+        f"SELECT id, available_at FROM {TABLE} WHERE {IS_SCHEDULED} AND backend_name = %s "
+        "ORDER BY available_at LIMIT 1",
+        [store.backend],
+    ).using(store.using)
+    return next((row.available_at for row in rows), None)

@@ -1,0 +1,143 @@
+"""How a job ends: a success, a failure, a retry, or a cancel before it starts.
+
+An outcome names its delivery's token: a late write from an older delivery changes
+nothing, and a success already recorded is never overwritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from conveyor import clock
+from conveyor.backends.database.store import (
+    TABLE,
+    Store,
+    error_json,
+    json_text,
+    pairs,
+    per_row,
+)
+from conveyor.records import Job as JobRecord
+from conveyor.records import Outcome, State, Success, error_from_text
+
+OPEN = "('scheduled', 'ready', 'waiting', 'running')"
+
+
+def complete(store: Store, successes: Sequence[Success]) -> set[str]:
+    """Record successes in one statement; return the ids these deliveries saved.
+
+    A job with no outcome yet takes the success (first success wins); a job already
+    succeeded by the same delivery (the reply to an earlier save was lost) counts as saved.
+    """
+    if not successes:
+        return set()
+    d = store.dialect
+    keys = [job.key for job, _ in successes]
+    values = {
+        "return_value": [json_text(outcome.return_value) for _, outcome in successes],
+        "finished_at": [store.time(outcome.finished_at) for _, outcome in successes],
+        "last_attempted_at": [store.time(outcome.started_at) for _, outcome in successes],
+        "delivery": [job.delivery for job, _ in successes],
+    }
+    kinds = {"return_value": d.json_value(), "delivery": "%s"}
+    assign, params = [], []
+    for column, column_values in values.items():
+        assign.append(f"{column} = {per_row(len(keys), kinds.get(column, d.time_value()))}")
+        params += [p for pair in zip(keys, column_values, strict=True) for p in pair]
+    marks = ", ".join(["%s"] * len(keys))
+    sql = (
+        f"UPDATE {TABLE} SET state = 'succeeded', {', '.join(assign)}, "
+        f"started_at = COALESCE(started_at, {per_row(len(keys), d.time_value())}), "
+        "lease_owner = NULL, "
+        f"lease_expires_at = NULL WHERE id IN ({marks}) AND state IN {OPEN}"
+    )
+    params = [*params, *pairs(keys, values["last_attempted_at"]), *keys]
+    # Each row updated now took its own delivery's token: saved by it. Only the others
+    # are looked up (already saved by the same delivery, or ended otherwise).
+    updated: set[Any] = set()
+    if d.update_returning:
+        updated = {row[0] for row in store.fetch(f"{sql} RETURNING id", params)}
+    else:
+        store.execute(sql, params)
+    missing = [key for key in keys if key not in updated]
+    saved = _saved_by(store, missing, State.SUCCEEDED) if missing else {}
+    saved.update((job.key, job.delivery) for job, _ in successes if job.key in updated)
+    return {job.id for job, _ in successes if saved.get(job.key) == job.delivery}
+
+
+def _saved_by(store: Store, keys: Sequence[Any], *states: State) -> dict[Any, str]:
+    """For each job among ``keys`` in ``states``: the token of the delivery that wrote it."""
+    marks = ", ".join(["%s"] * len(keys))
+    state_marks = ", ".join(["%s"] * len(states))
+    rows = store.fetch(
+        f"SELECT id, delivery FROM {TABLE} WHERE id IN ({marks}) AND state IN ({state_marks})",
+        [*keys, *(str(state) for state in states)],
+    )
+    return dict(rows)
+
+
+def _end_delivery(
+    store: Store, job: JobRecord, assign: str, params: list[Any], *done: State
+) -> bool:
+    """Close the delivery ``job`` if it still holds the row; True also if it already did."""
+    changed = store.execute(
+        f"UPDATE {TABLE} SET {assign}, lease_owner = NULL, lease_expires_at = NULL "
+        "WHERE id = %s AND delivery = %s AND state = 'running'",
+        [*params, job.key, job.delivery],
+    )
+    return bool(changed) or _saved_by(store, [job.key], *done).get(job.key) == job.delivery
+
+
+def _attempt(store: Store, outcome: Outcome) -> tuple[str, list[Any]]:
+    """What every end of a delivery writes: when it ran, and the error it raised."""
+    d = store.dialect
+    assert outcome.error is not None
+    started = store.time(outcome.started_at)
+    return (
+        f"started_at = COALESCE(started_at, %s), last_attempted_at = %s, "
+        f"errors = {d.append_json('errors')}",
+        [started, started, error_json(outcome.error)],
+    )
+
+
+def fail(store: Store, job: JobRecord, outcome: Outcome) -> bool:
+    """Record a final failure of this delivery."""
+    attempt, params = _attempt(store, outcome)
+    return _end_delivery(
+        store,
+        job,
+        f"state = 'failed', finished_at = %s, {attempt}",
+        [store.time(outcome.finished_at), *params],
+        State.FAILED,
+    )
+
+
+def retry(store: Store, job: JobRecord, outcome: Outcome) -> bool:
+    """Record a failed attempt; the job falls due again at ``retry_at`` (store clock)."""
+    assert outcome.retry_at is not None
+    attempt, params = _attempt(store, outcome)
+    due = store.time(outcome.retry_at)
+    return _end_delivery(
+        store,
+        job,
+        f"state = CASE WHEN %s <= {store.dialect.now()} THEN 'ready' ELSE 'scheduled' END, "
+        f"available_at = %s, {attempt}",
+        [due, due, *params],
+        State.SCHEDULED,
+        State.READY,
+    )
+
+
+def cancel(store: Store, key: int) -> bool:
+    """Cancel a job that has not started."""
+    d = store.dialect
+    error = error_json(error_from_text("conveyor.exceptions.Cancelled", "the job was cancelled"))
+    return bool(
+        store.execute(
+            f"UPDATE {TABLE} SET state = 'cancelled', finished_at = %s, "
+            f"errors = {d.append_json('errors')} "
+            "WHERE id = %s AND state IN ('scheduled', 'ready', 'waiting')",
+            [store.time(clock.now()), error, key],
+        )
+    )

@@ -1,0 +1,331 @@
+"""The in-process backend: the store's verbs, over the rows and tables beside it.
+
+Every transition follows the database one (``database/transitions/``) rule for rule; the
+tables become dicts behind one lock, and the store's clock is this process's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import heapq
+import json
+import secrets
+import threading
+import time
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.tasks import Task, TaskResult
+from django.tasks.signals import task_enqueued
+
+from conveyor import clock
+from conveyor.backends.base import Call, Held, StoreBackend
+from conveyor.backends.memory.rows import line
+from conveyor.backends.memory.tables import clear_all, tables_for
+from conveyor.records import (
+    PENDING_STATES,
+    Job,
+    Outcome,
+    PutBack,
+    QueueSelector,
+    QueueStats,
+    State,
+    Success,
+    WorkerInfo,
+)
+
+OPEN = (*PENDING_STATES, State.RUNNING)
+EXPIRED = "its lease expired without a heartbeat (the worker or its machine stopped)"
+
+
+class MemoryBackend(StoreBackend):
+    """Keep jobs in this process; a worker thread in the same process can run them."""
+
+    supports_defer = True  # run_after is honoured.
+    supports_async_task = True  # async def tasks run on an event loop in the worker.
+    supports_get_result = True  # any thread of this process can read a result back.
+    supports_priority = True  # higher priority is claimed first.
+    supports_wakeup = False  # idle workers poll.
+
+    def __init__(self, alias: str, params: dict[str, Any]) -> None:
+        super().__init__(alias, params)
+        self.lease = timedelta(seconds=self.conveyor_options.lease)
+        self.max_attempts = self.conveyor_options.max_attempts
+        self._tables = tables_for(alias)
+
+    def clear(self) -> None:
+        """Forget every job and registered worker in this process, of every alias.
+
+        As flushing a test database does: a test that built another alias over the same
+        storage leaves nothing behind for the next.
+        """
+        clear_all()
+
+    # --- the django.tasks face ----------------------------------------------------------
+
+    def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:
+        """Store many calls of one task: all of them, or none."""
+        encoded = [self.encode_call(task, args, kwargs) for args, kwargs in calls]
+        now = clock.now()
+        with self._tables.lock:
+            jobs = [
+                self._tables.insert(task, args, kwargs, now).record(self.alias)
+                for args, kwargs in encoded
+            ]
+        results = [self.to_task_result(job, task, State.READY.django_status) for job in jobs]
+        for result in results:
+            task_enqueued.send(type(self), task_result=result)
+        return results
+
+    def get_result(self, result_id: str) -> TaskResult:
+        """Read a result back by id, from any thread of this process."""
+        with self._tables.lock:
+            row = self._tables.find(result_id)
+            job, state, finished_at = row.record(self.alias), row.state, row.finished_at
+            value = copy.deepcopy(row.return_value)
+        return self.stored_result(job, state.django_status, finished_at, value)
+
+    # --- taking work ------------------------------------------------------------------------
+
+    def claim(self, worker_id: str, queues: QueueSelector, limit: int) -> list[Job]:
+        queues = queues.narrowed(self.queues)
+        if queues.include is not None and not (queues.include - queues.exclude):
+            return []
+        now, token = clock.now(), secrets.token_hex(8)
+        with self._tables.lock:
+            ready = [r for r in self._tables.rows(State.READY) if queues.allows(r.queue_name)]
+            taken = heapq.nsmallest(max(limit, 0), ready, key=line)
+            for row in taken:
+                row.deliver(worker_id, token, now + self.lease)
+            return [row.record(self.alias) for row in taken]
+
+    def stage(self, limit: int = 1000) -> int:
+        now = clock.now()
+        with self._tables.lock:
+            due = [r for r in self._tables.rows(State.SCHEDULED) if r.available_at <= now]
+            staged = heapq.nsmallest(max(limit, 0), due, key=lambda r: r.available_at)
+            for row in staged:
+                row.state = State.READY
+            return len(staged)
+
+    def next_due(self, queues: QueueSelector) -> datetime | None:
+        # Backend-wide, as stage() is: any worker may stage any queue's due jobs.
+        with self._tables.lock:
+            return min((r.available_at for r in self._tables.rows(State.SCHEDULED)), default=None)
+
+    # --- outcomes ---------------------------------------------------------------------------
+
+    def complete(self, successes: Sequence[Success]) -> set[str]:
+        # As stored JSON reads back; done first, so a value that is not JSON changes nothing.
+        values = [json.loads(json.dumps(o.return_value, allow_nan=False)) for _, o in successes]
+        with self._tables.lock:
+            for (job, outcome), value in zip(successes, values, strict=True):
+                row = self._tables.by_key.get(job.key)
+                if row is not None and row.state in OPEN:
+                    row.succeed(job.delivery, value, outcome)
+            return {
+                job.id
+                for job, _ in successes
+                if self._tables.saved_by(job.key, job.delivery, State.SUCCEEDED)
+            }
+
+    def fail(self, job: Job, outcome: Outcome) -> bool:
+        return self._end_delivery(
+            job, outcome, (State.FAILED,), state=State.FAILED, finished_at=outcome.finished_at
+        )
+
+    def retry(self, job: Job, outcome: Outcome) -> bool:
+        run_after = outcome.retry_at
+        assert run_after is not None
+        state = State.READY if run_after <= clock.now() else State.SCHEDULED
+        done = (State.SCHEDULED, State.READY)
+        return self._end_delivery(job, outcome, done, state=state, available_at=run_after)
+
+    def _end_delivery(
+        self, job: Job, outcome: Outcome, done: tuple[State, ...], **changes: Any
+    ) -> bool:
+        """Close the delivery ``job`` if it still holds the job; True also if it already did."""
+        assert outcome.error is not None
+        with self._tables.lock:
+            row = self._tables.delivered(job.key, job.delivery)
+            if row is None:
+                return self._tables.saved_by(job.key, job.delivery, *done)
+            row.end(outcome.started_at, outcome.error, **changes)
+            return True
+
+    # --- giving back and putting back -------------------------------------------------------
+
+    def unclaim(self, jobs: Sequence[Job]) -> int:
+        undone = 0
+        with self._tables.lock:
+            for job in jobs:
+                if (row := self._tables.delivered(job.key, job.delivery)) is None:
+                    continue
+                row.state, row.attempts = State.READY, row.attempts - 1
+                row.worker_ids = list(job.worker_ids[:-1])
+                row.lease_owner = row.lease_expires_at = None
+                undone += 1
+        return undone
+
+    def requeue(self, job: Job, reason: str, *, counts_as_attempt: bool = True) -> bool:
+        with self._tables.lock:
+            row = self._tables.delivered(job.key, job.delivery)
+            if row is None:
+                return False
+            row.put_back(reason, counts_as_attempt, self.max_attempts)
+            return True
+
+    def release(
+        self,
+        worker_id: str,
+        reason: str,
+        *,
+        executing: Collection[tuple[int, str]] = (),
+        counts_as_attempt: bool = True,
+        finished: Mapping[tuple[int, str], Outcome] | None = None,
+    ) -> list[PutBack]:
+        done = self._save_finished(worker_id, finished or {})
+        with self._tables.lock:
+            for row in sorted(self._tables.held(worker_id), key=lambda r: r.seq):
+                job = row.record(self.alias)
+                if (row.seq, row.delivery) in executing:
+                    failed = row.put_back(reason, counts_as_attempt, self.max_attempts)
+                    done.append(PutBack(job=job, counted=counts_as_attempt, failed=failed))
+                else:
+                    row.give_back()
+                    done.append(PutBack(job=job, counted=False, failed=False))
+        return done
+
+    def _save_finished(
+        self, worker_id: str, finished: Mapping[tuple[int, str], Outcome]
+    ) -> list[PutBack]:
+        with self._tables.lock:
+            jobs = [row.record(self.alias) for row in self._tables.held(worker_id, finished)]
+        saved: set[str] = set()
+        for job in jobs:  # a value the store refuses: that job runs again, and fails then
+            with contextlib.suppress(TypeError, ValueError):
+                saved |= self.complete([(job, finished[job.key, job.delivery])])
+        return [
+            PutBack(job=job, counted=False, failed=False, saved=True)
+            for job in jobs
+            if job.id in saved
+        ]
+
+    def give_back(self, worker_id: str, deliveries: Collection[tuple[int, str]]) -> list[Job]:
+        with self._tables.lock:
+            held = self._tables.held(worker_id, deliveries)
+            jobs = [row.record(self.alias) for row in held]
+            for row in held:
+                row.give_back()
+        return jobs
+
+    def reclaim(self, worker_ids: Sequence[str]) -> list[Job]:
+        now, owners = clock.now(), set(worker_ids)
+        with self._tables.lock:
+            lapsed = [
+                r
+                for r in self._tables.rows(State.RUNNING)
+                if r.lease_owner in owners
+                and r.lease_expires_at
+                and r.lease_expires_at < now - self.lease
+            ]
+            jobs = [row.record(self.alias) for row in lapsed]
+            for row in lapsed:
+                row.give_back()
+        return jobs
+
+    # --- leases and the workers registry ------------------------------------------------
+
+    def heartbeat(self, worker_ids: Sequence[str], deliveries: Sequence[Held] = ()) -> int:
+        now, renewed = clock.now(), 0
+        with self._tables.lock:
+            for key, token, started in deliveries:
+                if (row := self._tables.delivered(key, token)) is None:
+                    continue
+                row.renew(now + self.lease, started)
+                renewed += 1
+            self._tables.beat(worker_ids, now)
+        return renewed
+
+    def reachable(self) -> bool:
+        return True
+
+    def recover(self) -> int:
+        now = clock.now()
+        with self._tables.lock:
+            stale = [
+                row
+                for row in self._tables.rows(State.RUNNING)
+                if row.lease_expires_at is not None
+                and row.lease_expires_at < now
+                and not self._tables.beating(row.lease_owner, now, self.lease)
+            ]
+            for row in stale:
+                row.put_back(EXPIRED, True, self.max_attempts)
+            return len(stale)
+
+    def register_worker(self, info: WorkerInfo) -> None:
+        now = clock.now()
+        row = replace(
+            info,
+            backend=self.alias,
+            supervisor=info.supervisor or None,
+            started_at=info.started_at or now,
+            last_beat_at=now,
+            stopped_at=None,
+            ended="",
+        )
+        with self._tables.lock:
+            self._tables.register(row)
+
+    def end_worker(self, worker_id: str, ended: str) -> None:
+        now = clock.now()
+        with self._tables.lock:
+            self._tables.end_worker(worker_id, ended, now)
+
+    def workers(self, *, alive: bool = True) -> list[WorkerInfo]:
+        with self._tables.lock:
+            rows = [w for w in self._tables.workers.values() if not alive or w.stopped_at is None]
+        return sorted(rows, key=lambda w: (w.started_at or datetime.min, w.id))
+
+    # --- operations --------------------------------------------------------------------------
+
+    def cancel(self, result_id: str) -> bool:
+        with self._tables.lock:
+            row = self._tables.find(result_id)
+            if row.state not in PENDING_STATES:
+                return False
+            row.cancel()
+            return True
+
+    def stats(
+        self, queues: QueueSelector | None = None, *, finished_since: datetime | None = None
+    ) -> QueueStats:
+        with self._tables.lock:
+            counts = self._tables.counts(queues, finished_since)
+        return QueueStats.from_counts(dict(counts))
+
+    def prune(self, finished_before: datetime, *, batch: int = 1000, pause: float = 0.01) -> int:
+        deleted = 0
+        while True:
+            with self._tables.lock:
+                pruned, more = self._tables.prune(finished_before, batch)
+            deleted += pruned
+            if not more:
+                return deleted
+            time.sleep(pause)
+
+    # --- process life ------------------------------------------------------------------------
+
+    def before_fork(self) -> None:
+        """Nothing to close: the store holds no connections."""
+
+    def after_fork(self) -> None:
+        """A lock held by another thread at the fork would stay held in the child: renew it."""
+        self._tables.lock = threading.Lock()
+
+    def close(self) -> None:
+        """Nothing to release."""
