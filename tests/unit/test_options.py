@@ -11,8 +11,17 @@ from conveyor.backends.database import DatabaseBackend
 from conveyor.conf import BackendOptions
 from conveyor.exceptions import ConveyorImproperlyConfigured
 
-NUMBERS = ["LEASE", "POLL_INTERVAL", "MAX_ATTEMPTS", "BATCH_SIZE", "MAX_PAYLOAD"]
-WHOLE = {"MAX_ATTEMPTS", "BATCH_SIZE", "MAX_PAYLOAD"}
+NUMBERS = [
+    "LEASE",
+    "POLL_INTERVAL",
+    "MAX_ATTEMPTS",
+    "BATCH_SIZE",
+    "MAX_PAYLOAD",
+    "RETRIES",
+    "RETRY_BACKOFF",
+    "RETRY_BACKOFF_MAX",
+]
+WHOLE = {"MAX_ATTEMPTS", "BATCH_SIZE", "MAX_PAYLOAD", "RETRIES"}
 NOT_NUMBERS = [math.nan, math.inf, -math.inf, 1e12, 10**400, "5", "", True, False, None, [5], {}]
 
 
@@ -35,9 +44,9 @@ def test_each_number_has_a_range(name):
     low, high = BackendOptions.ranges[name.lower()]
     for value in (low, high, (low + high) // 2):
         build({name: int(value) if name in WHOLE else value})
-    below = low - 1 if name in WHOLE else low / 2
+    below = low - 1 if name in WHOLE else (low / 2 if low > 0 else -0.5)
     above = high + 1 if name in WHOLE else high * 2
-    for value in (below, above, -1, 0):
+    for value in (below, above, -1) + ((0,) if low > 0 else ()):
         with pytest.raises(ConveyorImproperlyConfigured, match=rf"'{name}'.* from .* to "):
             build({name: int(value) if name in WHOLE else value})
 
@@ -90,3 +99,10 @@ def test_the_options_object_checks_itself():
         BackendOptions.from_settings("x", {"BATCH_SIZE": math.inf})
     with pytest.raises(ConveyorImproperlyConfigured, match="'LEASE'"):
         BackendOptions(lease=math.nan).validate("x")
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None], ids=repr)
+def test_switches_must_be_true_or_false(value):
+    with pytest.raises(ConveyorImproperlyConfigured, match=r"'RETRY_JITTER'.*True or False"):
+        build({"RETRY_JITTER": value})
+    assert build({"RETRY_JITTER": False}).retry_defaults.jitter is False

@@ -228,6 +228,17 @@ class Recorder:
             )
         elif outcome.disposition in (Disposition.SUCCEEDED, Disposition.FAILED):
             self._finished(item)
+        else:
+            assert outcome.retry_at is not None
+            logger.info(
+                "Job %s (%s) runs again at %s: %s.",
+                job.id,
+                job.task_path,
+                outcome.retry_at.isoformat(timespec="seconds"),
+                "it asked to snooze"
+                if outcome.error is None
+                else f"{outcome.error.exception_class_path.rpartition('.')[2]}, retried",
+            )
         for hook in reversed(self.middleware):
             try:
                 hook.after_record(job, item.task, outcome, recorded)

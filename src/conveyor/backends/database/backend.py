@@ -131,6 +131,7 @@ class DatabaseBackend(StoreBackend):
             enqueued_at=now,
             run_after=task.run_after,
             available_at=due or now,
+            options=self.job_options(task),
         )
 
     def _raise_if_not_migrated(self, error: DatabaseError) -> None:

@@ -68,6 +68,9 @@ class Job(models.Model):
     return_value = models.JSONField(_("return value"), null=True, default=None)
     errors = models.JSONField(_("errors"), default=list)
     worker_ids = models.JSONField(_("worker ids"), default=list)
+    # The policies the job was enqueued with (retries, ...); empty when all are defaults.
+    # NULL allowed: code from before this column (a rolling deploy) inserts without it.
+    options = models.JSONField(_("options"), null=True, default=dict)
     # Deliveries (claims that were not given back), and those lost to a dying worker.
     attempts = models.PositiveIntegerField(_("attempts"), default=0)
     lost = models.PositiveIntegerField(_("deliveries lost"), default=0)

@@ -23,7 +23,7 @@ WORKERS = Worker._meta.db_table
 COLUMNS = (
     "id, uuid, backend_name, queue_name, task_path, priority, args, kwargs, attempts, "
     "enqueued_at, run_after, started_at, last_attempted_at, worker_ids, errors, delivery, "
-    "available_at"  # the claim's sort key: left out, each row would be read again
+    "options, available_at"  # the claim's sort key: left out, each row would be read again
 )
 FINISHED = "(" + ", ".join(f"'{s}'" for s in FINISHED_STATES) + ")"
 # One state's rows, written as the partial indexes' conditions are (``IN``): SQLite uses a
@@ -84,6 +84,7 @@ def to_record(row: Job) -> JobRecord:
         errors=tuple(TaskError(**error) for error in row.errors),
         delivery=row.delivery,
         key=row.pk,
+        options=row.options or {},
     )
 
 

@@ -69,10 +69,10 @@ class MemoryBackend(StoreBackend):
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:
         """Store many calls of one task: all of them, or none."""
         encoded = [self.encode_call(task, args, kwargs) for args, kwargs in calls]
-        now = clock.now()
+        now, options = clock.now(), self.job_options(task)
         with self._tables.lock:
             jobs = [
-                self._tables.insert(task, args, kwargs, now).record(self.alias)
+                self._tables.insert(task, args, kwargs, now, options).record(self.alias)
                 for args, kwargs in encoded
             ]
         results = [self.to_task_result(job, task, State.READY.django_status) for job in jobs]
@@ -142,13 +142,14 @@ class MemoryBackend(StoreBackend):
         assert run_after is not None
         state = State.READY if run_after <= clock.now() else State.SCHEDULED
         done = (State.SCHEDULED, State.READY)
-        return self._end_delivery(job, outcome, done, state=state, available_at=run_after)
+        return self._end_delivery(
+            job, outcome, done, state=state, available_at=run_after, run_after=run_after
+        )
 
     def _end_delivery(
         self, job: Job, outcome: Outcome, done: tuple[State, ...], **changes: Any
     ) -> bool:
         """Close the delivery ``job`` if it still holds the job; True also if it already did."""
-        assert outcome.error is not None
         with self._tables.lock:
             row = self._tables.delivered(job.key, job.delivery)
             if row is None:

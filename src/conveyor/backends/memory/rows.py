@@ -45,6 +45,7 @@ class Row:
     lease_owner: str | None = None
     lease_expires_at: datetime | None = None
     delivery: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
 
     def record(self, backend: str) -> Job:
         """The frozen value the runtime works with; its arguments are the caller's own."""
@@ -65,6 +66,7 @@ class Row:
             errors=tuple(self.errors),
             delivery=self.delivery,
             key=self.seq,
+            options=copy.deepcopy(self.options),
         )
 
     def deliver(self, worker_id: str, token: str, expires: datetime) -> None:
@@ -92,12 +94,13 @@ class Row:
         self.ran(outcome.started_at)
         self.lease_owner = self.lease_expires_at = None
 
-    def end(self, started: datetime, error: TaskError, **changes: Any) -> None:
-        """Close this delivery with the error its attempt raised, applying ``changes``."""
+    def end(self, started: datetime, error: TaskError | None, **changes: Any) -> None:
+        """Close this delivery with the error its attempt raised (if any), applying ``changes``."""
         for name, value in changes.items():
             setattr(self, name, value)
         self.ran(started)
-        self.errors.append(error)
+        if error is not None:
+            self.errors.append(error)
         self.lease_owner = self.lease_expires_at = None
 
     def cancel(self) -> None:

@@ -44,7 +44,9 @@ class Tables:
 
     # --- jobs -------------------------------------------------------------------------------
 
-    def insert(self, task: Task, args: Any, kwargs: Any, now: datetime) -> Row:
+    def insert(
+        self, task: Task, args: Any, kwargs: Any, now: datetime, options: dict[str, Any]
+    ) -> Row:
         """Store one call of ``task``: scheduled if it is due later, else ready."""
         due = due_later(task, now)
         row = Row(
@@ -59,6 +61,7 @@ class Tables:
             enqueued_at=now,
             run_after=task.run_after,
             available_at=due or now,
+            options=options,
         )
         self.jobs[row.id] = row
         self.by_key[row.seq] = row

@@ -90,15 +90,13 @@ def _end_delivery(
 
 
 def _attempt(store: Store, outcome: Outcome) -> tuple[str, list[Any]]:
-    """What every end of a delivery writes: when it ran, and the error it raised."""
-    d = store.dialect
-    assert outcome.error is not None
+    """What every end of a delivery writes: when it ran, and the error it raised if any."""
     started = store.time(outcome.started_at)
-    return (
-        f"started_at = COALESCE(started_at, %s), last_attempted_at = %s, "
-        f"errors = {d.append_json('errors')}",
-        [started, started, error_json(outcome.error)],
-    )
+    ran = "started_at = COALESCE(started_at, %s), last_attempted_at = %s"
+    if outcome.error is None:  # snoozed: runs again later, no failure
+        return ran, [started, started]
+    errors = f"errors = {store.dialect.append_json('errors')}"
+    return f"{ran}, {errors}", [started, started, error_json(outcome.error)]
 
 
 def fail(store: Store, job: JobRecord, outcome: Outcome) -> bool:
@@ -114,7 +112,10 @@ def fail(store: Store, job: JobRecord, outcome: Outcome) -> bool:
 
 
 def retry(store: Store, job: JobRecord, outcome: Outcome) -> bool:
-    """Record a failed attempt; the job falls due again at ``retry_at`` (store clock)."""
+    """Record a failed (or snoozed) attempt; the job falls due again at ``retry_at``.
+
+    ``run_after`` takes the new due time too, so the job's result says when it runs next.
+    """
     assert outcome.retry_at is not None
     attempt, params = _attempt(store, outcome)
     due = store.time(outcome.retry_at)
@@ -122,8 +123,8 @@ def retry(store: Store, job: JobRecord, outcome: Outcome) -> bool:
         store,
         job,
         f"state = CASE WHEN %s <= {store.dialect.now()} THEN 'ready' ELSE 'scheduled' END, "
-        f"available_at = %s, {attempt}",
-        [due, due, *params],
+        f"available_at = %s, run_after = %s, {attempt}",
+        [due, due, due, *params],
         State.SCHEDULED,
         State.READY,
     )
