@@ -18,8 +18,8 @@ class BackendOptions:
     ``poll_interval``: longest idle wait between looks for work, in seconds.
     ``batch_size``: most jobs one worker process claims, or saves outcomes for, at once.
     ``max_payload``: most bytes the arguments of one call may take as JSON.
-    ``retries``, ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter``: the retry
-    policy of tasks that set none of their own (see ``conveyor.options.ConveyorTask``).
+    ``retries``, ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter``, ``timeout``,
+    ``soft_timeout``: for tasks that set none of their own (``conveyor.options.ConveyorTask``).
     """
 
     lease: float = 30.0
@@ -31,6 +31,8 @@ class BackendOptions:
     retry_backoff: float = 1.0
     retry_backoff_max: float = 600.0
     retry_jitter: bool = True
+    timeout: float | None = None
+    soft_timeout: float | None = None
 
     # name -> (smallest, largest) allowed; whole numbers for int fields.
     ranges: ClassVar[dict[str, tuple[float, float]]] = {
@@ -42,6 +44,8 @@ class BackendOptions:
         "retries": (0, 1000),
         "retry_backoff": (0.0, 7 * 86400.0),
         "retry_backoff_max": (0.0, 30 * 86400.0),
+        "timeout": (0.001, 7 * 86400.0),
+        "soft_timeout": (0.001, 7 * 86400.0),
     }
 
     @classmethod
@@ -79,6 +83,8 @@ class BackendOptions:
                 )
         for name, (low, high) in self.ranges.items():
             value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
             whole = name in _WHOLE
             if not _in_range(value, low, high, whole):
                 kind = "a whole number" if whole else "a number"
@@ -88,6 +94,7 @@ class BackendOptions:
                 )
 
 
+_OPTIONAL = {"timeout", "soft_timeout"}  # None: no limit
 _WHOLE = {"max_attempts", "batch_size", "max_payload", "retries"}
 
 

@@ -67,6 +67,14 @@ class WorkerLost(ConveyorError):
     """The worker running a job stopped before the job finished."""
 
 
+class TimeLimitExceeded(ConveyorError):
+    """A run took longer than its task's ``timeout``: its worker process was stopped."""
+
+
+class SoftTimeLimitExceeded(ConveyorError):
+    """Raised inside a task that ran past its ``soft_timeout``; it may catch it to clean up."""
+
+
 class Cancelled(ConveyorError):
     """The job was cancelled before it ran."""
 

@@ -28,6 +28,8 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "retries": (int, 0, 1000),
     "retry_backoff": (float, 0.0, 7 * 86400.0),
     "retry_backoff_max": (float, 0.0, 30 * 86400.0),
+    "timeout": (float, 0.001, 7 * 86400.0),
+    "soft_timeout": (float, 0.001, 7 * 86400.0),
 }
 
 
@@ -42,6 +44,10 @@ class ConveyorTask(Task):
     failed together do not all come back at once.
     ``retry_on``: only these exception types are retried (default: any ``Exception``).
     ``dont_retry_on``: these exception types are never retried.
+    ``timeout``: seconds a run may take; past it the worker process running it is stopped
+    and the run fails with ``TimeLimitExceeded`` (retried if the retry policy allows).
+    ``soft_timeout``: seconds after which ``SoftTimeLimitExceeded`` is raised inside the
+    task, which may catch it to clean up; shorter than ``timeout`` when both are set.
     """
 
     retries: int | None = None
@@ -50,6 +56,8 @@ class ConveyorTask(Task):
     retry_jitter: bool | None = None
     retry_on: tuple[type[BaseException], ...] = ()
     dont_retry_on: tuple[type[BaseException], ...] = ()
+    timeout: float | None = None
+    soft_timeout: float | None = None
 
     def __new__(cls, **kwargs: Any) -> Self:
         # Django's @task passes every keyword it does not know on to here: a misspelt
@@ -102,6 +110,11 @@ def option_problems(task: ConveyorTask) -> list[str]:
         if value is not None and not _number(value, kind, low, high):
             whole = "a whole number" if kind is int else "a number"
             problems.append(f"{name} must be {whole} from {low:g} to {high:g}, not {value!r}.")
+    if not problems and task.timeout and task.soft_timeout and task.soft_timeout >= task.timeout:
+        problems.append(
+            f"soft_timeout ({task.soft_timeout:g}s) must be shorter than timeout "
+            f"({task.timeout:g}s): it warns the task before the hard limit stops it."
+        )
     if task.retry_jitter is not None and not isinstance(task.retry_jitter, bool):
         problems.append(f"retry_jitter must be True or False, not {task.retry_jitter!r}.")
     for name in ("retry_on", "dont_retry_on"):
@@ -209,3 +222,29 @@ class RetryPolicy:
 
 def _pick[T](value: T | None, default: T) -> T:
     return default if value is None else value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimeLimits:
+    """How long one run of a job may take, in seconds (None: no limit)."""
+
+    hard: float | None = None
+    soft: float | None = None
+
+    @classmethod
+    def for_task(cls, task: Task, defaults: TimeLimits) -> TimeLimits:
+        if not isinstance(task, ConveyorTask):
+            return defaults
+        hard = _pick(task.timeout, defaults.hard)
+        soft = _pick(task.soft_timeout, defaults.soft)
+        if hard is not None and soft is not None and soft >= hard:
+            soft = None  # a default soft limit longer than this task's hard one: no warning
+        return cls(hard=hard, soft=soft)
+
+    def stored(self) -> dict[str, Any]:
+        limits = {"timeout": self.hard, "soft_timeout": self.soft}
+        return {name: value for name, value in limits.items() if value is not None}
+
+    @classmethod
+    def from_stored(cls, options: Mapping[str, Any]) -> TimeLimits:
+        return cls(hard=options.get("timeout"), soft=options.get("soft_timeout"))

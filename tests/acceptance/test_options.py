@@ -6,7 +6,8 @@ from pathlib import Path
 
 from django.tasks import TaskResultStatus
 
-from tests.helpers import Worker, job, on, wait_for
+import conveyor
+from tests.helpers import Worker, job, lines, on, wait_for
 from tests.testapp import tasks
 
 
@@ -27,3 +28,48 @@ def test_retries_survive_a_worker_restart(backend_alias, tmp_path: Path):
     done = job(result)
     assert done.attempts == 3 and len(done.errors) == 2 and done.return_value == "done"
     assert (tmp_path / "tries").read_text().count("try") == 3
+
+
+def test_a_task_past_its_time_limit_is_stopped_and_nothing_else_is_lost(
+    backend_alias, tmp_path: Path
+):
+    log = tmp_path / "log"
+    noop = on(tasks.log_line, backend_alias)
+    before = conveyor.bulk_enqueue(noop, [(str(log), f"b{i}") for i in range(20)])
+    slow = on(tasks.overruns, backend_alias).enqueue(str(log), 30)
+    after = conveyor.bulk_enqueue(noop, [(str(log), f"a{i}") for i in range(20)])
+
+    with Worker(backend_alias, "--processes", "1") as worker:
+        wait_for(lambda: job(slow).status == TaskResultStatus.FAILED, timeout=10)
+        failed = job(slow)
+        for result in [*before, *after]:
+            wait_for(lambda r=result: job(r).status == TaskResultStatus.SUCCESSFUL)
+        worker.signal()
+        assert worker.wait() == 0, worker.output
+
+    [error] = failed.errors
+    assert error.exception_class_path == "conveyor.exceptions.TimeLimitExceeded"
+    assert "time limit of 0.5s" in error.traceback
+    ran = (failed.finished_at - failed.last_attempted_at).total_seconds()
+    assert 0.5 <= ran < 1.5, ran  # stopped within a second of its limit
+    starts = [line.split()[1] for line in lines(log) if line.startswith("start")]
+    assert sorted(s for s in starts if s != "overrun") == sorted(
+        [f"b{i}" for i in range(20)] + [f"a{i}" for i in range(20)]
+    )
+    assert f"Job {slow.id} (tests.testapp.tasks.overruns) failed" in worker.output
+    assert "Traceback" not in worker.output
+
+
+def test_a_time_limit_is_retried_when_the_policy_allows(backend_alias, tmp_path: Path):
+    slow = on(tasks.overruns, backend_alias).using(retries=1, retry_backoff=0.1)
+    result = slow.enqueue(str(tmp_path / "log"), 30)
+    with Worker(backend_alias, "--processes", "1") as worker:
+        wait_for(lambda: job(result).status == TaskResultStatus.FAILED, timeout=10)
+        worker.signal()
+        assert worker.wait() == 0, worker.output
+    failed = job(result)
+    assert [e.exception_class_path for e in failed.errors] == [
+        "conveyor.exceptions.TimeLimitExceeded"
+    ] * 2
+    assert failed.attempts == 2
+    assert "runs again at" in worker.output

@@ -173,3 +173,12 @@ def asks_to_retry(path: str, seconds: float) -> str:
     if _tries(path) < 2:
         raise Retry(delay=seconds)
     return "done"
+
+
+@task(timeout=0.5)
+def overruns(path: str, seconds: float) -> str:
+    """Note its start in ``path``, then sleep past its half-second time limit."""
+    with Path(path).open("a") as f:
+        f.write(f"start overrun {os.getpid()}\n")
+    time.sleep(seconds)
+    return "finished anyway"

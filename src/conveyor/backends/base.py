@@ -28,7 +28,7 @@ from conveyor.backends.tasks import (
 )
 from conveyor.conf import BackendOptions
 from conveyor.exceptions import TaskNotFound
-from conveyor.options import ConveyorTask, RetryPolicy
+from conveyor.options import ConveyorTask, RetryPolicy, TimeLimits
 from conveyor.records import Job, Outcome, PutBack, QueueSelector, QueueStats, Success, WorkerInfo
 
 Call = tuple[Sequence[Any], Mapping[str, Any]]
@@ -71,11 +71,13 @@ class ConveyorBackend(BaseTaskBackend):
             backoff_max=o.retry_backoff_max,
             jitter=o.retry_jitter,
         )
+        self.limit_defaults = TimeLimits(hard=o.timeout, soft=o.soft_timeout)
 
     def job_options(self, task: Task) -> dict[str, Any]:
         """The options a call of ``task`` is stored with (the policies that will apply)."""
         retry = RetryPolicy.for_task(task, self.retry_defaults).stored()
-        return {"retry": retry} if retry else {}
+        limits = TimeLimits.for_task(task, self.limit_defaults).stored()
+        return ({"retry": retry} if retry else {}) | limits
 
     @abstractmethod
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:

@@ -40,6 +40,7 @@ class Delivery:
     token: str
     started: float  # wall-clock time the task started; 0.0 while only held; < 0 once done
     deadline: float  # wall-clock time it must end by; 0.0 for none
+    on_limit: float = -1.0  # past the deadline: retry after this many seconds; < 0: fail
 
     @property
     def executing(self) -> bool:
@@ -55,6 +56,7 @@ class Slots:
         self.tokens = context.RawArray(ctypes.c_uint64, size)
         self.started = context.RawArray(ctypes.c_double, size)
         self.deadlines = context.RawArray(ctypes.c_double, size)
+        self.on_limit = context.RawArray(ctypes.c_double, size)
         self.revoked = context.RawArray(ctypes.c_uint8, size)
         self.outcomes = context.RawArray(ctypes.c_char, size * OUTCOME_BYTES)
         self.outcome_sizes = context.RawArray(ctypes.c_uint32, size)
@@ -86,13 +88,19 @@ class Slots:
         self.keys[index] = int(job.key)  # written last: a reader sees a whole slot or none
         return index
 
-    def start(self, index: int, deadline: float = 0.0) -> bool:
-        """The task of the delivery in ``index`` starts now; False if it was revoked."""
+    def start(self, index: int, limit: float | None = None, on_limit: float = -1.0) -> bool:
+        """The task of the delivery in ``index`` starts now; False if it was revoked.
+
+        ``limit``: seconds it may run before the supervisor stops this process; then it is
+        retried after ``on_limit`` seconds, or failed if ``on_limit`` is negative.
+        """
         with self.gate:
             if self.revoked[index]:
                 return False
-            self.deadlines[index] = deadline
-            self.started[index] = time.time()
+            now = time.time()
+            self.deadlines[index] = now + limit if limit else 0.0
+            self.on_limit[index] = on_limit
+            self.started[index] = now
             return True
 
     def supervisor_alive(self, within: float) -> bool:
@@ -142,6 +150,7 @@ class Slots:
                         token=f"{self.tokens[index]:016x}",
                         started=self.started[index],
                         deadline=self.deadlines[index],
+                        on_limit=self.on_limit[index],
                     )
                 )
         return found
@@ -159,6 +168,15 @@ class Slots:
                 if outcome is not None:
                     found[d.key, d.token] = outcome
         return found
+
+    def overrun(self, now: float) -> list[Delivery]:
+        """Deliveries still executing past their deadline."""
+        return [d for d in self.read() if d.executing and 0.0 < d.deadline <= now]
+
+    def next_deadline(self) -> float:
+        """The earliest deadline of a running task (wall clock), or 0.0 for none."""
+        deadlines = [d.deadline for d in self.read() if d.executing and d.deadline > 0.0]
+        return min(deadlines, default=0.0)
 
     @property
     def is_ready(self) -> bool:

@@ -14,15 +14,16 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from django.db import connections
 from django.tasks.signals import task_finished
 
+from conveyor import clock
 from conveyor.backends.base import Held, StoreBackend
-from conveyor.records import Job, Outcome, PutBack
-from conveyor.runtime.channel import Slots
+from conveyor.records import Job, Outcome, PutBack, error_from_text
+from conveyor.runtime.channel import Delivery, Slots
 from conveyor.runtime.runner import send
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,23 @@ class Leases:
         finished = child.slots.finished()
         self._put_back(PendingRelease(child.worker_id, reason, executing, counts, finished))
 
+    def release_overrun(self, child: Tracked, overrun: Sequence[Delivery], pid: int) -> None:
+        """Record the time-limit failures of a child stopped for them; put back the rest.
+
+        Each overrun delivery fails (or is retried, as its job's policy allows) with
+        ``TimeLimitExceeded``; the child's other jobs go back uncounted.
+        """
+        now = clock.now()
+        limits = {(d.key, d.token): _limit_outcome(d, pid, now) for d in overrun}
+        others = frozenset(
+            (d.key, d.token)
+            for d in child.slots.read()
+            if d.executing and (d.key, d.token) not in limits
+        )
+        finished = {**child.slots.finished(), **limits}
+        reason = f"worker process {pid} was stopped: a task beside it ran past its time limit"
+        self._put_back(PendingRelease(child.worker_id, reason, others, False, finished))
+
     def _put_back(self, pending: PendingRelease) -> bool:
         try:
             put_back = self.backend.release(
@@ -106,20 +124,28 @@ class Leases:
             self.pending.append(pending)
             return False
         log_put_back(put_back, pending.reason, self.backend.conveyor_options.max_attempts)
-        self._announce_saved([p.job for p in put_back if p.saved])
+        saved = [(p.job, pending.finished[p.job.key, p.job.delivery]) for p in put_back if p.saved]
+        self._announce_saved(saved)
         return True
 
-    def _announce_saved(self, jobs: Sequence[Job]) -> None:
-        """Send ``task_finished`` for the successes saved on behalf of a dead child."""
-        if not jobs:
-            return
-        logger.info(
-            "Saved %d outcome(s) a dead worker process had finished: %s",
-            len(jobs),
-            ", ".join(f"{job.id} ({job.task_path})" for job in jobs[:5])
-            + (f" and {len(jobs) - 5} more" if len(jobs) > 5 else ""),
-        )
-        for job in jobs:
+    def _announce_saved(self, saved: Sequence[tuple[Job, Outcome]]) -> None:
+        """Log the outcomes saved on behalf of a dead child; send ``task_finished``."""
+        successes = [job for job, outcome in saved if outcome.error is None]
+        if successes:
+            logger.info(
+                "Saved %d outcome(s) a dead worker process had finished: %s",
+                len(successes),
+                ", ".join(f"{job.id} ({job.task_path})" for job in successes[:5])
+                + (f" and {len(successes) - 5} more" if len(successes) > 5 else ""),
+            )
+        for job, outcome in saved:
+            if outcome.error is not None:
+                due = outcome.retry_at
+                then = f"runs again at {due.isoformat(timespec='seconds')}" if due else "failed"
+                message = outcome.error.traceback.strip()
+                logger.error("Job %s (%s) %s: %s", job.id, job.task_path, then, message)
+            if outcome.retry_at is not None:
+                continue
             try:
                 result = self.backend.get_result(job.id)
             except Exception:
@@ -253,3 +279,20 @@ def log_put_back(put_back: list[PutBack], reason: str, most: int) -> None:
         logger.warning(
             "Put back %d job(s), uncounted (%s): %s%s", len(uncounted), reason, shown, more
         )
+
+
+TIME_LIMIT = "conveyor.exceptions.TimeLimitExceeded"
+
+
+def _limit_outcome(delivery: Delivery, pid: int, now: datetime) -> Outcome:
+    """The failure of a run stopped at its time limit (retried after ``on_limit`` if >= 0)."""
+    limit = delivery.deadline - delivery.started
+    message = (
+        f"the task ran past its time limit of {limit:g}s; its worker process {pid} was stopped"
+    )
+    return Outcome(
+        started_at=datetime.fromtimestamp(delivery.started, UTC),
+        finished_at=now,
+        error=error_from_text(TIME_LIMIT, message),
+        retry_at=now + timedelta(seconds=delivery.on_limit) if delivery.on_limit >= 0 else None,
+    )

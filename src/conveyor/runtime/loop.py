@@ -23,9 +23,11 @@ from django.db import close_old_connections, connections
 from django.utils import timezone
 
 from conveyor.backends.base import StoreBackend, Waiter
+from conveyor.exceptions import TimeLimitExceeded
+from conveyor.options import TimeLimits
 from conveyor.records import Job, QueueSelector
 from conveyor.runtime.channel import Slots
-from conveyor.runtime.middleware import DEFAULT_MIDDLEWARE, Middleware
+from conveyor.runtime.middleware import DEFAULT_MIDDLEWARE, Middleware, retry_delay
 from conveyor.runtime.recorder import Recorder
 from conveyor.runtime.runner import Finished, Runner
 
@@ -317,7 +319,10 @@ class Loop:
 
     def _begin(self, index: int, job: Job) -> bool:
         """Under ``cond``: the job in ``index`` starts now; False if it was taken back."""
-        if not self.slots.start(index):  # the supervisor gave it back meanwhile
+        limit = TimeLimits.from_stored(job.options).hard
+        on_limit = retry_delay(job, TimeLimitExceeded()) if limit else None
+        started = self.slots.start(index, limit, -1.0 if on_limit is None else on_limit)
+        if not started:  # the supervisor gave it back meanwhile
             self.slot_of.pop((job.key, job.delivery), None)
             self.slots.release(index)
             return False

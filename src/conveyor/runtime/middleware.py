@@ -75,17 +75,21 @@ class Retries(Middleware):
         if isinstance(error, Snooze):
             due = clock.now() + timedelta(seconds=error.delay)
             return replace(outcome, error=None, retry_at=due)
-        policy = RetryPolicy.from_stored(job.options.get("retry", {}))
-        failures = 1 + sum(1 for e in job.errors if e.exception_class_path not in NOT_FAILURES)
-        if failures > policy.retries:
-            return None
-        if isinstance(error, Retry):
-            delay = policy.delay(failures) if error.delay is None else error.delay
-        elif policy.retries_error(error):
-            delay = policy.delay(failures)
-        else:
+        delay = retry_delay(job, error)
+        if delay is None:
             return None
         return replace(outcome, retry_at=clock.now() + timedelta(seconds=delay))
+
+
+def retry_delay(job: Job, error: BaseException) -> float | None:
+    """Seconds until ``job`` is tried again after this run raised ``error``; None: fail it."""
+    policy = RetryPolicy.from_stored(job.options.get("retry", {}))
+    failures = 1 + sum(1 for e in job.errors if e.exception_class_path not in NOT_FAILURES)
+    if failures > policy.retries:
+        return None
+    if isinstance(error, Retry):
+        return policy.delay(failures) if error.delay is None else error.delay
+    return policy.delay(failures) if policy.retries_error(error) else None
 
 
 # Errors a job's history holds that were not failures of its task.

@@ -119,6 +119,7 @@ class Supervisor:
     def _cycle(self) -> None:
         self._sleep()
         self._reap()
+        self._enforce_time_limits()
         self._respawn_due()
         self._handle_stop()
         self.leases.tick(self.children)
@@ -203,6 +204,9 @@ class Supervisor:
             timeout = min(self.tick, max(self.leases.next_beat - time.monotonic(), 0.0))
             if self.respawn_at:
                 timeout = max(0.0, min(timeout, min(self.respawn_at) - time.monotonic()))
+            deadlines = [d for child in self.children if (d := child.slots.next_deadline())]
+            if deadlines:
+                timeout = max(0.0, min(timeout, min(deadlines) - time.time()))
         with contextlib.suppress(InterruptedError):
             if self.wake_read in wait_for_sentinels(waitables, timeout=timeout):
                 os.read(self.wake_read, 512)
@@ -220,6 +224,22 @@ class Supervisor:
                 continue
             self.respawn_at.append(time.monotonic() + self._respawn_delay(child, crashed, how))
         self._respawn_due()
+
+    def _enforce_time_limits(self) -> None:
+        """Stop each child running a task past its time limit, and replace it at once."""
+        now = time.time()
+        for child in list(self.children):
+            overrun = child.slots.overrun(now)
+            if not overrun or child.process.pid is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.process.pid, signal.SIGKILL)
+            child.process.join()
+            self.children.remove(child)
+            self.leases.release_overrun(child, overrun, child.process.pid)
+            self._end(child.worker_id, "stopped: a task ran past its time limit")
+            if not self.signals:
+                self.respawn_at.append(time.monotonic())
 
     def _respawn_delay(self, child: Child, crashed: bool, how: str) -> float:
         """No delay for a child that was working; backoff for one that never got ready."""

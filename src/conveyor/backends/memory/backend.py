@@ -6,7 +6,6 @@ tables become dicts behind one lock, and the store's clock is this process's.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import heapq
 import json
@@ -205,15 +204,17 @@ class MemoryBackend(StoreBackend):
     ) -> list[PutBack]:
         with self._tables.lock:
             jobs = [row.record(self.alias) for row in self._tables.held(worker_id, finished)]
-        saved: set[str] = set()
-        for job in jobs:  # a value the store refuses: that job runs again, and fails then
-            with contextlib.suppress(TypeError, ValueError):
-                saved |= self.complete([(job, finished[job.key, job.delivery])])
-        return [
-            PutBack(job=job, counted=False, failed=False, saved=True)
-            for job in jobs
-            if job.id in saved
-        ]
+        saved = [job for job in jobs if self._save_one(job, finished[job.key, job.delivery])]
+        return [PutBack(job=job, counted=False, failed=False, saved=True) for job in saved]
+
+    def _save_one(self, job: Job, outcome: Outcome) -> bool:
+        """Save a finished outcome as its delivery would have; False if the store refuses it."""
+        if outcome.error is not None:
+            return self.retry(job, outcome) if outcome.retry_at else self.fail(job, outcome)
+        try:
+            return job.id in self.complete([(job, outcome)])
+        except (TypeError, ValueError):
+            return False  # a value the store refuses: the job runs again, and fails then
 
     def give_back(self, worker_id: str, deliveries: Collection[tuple[int, str]]) -> list[Job]:
         with self._tables.lock:

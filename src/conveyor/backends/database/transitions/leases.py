@@ -27,7 +27,7 @@ from conveyor.backends.database.store import (
     per_row,
     to_record,
 )
-from conveyor.backends.database.transitions.outcomes import complete
+from conveyor.backends.database.transitions.outcomes import complete, fail, retry
 from conveyor.records import Job as JobRecord
 from conveyor.records import Outcome, PutBack, Success, error_from_text
 
@@ -115,7 +115,8 @@ def release(
 ) -> list[PutBack]:
     """Save what ``worker_id`` had finished, requeue what it was executing, give back the rest.
 
-    A finished success the store refuses is given back uncounted with the rest: the job
+    ``finished`` outcomes are saved as their delivery would have (succeeded, failed or
+    retried). A success the store refuses is given back uncounted with the rest: the job
     runs again and its next outcome is refused, and failed, the usual way.
     """
     held = _held(store, "lease_owner = %s", [worker_id])
@@ -138,9 +139,16 @@ def release(
 def _save_finished(
     store: Store, held: Sequence[JobRecord], finished: Mapping[tuple[int, str], Outcome]
 ) -> list[JobRecord]:
-    successes = [(job, finished[d]) for job in held if (d := (job.key, job.delivery)) in finished]
+    ended = [(job, finished[d]) for job in held if (d := (job.key, job.delivery)) in finished]
+    successes = [(job, outcome) for job, outcome in ended if outcome.error is None]
     saved = _complete_all_but_refused(store, successes)
-    return [job for job, _ in successes if job.id in saved]
+    failures = [
+        job
+        for job, outcome in ended
+        if outcome.error is not None
+        and (retry(store, job, outcome) if outcome.retry_at else fail(store, job, outcome))
+    ]
+    return [job for job, _ in successes if job.id in saved] + failures
 
 
 def _complete_all_but_refused(store: Store, successes: Sequence[Success]) -> set[str]:
