@@ -28,6 +28,7 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "retries": (int, 0, 1000),
     "retry_backoff": (float, 0.0, 7 * 86400.0),
     "retry_backoff_max": (float, 0.0, 30 * 86400.0),
+    "max_attempts": (int, 1, 1000),
     "timeout": (float, 0.001, 7 * 86400.0),
     "soft_timeout": (float, 0.001, 7 * 86400.0),
 }
@@ -48,6 +49,9 @@ class ConveyorTask(Task):
     and the run fails with ``TimeLimitExceeded`` (retried if the retry policy allows).
     ``soft_timeout``: seconds after which ``SoftTimeLimitExceeded`` is raised inside the
     task, which may catch it to clean up; shorter than ``timeout`` when both are set.
+    ``max_attempts``: deliveries lost to a worker process that died running the job (a
+    crash, an out-of-memory kill) after which the job is failed; the backend's
+    ``MAX_ATTEMPTS`` by default.
     """
 
     retries: int | None = None
@@ -58,6 +62,7 @@ class ConveyorTask(Task):
     dont_retry_on: tuple[type[BaseException], ...] = ()
     timeout: float | None = None
     soft_timeout: float | None = None
+    max_attempts: int | None = None
 
     def __new__(cls, **kwargs: Any) -> Self:
         # Django's @task passes every keyword it does not know on to here: a misspelt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from django.tasks import TaskResultStatus
 
 import conveyor
@@ -73,3 +74,21 @@ def test_a_time_limit_is_retried_when_the_policy_allows(backend_alias, tmp_path:
     ] * 2
     assert failed.attempts == 2
     assert "runs again at" in worker.output
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_a_soft_time_limit_is_raised_inside_the_task(backend_alias, tmp_path: Path, threads):
+    # One thread: the task runs on the process's main thread (a timer signal); two: on
+    # worker threads (raised at the thread's next instruction).
+    note = tmp_path / "note"
+    result = on(tasks.cleans_up, backend_alias).enqueue(str(note))
+    with Worker(backend_alias, "--processes", "1", "--threads", threads) as worker:
+        wait_for(lambda: job(result).status == TaskResultStatus.FAILED, timeout=10)
+        worker.signal()
+        assert worker.wait() == 0, worker.output
+    failed = job(result)
+    assert note.read_text() == "cleaned up"
+    [error] = failed.errors
+    assert error.exception_class_path == "conveyor.exceptions.SoftTimeLimitExceeded"
+    ran = (failed.finished_at - failed.last_attempted_at).total_seconds()
+    assert 0.3 <= ran < 1.0, ran

@@ -182,3 +182,17 @@ def overruns(path: str, seconds: float) -> str:
         f.write(f"start overrun {os.getpid()}\n")
     time.sleep(seconds)
     return "finished anyway"
+
+
+@task(soft_timeout=0.3, timeout=10)
+def cleans_up(path: str) -> str:
+    """Work in short steps until warned by the soft limit, then note it and stop."""
+    from conveyor.exceptions import SoftTimeLimitExceeded
+
+    try:
+        for _ in range(500):
+            time.sleep(0.01)
+    except SoftTimeLimitExceeded:
+        Path(path).write_text("cleaned up")
+        raise
+    return "never warned"

@@ -77,7 +77,10 @@ class ConveyorBackend(BaseTaskBackend):
         """The options a call of ``task`` is stored with (the policies that will apply)."""
         retry = RetryPolicy.for_task(task, self.retry_defaults).stored()
         limits = TimeLimits.for_task(task, self.limit_defaults).stored()
-        return ({"retry": retry} if retry else {}) | limits
+        most = getattr(task, "max_attempts", None)
+        return (
+            ({"retry": retry} if retry else {}) | limits | ({"max_attempts": most} if most else {})
+        )
 
     @abstractmethod
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:

@@ -20,8 +20,10 @@ from django.utils import timezone
 
 from conveyor.backends.base import StoreBackend
 from conveyor.backends.tasks import unavailable_task
+from conveyor.options import TimeLimits
 from conveyor.records import Job, Outcome, error_from_exception
 from conveyor.runtime.invocation import invoke
+from conveyor.runtime.limits import SoftLimit
 from conveyor.runtime.middleware import Middleware
 
 logger = logging.getLogger(__name__)
@@ -58,7 +60,8 @@ class Runner:
             send(self.backend, task_started, result)
             for hook in self.middleware:
                 hook.before_invoke(job, task)
-            outcome = invoke(task, result)
+            with SoftLimit(TimeLimits.from_stored(job.options).soft):
+                outcome = invoke(task, result)
             for hook in reversed(self.middleware):
                 outcome = hook.after_invoke(job, task, outcome) or outcome
         except KeyboardInterrupt:  # the worker is being stopped: the job goes back

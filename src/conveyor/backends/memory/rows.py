@@ -119,9 +119,10 @@ class Row:
     def put_back(self, reason: str, counts: bool, max_attempts: int) -> bool:
         """Requeue a delivery cut short; fail the job once it was lost ``max_attempts`` times.
 
-        Return whether the job was failed.
+        A job's own ``max_attempts`` (stored with it) wins. Return whether it was failed.
         """
         self.lost += 1 if counts else 0
+        max_attempts = int(self.options.get("max_attempts", max_attempts))
         failed = counts and self.lost >= max_attempts
         if failed:
             reason = (

@@ -67,7 +67,7 @@ def requeue(
 ) -> PutBack | None:
     """Put back a delivery cut short; fail the job once it was lost ``max_attempts`` times.
 
-    ``unless_renewed`` as for ``unclaim``.
+    A job's own ``max_attempts`` (stored with it) wins. ``unless_renewed`` as for ``unclaim``.
     """
     rows = store.fetch(
         f"SELECT lost FROM {TABLE} WHERE id = %s AND delivery = %s AND state = 'running'",
@@ -77,11 +77,11 @@ def requeue(
         return None
     lost = rows[0][0] + (1 if counts else 0)
     d = store.dialect
-    failed = counts and lost >= store.max_attempts
+    most = int(job.options.get("max_attempts", store.max_attempts))
+    failed = counts and lost >= most
     if failed:
         message = (
-            f"{reason}; the job was lost {lost} times (the most allowed is "
-            f"{store.max_attempts}) and is given up."
+            f"{reason}; the job was lost {lost} times (the most allowed is {most}) and is given up."
         )
         assign = "state = 'failed', finished_at = %s"
         params: list[Any] = [store.time(clock.now())]
