@@ -174,7 +174,7 @@ def claim(store: Store, worker_id: str, queues: QueueSelector, limit: int) -> li
         sql, params = d.claim_statement(
             TABLE, (pick, pick_params), (assign, assign_params), returning
         )
-        rows = list(Job.objects.raw(sql, params).using(store.using))
+        rows = store.rows(sql, params, returning)
     else:
         rows = _claim_locked(store, pick, pick_params, assign, assign_params, token)
     rows.sort(key=lambda row: (-row.priority, row.available_at or row.enqueued_at, row.pk))
@@ -204,11 +204,12 @@ def _claim_locked(
 
 def next_due(store: Store) -> datetime | None:
     """When the earliest scheduled job of the backend falls due."""
-    rows = Job.objects.raw(
+    rows = store.rows(
         f"SELECT id, available_at FROM {TABLE} WHERE {IS_SCHEDULED} AND backend_name = %s "
         "ORDER BY available_at LIMIT 1",
         [store.backend],
-    ).using(store.using)
+        "id, available_at",
+    )
     return next((row.available_at for row in rows), None)
 
 
@@ -384,10 +385,8 @@ def requeue(
 
 
 def _held(store: Store, where: str, params: Sequence[Any]) -> list[JobRecord]:
-    rows = Job.objects.raw(
-        f"SELECT {COLUMNS} FROM {TABLE} WHERE {IS_RUNNING} AND {where}", params
-    ).using(store.using)
-    return [to_record(row) for row in rows]
+    sql = f"SELECT {COLUMNS} FROM {TABLE} WHERE {IS_RUNNING} AND {where}"
+    return [to_record(row) for row in store.rows(sql, params, COLUMNS)]
 
 
 def release(
