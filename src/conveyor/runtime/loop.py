@@ -88,6 +88,7 @@ class Loop:
         self.recent: deque[float] = deque(maxlen=RECENT)
         self.waiter: Waiter = Waiter()
         self.wakeups = False
+        self.emptied = False  # the last claim left nothing behind, and nothing woke us since
         self.next_stage = 0.0
         self.store_errors = 0
         self.idle_poll = MIN_POLL
@@ -178,6 +179,11 @@ class Loop:
         return self._busy() or self.results.qsize() > 0 or self.recorder.backlog > 0
 
     def _wants_work(self) -> bool:
+        if self.emptied and not self.config.until_done and not self._in_hand():
+            # About to wait: a job that came since the last claim has woken the waiter
+            # already, so the wait returns at once and the claim follows. Looking now
+            # would cost a round trip after every job, while its result is being read.
+            return False
         return not self.waiting and not self._budget_spent() and self._room() > 0
 
     def _room(self) -> int:
@@ -200,13 +206,16 @@ class Loop:
 
     def _claim(self) -> list[Job] | None:
         """Claim what there is room for; None if the store could not be reached."""
+        self.emptied = False
         try:
             self._stage()
-            jobs = self.backend.claim(self.worker_id, self.config.queues, self._room())
+            room = self._room()
+            jobs = self.backend.claim(self.worker_id, self.config.queues, room)
         except Exception as e:
             self._store_failed("claim jobs", e)
             return None
         self._store_ok()
+        self.emptied = self.wakeups and len(jobs) < room
         return jobs
 
     def _stage(self, force: bool = False) -> None:
@@ -232,6 +241,7 @@ class Loop:
             return min(poll * 2, longest)
         # Woken workers need no ladder: a wake that finds nothing waits long again.
         woke = self._wait_for_work(self._until_due())
+        self.emptied = False
         if woke:
             # New ready work: claim it first. Nothing was due when the wait began (it
             # would have been staged), so staging can wait its usual turn.

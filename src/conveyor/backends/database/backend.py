@@ -144,14 +144,14 @@ class DatabaseBackend(StoreBackend):
     def get_result(self, result_id: str) -> TaskResult:
         """Read a result back by id, from any process."""
         try:
-            row = Job.objects.using(self.database).get(
-                backend_name=self.alias, uuid=uuid.UUID(str(result_id))
-            )
-        except (Job.DoesNotExist, ValueError) as e:
+            row = operations.find(self.store, uuid.UUID(str(result_id)))
+        except ValueError as e:
             raise TaskResultDoesNotExist(result_id) from e
         except DatabaseError as e:
             self._raise_if_not_migrated(e)
             raise
+        if row is None:
+            raise TaskResultDoesNotExist(result_id)
         return self.row_to_result(row)
 
     def row_to_result(self, row: Job) -> TaskResult:

@@ -1,19 +1,31 @@
-"""Reads and maintenance over many jobs: counts, pruning, a liveness probe."""
+"""Reads and maintenance: one result, counts, pruning, a liveness probe."""
 
 from __future__ import annotations
 
 import time
+import uuid
 from datetime import datetime
 
+from conveyor.backends.database.models import Job
 from conveyor.backends.database.store import (
     FINISHED,
     IS_READY,
     IS_RUNNING,
     IS_SCHEDULED,
+    RESULT_COLUMNS,
     TABLE,
     Store,
 )
 from conveyor.records import QueueSelector, QueueStats
+
+FIND = f"SELECT {RESULT_COLUMNS} FROM {TABLE} WHERE backend_name = %s AND uuid = %s"
+
+
+def find(store: Store, result_id: uuid.UUID) -> Job | None:
+    """The job stored under ``result_id``, or None; what every result poll reads."""
+    key = Job._meta.get_field("uuid").get_db_prep_value(result_id, store.connection)
+    rows = store.rows(FIND, [store.backend, key], RESULT_COLUMNS)
+    return rows[0] if rows else None
 
 
 def reachable(store: Store) -> bool:

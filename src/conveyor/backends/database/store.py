@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import DEFERRED
 from django.tasks.base import TaskError
 
 from conveyor.backends.database.dialects import Dialect, dialect_for
@@ -25,6 +26,8 @@ COLUMNS = (
     "enqueued_at, run_after, started_at, last_attempted_at, worker_ids, errors, delivery, "
     "options, available_at"  # the claim's sort key: left out, each row would be read again
 )
+# What a result read adds to them.
+RESULT_COLUMNS = f"{COLUMNS}, state, finished_at, return_value"
 FINISHED = "(" + ", ".join(f"'{s}'" for s in FINISHED_STATES) + ")"
 # One state's rows, written as the partial indexes' conditions are (``IN``): SQLite uses a
 # partial index only when the query repeats its condition, and ``state = 'ready'`` does not.
@@ -61,8 +64,54 @@ class Store:
             cursor.execute(sql, params)
             return list(cursor.fetchall())
 
+    def rows(self, sql: str, params: Sequence[Any], columns: str) -> list[Job]:
+        """Run a statement that returns ``columns`` (in that order); its rows as ``Job``s.
+
+        The values are converted as the ORM converts them, without building a query each
+        time: reading a result and claiming are the hot paths of every job.
+        """
+        conn = self.connection
+        convert = _converter(conn, columns)
+        with conn.cursor() as cursor:
+            cursor.execute(sql, params)
+            fetched = cursor.fetchall()
+        return [Job.from_db(self.using, (), convert(row, conn)) for row in fetched]
+
     def time(self, value: datetime | None) -> Any:
         return self.connection.ops.adapt_datetimefield_value(value)
+
+
+Converter = Callable[[tuple[Any, ...], BaseDatabaseWrapper], list[Any]]
+_CONVERTERS: dict[tuple[str, str], Converter] = {}
+
+
+def _converter(conn: BaseDatabaseWrapper, columns: str) -> Converter:
+    """A function turning one row of ``columns`` into ``Job``'s field values, in order."""
+    key = (conn.vendor, columns)
+    if key not in _CONVERTERS:
+        _CONVERTERS[key] = _make_converter(conn, columns)
+    return _CONVERTERS[key]
+
+
+def _make_converter(conn: BaseDatabaseWrapper, columns: str) -> Converter:
+    names = [name.strip().rpartition(".")[2] for name in columns.split(",")]
+    fields = Job._meta.concrete_fields
+    where = {field.column: i for i, field in enumerate(fields)}
+    steps = []
+    for name in names:
+        col = fields[where[name]].get_col(TABLE)
+        found = (*conn.ops.get_db_converters(col), *col.get_db_converters(conn))
+        steps.append((where[name], col, found))
+
+    def convert(row: tuple[Any, ...], connection: BaseDatabaseWrapper) -> list[Any]:
+        values: list[Any] = [DEFERRED] * len(fields)  # columns not read stay deferred
+        for value, (index, col, converters) in zip(row, steps, strict=True):
+            for converter in converters:
+                value = converter(value, col, connection)
+            values[index] = value
+        return values
+
+    return convert
 
 
 def to_record(row: Job) -> JobRecord:

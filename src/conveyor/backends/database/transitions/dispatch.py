@@ -153,7 +153,7 @@ def claim(store: Store, worker_id: str, queues: QueueSelector, limit: int) -> li
         sql, params = d.claim_statement(
             TABLE, (pick, pick_params), (assign, assign_params), returning
         )
-        rows = list(Job.objects.raw(sql, params).using(store.using))
+        rows = store.rows(sql, params, returning)
     else:
         rows = _claim_locked(store, pick, pick_params, assign, assign_params, token)
     rows.sort(key=lambda row: (-row.priority, row.available_at or row.enqueued_at, row.pk))
@@ -183,9 +183,10 @@ def _claim_locked(
 
 def next_due(store: Store) -> datetime | None:
     """When the earliest scheduled job of the backend falls due."""
-    rows = Job.objects.raw(
+    rows = store.rows(
         f"SELECT id, available_at FROM {TABLE} WHERE {IS_SCHEDULED} AND backend_name = %s "
         "ORDER BY available_at LIMIT 1",
         [store.backend],
-    ).using(store.using)
+        "id, available_at",
+    )
     return next((row.available_at for row in rows), None)

@@ -15,7 +15,6 @@ from django.db import DataError, IntegrityError
 
 from conveyor import clock
 from conveyor.backends.base import Held
-from conveyor.backends.database.models import Job
 from conveyor.backends.database.store import (
     COLUMNS,
     IS_RUNNING,
@@ -99,10 +98,8 @@ def requeue(
 
 
 def _held(store: Store, where: str, params: Sequence[Any]) -> list[JobRecord]:
-    rows = Job.objects.raw(
-        f"SELECT {COLUMNS} FROM {TABLE} WHERE {IS_RUNNING} AND {where}", params
-    ).using(store.using)
-    return [to_record(row) for row in rows]
+    sql = f"SELECT {COLUMNS} FROM {TABLE} WHERE {IS_RUNNING} AND {where}"
+    return [to_record(row) for row in store.rows(sql, params, COLUMNS)]
 
 
 def release(
