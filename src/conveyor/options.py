@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any, Self, cast
 
-from django.tasks import Task
+from django.tasks import Task, TaskResult
 
 from conveyor.exceptions import InvalidTaskOption
 
 TASK_FIELDS = frozenset(f.name for f in fields(Task))
+HOOKS = ("on_success", "on_failure", "on_complete")
+Hook = Callable[[TaskResult], object] | str  # a callable, or the dotted path to one
 
 # Options and the values they take: (kind, smallest, largest).
 _NUMBERS: dict[str, tuple[type, float, float]] = {
@@ -52,6 +54,9 @@ class ConveyorTask(Task):
     ``max_attempts``: deliveries lost to a worker process that died running the job (a
     crash, an out-of-memory kill) after which the job is failed; the backend's
     ``MAX_ATTEMPTS`` by default.
+    ``on_success``, ``on_failure``, ``on_complete``: callables (or dotted paths to them)
+    called with the final ``TaskResult`` once it is stored; part of the task's code, so
+    ``.using()`` cannot change them.
     """
 
     retries: int | None = None
@@ -63,6 +68,9 @@ class ConveyorTask(Task):
     timeout: float | None = None
     soft_timeout: float | None = None
     max_attempts: int | None = None
+    on_success: Hook | None = None
+    on_failure: Hook | None = None
+    on_complete: Hook | None = None
 
     def __new__(cls, **kwargs: Any) -> Self:
         # Django's @task passes every keyword it does not know on to here: a misspelt
@@ -97,6 +105,12 @@ class ConveyorTask(Task):
         unknown = sorted(set(options) - set(OPTION_NAMES))
         if unknown:
             raise InvalidTaskOption(_unknown(self.module_path, unknown))
+        fixed = sorted(set(options) & set(HOOKS))
+        if fixed:
+            raise InvalidTaskOption(
+                f"Task {self.module_path}: {', '.join(fixed)} cannot be changed per call; "
+                "hooks belong to the task's definition."
+            )
         changed: Task = Task.using(
             self, priority=priority, queue_name=queue_name, run_after=run_after, backend=backend
         )
@@ -120,6 +134,10 @@ def option_problems(task: ConveyorTask) -> list[str]:
             f"soft_timeout ({task.soft_timeout:g}s) must be shorter than timeout "
             f"({task.timeout:g}s): it warns the task before the hard limit stops it."
         )
+    for name in HOOKS:
+        hook = getattr(task, name)
+        if hook is not None and not callable(hook) and not _dotted(hook):
+            problems.append(f"{name} must be a callable or a dotted path to one, not {hook!r}.")
     if task.retry_jitter is not None and not isinstance(task.retry_jitter, bool):
         problems.append(f"retry_jitter must be True or False, not {task.retry_jitter!r}.")
     for name in ("retry_on", "dont_retry_on"):
@@ -131,6 +149,14 @@ def option_problems(task: ConveyorTask) -> list[str]:
                 f"{', '.join(map(repr, bad))}."
             )
     return problems
+
+
+def _dotted(value: Any) -> bool:
+    return (
+        isinstance(value, str)
+        and all(part.isidentifier() for part in value.split("."))
+        and ("." in value)
+    )
 
 
 def _number(value: Any, kind: type, low: float, high: float) -> bool:

@@ -196,3 +196,28 @@ def cleans_up(path: str) -> str:
         Path(path).write_text("cleaned up")
         raise
     return "never warned"
+
+
+def note_outcome(result) -> None:  # type: ignore[no-untyped-def]
+    """A hook: note the result in the file its task was given."""
+    with Path(result.args[0]).open("a") as f:
+        value = result.return_value if result.status == "SUCCESSFUL" else None
+        f.write(f"{result.status} {result.id} {value}\n")
+
+
+def broken_hook(result) -> None:  # type: ignore[no-untyped-def]
+    raise RuntimeError("the hook itself is broken")
+
+
+@task(on_success=note_outcome, on_complete="tests.testapp.tasks.note_outcome")
+def hooked(path: str, fail: bool) -> str:
+    if fail:
+        raise ValueError("asked to fail")
+    return "fine"
+
+
+@task(on_failure=note_outcome, on_complete=broken_hook)
+def hooked_on_failure(path: str, fail: bool) -> str:
+    if fail:
+        raise ValueError("asked to fail")
+    return "fine"

@@ -24,6 +24,7 @@ from conveyor import clock
 from conveyor.backends.base import Held, StoreBackend
 from conveyor.records import Job, Outcome, PutBack, error_from_text
 from conveyor.runtime.channel import Delivery, Slots
+from conveyor.runtime.middleware import run_hooks
 from conveyor.runtime.runner import send
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class Leases:
                 logger.exception("Could not read back job %s (%s)", job.id, job.task_path)
                 continue
             send(self.backend, task_finished, result)
+            run_hooks(result)
 
     def retry_releases(self) -> None:
         """Try again the put-backs the store could not take."""

@@ -7,11 +7,12 @@ from dataclasses import replace
 from datetime import timedelta
 
 from django.db import connections
-from django.tasks import Task
+from django.tasks import Task, TaskResult, TaskResultStatus
+from django.utils.module_loading import import_string
 
 from conveyor import clock
 from conveyor.exceptions import Retry, Snooze, WorkerLost
-from conveyor.options import RetryPolicy, class_path
+from conveyor.options import ConveyorTask, RetryPolicy, class_path
 from conveyor.records import Job, Outcome
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,30 @@ def retry_delay(job: Job, error: BaseException) -> float | None:
 
 # Errors a job's history holds that were not failures of its task.
 NOT_FAILURES = frozenset({class_path(WorkerLost)})
+
+
+def run_hooks(result: TaskResult) -> None:
+    """Call the task's ``on_success``/``on_failure`` then ``on_complete`` hooks.
+
+    Only with a stored final result; a hook that fails is logged and changes nothing.
+    """
+    task = result.task
+    if not isinstance(task, ConveyorTask):
+        return
+    succeeded = result.status == TaskResultStatus.SUCCESSFUL
+    for name in ("on_success" if succeeded else "on_failure", "on_complete"):
+        hook = getattr(task, name)
+        if hook is None:
+            continue
+        try:
+            (import_string(hook) if isinstance(hook, str) else hook)(result)
+        except Exception:
+            logger.exception(
+                "The %s hook of task %s failed for job %s; the job's outcome stands.",
+                name,
+                task.module_path,
+                result.id,
+            )
 
 
 DEFAULT_MIDDLEWARE: tuple[type[Middleware], ...] = (Retries, ConnectionHygiene)

@@ -21,7 +21,7 @@ from django.tasks.signals import task_finished
 
 from conveyor.backends.base import StoreBackend
 from conveyor.records import Disposition, Outcome, error_from_text
-from conveyor.runtime.middleware import Middleware
+from conveyor.runtime.middleware import Middleware, run_hooks
 from conveyor.runtime.runner import Finished, send
 
 logger = logging.getLogger(__name__)
@@ -256,11 +256,12 @@ class Recorder:
         error = item.outcome.exception
         if error is None or not isinstance(error, Exception):
             send(self.backend, task_finished, final)
-            return
-        try:
-            raise error
-        except Exception:
-            send(self.backend, task_finished, final)
+        else:
+            try:
+                raise error
+            except Exception:
+                send(self.backend, task_finished, final)
+        run_hooks(final)
 
     def _final(self, item: Finished) -> TaskResult:
         outcome = item.outcome

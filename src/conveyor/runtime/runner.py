@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from inspect import iscoroutinefunction
 
 from django.dispatch import Signal
 from django.tasks import Task, TaskResult, TaskResultStatus
@@ -60,7 +61,7 @@ class Runner:
             send(self.backend, task_started, result)
             for hook in self.middleware:
                 hook.before_invoke(job, task)
-            with SoftLimit(TimeLimits.from_stored(job.options).soft):
+            with SoftLimit(_soft_limit(job, task)):
                 outcome = invoke(task, result)
             for hook in reversed(self.middleware):
                 outcome = hook.after_invoke(job, task, outcome) or outcome
@@ -79,6 +80,15 @@ class Runner:
             started_at=job.started_at or started_at,
             last_attempted_at=started_at,
         )
+
+
+def _soft_limit(job: Job, task: Task) -> float | None:
+    """The soft limit to arm around a run: none for ``async def`` tasks.
+
+    Raised in the thread that waits for a coroutine, it would leave the coroutine running;
+    such tasks use ``asyncio.timeout()`` for a limit of their own.
+    """
+    return None if iscoroutinefunction(task.func) else TimeLimits.from_stored(job.options).soft
 
 
 def _failed(error: BaseException, started_at: datetime) -> Outcome:
