@@ -54,6 +54,8 @@ class ConveyorTask(Task):
     ``max_attempts``: deliveries lost to a worker process that died running the job (a
     crash, an out-of-memory kill) after which the job is failed; the backend's
     ``MAX_ATTEMPTS`` by default.
+    ``sigkill_on_stop``: at a graceful stop, stop a run of this task at once (its job goes
+    back in line, uncounted) instead of waiting for it.
     ``on_success``, ``on_failure``, ``on_complete``: callables (or dotted paths to them)
     called with the final ``TaskResult`` once it is stored; part of the task's code, so
     ``.using()`` cannot change them.
@@ -68,6 +70,7 @@ class ConveyorTask(Task):
     timeout: float | None = None
     soft_timeout: float | None = None
     max_attempts: int | None = None
+    sigkill_on_stop: bool = False
     on_success: Hook | None = None
     on_failure: Hook | None = None
     on_complete: Hook | None = None
@@ -138,6 +141,8 @@ def option_problems(task: ConveyorTask) -> list[str]:
         hook = getattr(task, name)
         if hook is not None and not callable(hook) and not _dotted(hook):
             problems.append(f"{name} must be a callable or a dotted path to one, not {hook!r}.")
+    if not isinstance(task.sigkill_on_stop, bool):
+        problems.append(f"sigkill_on_stop must be True or False, not {task.sigkill_on_stop!r}.")
     if task.retry_jitter is not None and not isinstance(task.retry_jitter, bool):
         problems.append(f"retry_jitter must be True or False, not {task.retry_jitter!r}.")
     for name in ("retry_on", "dont_retry_on"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,21 @@ def test_a_soft_time_limit_is_raised_inside_the_task(backend_alias, tmp_path: Pa
     assert error.exception_class_path == "conveyor.exceptions.SoftTimeLimitExceeded"
     ran = (failed.finished_at - failed.last_attempted_at).total_seconds()
     assert 0.3 <= ran < 1.0, ran
+
+
+def test_a_task_with_sigkill_on_stop_is_not_waited_for(backend_alias, tmp_path: Path):
+    log = tmp_path / "log"
+    result = on(tasks.not_worth_waiting_for, backend_alias).enqueue(str(log))
+    other = on(tasks.log_line, backend_alias).enqueue(str(tmp_path / "other"), "x", sleep=1.5)
+    with Worker(backend_alias, "--processes", "2") as worker:
+        wait_for(lambda: lines(log) and lines(tmp_path / "other"))
+        stopping = time.monotonic()
+        worker.signal()
+        assert worker.wait() == 0, worker.output
+        assert time.monotonic() - stopping < 5  # not the task's 30 s
+    back = job(result)
+    assert back.status == TaskResultStatus.READY  # runs again at the next start
+    assert "sigkill_on_stop" in back.errors[-1].traceback
+    # A task without the option, in the other process, was waited for.
+    assert job(other).status == TaskResultStatus.SUCCESSFUL
+    assert "runs again" not in worker.output  # the stop counted nothing

@@ -221,3 +221,11 @@ def hooked_on_failure(path: str, fail: bool) -> str:
     if fail:
         raise ValueError("asked to fail")
     return "fine"
+
+
+@task(sigkill_on_stop=True)
+def not_worth_waiting_for(path: str) -> str:
+    with Path(path).open("a") as f:
+        f.write(f"start {os.getpid()}\n")
+    time.sleep(30)
+    return "never"

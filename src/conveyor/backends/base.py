@@ -77,10 +77,13 @@ class ConveyorBackend(BaseTaskBackend):
         """The options a call of ``task`` is stored with (the policies that will apply)."""
         retry = RetryPolicy.for_task(task, self.retry_defaults).stored()
         limits = TimeLimits.for_task(task, self.limit_defaults).stored()
-        most = getattr(task, "max_attempts", None)
-        return (
-            ({"retry": retry} if retry else {}) | limits | ({"max_attempts": most} if most else {})
-        )
+        options: dict[str, Any] = {"retry": retry} if retry else {}
+        options |= limits
+        if most := getattr(task, "max_attempts", None):
+            options["max_attempts"] = most
+        if getattr(task, "sigkill_on_stop", False):
+            options["sigkill_on_stop"] = True
+        return options
 
     @abstractmethod
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:

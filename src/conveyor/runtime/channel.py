@@ -41,6 +41,7 @@ class Delivery:
     started: float  # wall-clock time the task started; 0.0 while only held; < 0 once done
     deadline: float  # wall-clock time it must end by; 0.0 for none
     on_limit: float = -1.0  # past the deadline: retry after this many seconds; < 0: fail
+    kill_on_stop: bool = False  # at a graceful stop, stop it at once (``sigkill_on_stop``)
 
     @property
     def executing(self) -> bool:
@@ -57,6 +58,7 @@ class Slots:
         self.started = context.RawArray(ctypes.c_double, size)
         self.deadlines = context.RawArray(ctypes.c_double, size)
         self.on_limit = context.RawArray(ctypes.c_double, size)
+        self.kill_on_stop = context.RawArray(ctypes.c_uint8, size)
         self.revoked = context.RawArray(ctypes.c_uint8, size)
         self.outcomes = context.RawArray(ctypes.c_char, size * OUTCOME_BYTES)
         self.outcome_sizes = context.RawArray(ctypes.c_uint32, size)
@@ -88,11 +90,18 @@ class Slots:
         self.keys[index] = int(job.key)  # written last: a reader sees a whole slot or none
         return index
 
-    def start(self, index: int, limit: float | None = None, on_limit: float = -1.0) -> bool:
+    def start(
+        self,
+        index: int,
+        limit: float | None = None,
+        on_limit: float = -1.0,
+        kill_on_stop: bool = False,
+    ) -> bool:
         """The task of the delivery in ``index`` starts now; False if it was revoked.
 
         ``limit``: seconds it may run before the supervisor stops this process; then it is
         retried after ``on_limit`` seconds, or failed if ``on_limit`` is negative.
+        ``kill_on_stop``: a graceful stop of the worker stops this process at once.
         """
         with self.gate:
             if self.revoked[index]:
@@ -100,6 +109,7 @@ class Slots:
             now = time.time()
             self.deadlines[index] = now + limit if limit else 0.0
             self.on_limit[index] = on_limit
+            self.kill_on_stop[index] = kill_on_stop
             self.started[index] = now
             return True
 
@@ -151,6 +161,7 @@ class Slots:
                         started=self.started[index],
                         deadline=self.deadlines[index],
                         on_limit=self.on_limit[index],
+                        kill_on_stop=bool(self.kill_on_stop[index]),
                     )
                 )
         return found
@@ -172,6 +183,10 @@ class Slots:
     def overrun(self, now: float) -> list[Delivery]:
         """Deliveries still executing past their deadline."""
         return [d for d in self.read() if d.executing and 0.0 < d.deadline <= now]
+
+    def stops_at_once(self) -> bool:
+        """Say whether a task running here asked to be stopped at once at a graceful stop."""
+        return any(d.executing and d.kill_on_stop for d in self.read())
 
     def next_deadline(self) -> float:
         """The earliest deadline of a running task (wall clock), or 0.0 for none."""

@@ -331,7 +331,12 @@ class Loop:
         """Under ``cond``: the job in ``index`` starts now; False if it was taken back."""
         limit = TimeLimits.from_stored(job.options).hard
         on_limit = retry_delay(job, TimeLimitExceeded()) if limit else None
-        started = self.slots.start(index, limit, -1.0 if on_limit is None else on_limit)
+        started = self.slots.start(
+            index,
+            limit,
+            -1.0 if on_limit is None else on_limit,
+            bool(job.options.get("sigkill_on_stop")),
+        )
         if not started:  # the supervisor gave it back meanwhile
             self.slot_of.pop((job.key, job.delivery), None)
             self.slots.release(index)

@@ -86,6 +86,7 @@ class Supervisor:
         self.signals = 0
         self.stop_deadline: float | None = None
         self.forced = False
+        self.stop_killed: set[int] = set()  # children stopped at once for sigkill_on_stop
         self.context = multiprocessing.get_context("fork")
         self.hostname = socket.gethostname()
         self.host = new_worker_id()
@@ -218,6 +219,8 @@ class Supervisor:
             code = child.process.exitcode
             crashed = code not in (EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED)
             how = _describe_exit(code)
+            if child.process.pid in self.stop_killed:
+                crashed, how = False, "was stopped at once: it ran a task with sigkill_on_stop"
             self.leases.release(child, f"worker process {child.process.pid} {how}", counts=crashed)
             self._end(child.worker_id, how)
             if self.signals or code == EXIT_DONE:
@@ -290,8 +293,15 @@ class Supervisor:
             )
             self.stop_deadline = time.monotonic() + self.settings.grace
             self._signal_children(signal.SIGTERM)
-        elif self.signals > 1 or time.monotonic() >= self.stop_deadline:
+        if self.signals > 1 or time.monotonic() >= self.stop_deadline:
             self._force_stop()
+            return
+        for child in self.children:  # tasks that asked not to be waited for
+            pid = child.process.pid
+            if pid and pid not in self.stop_killed and child.slots.stops_at_once():
+                self.stop_killed.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def _force_stop(self) -> None:
         logger.warning(
