@@ -20,6 +20,7 @@ class BackendOptions:
     ``max_payload``: most bytes the arguments of one call may take as JSON.
     ``retries``, ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter``, ``timeout``,
     ``soft_timeout``: for tasks that set none of their own (``conveyor.options.ConveyorTask``).
+    ``cancel_grace``: seconds a running job asked to stop has before its worker stops it.
     """
 
     lease: float = 30.0
@@ -33,6 +34,7 @@ class BackendOptions:
     retry_jitter: bool = True
     timeout: float | None = None
     soft_timeout: float | None = None
+    cancel_grace: float = 10.0
 
     # name -> (smallest, largest) allowed; whole numbers for int fields.
     ranges: ClassVar[dict[str, tuple[float, float]]] = {
@@ -46,6 +48,7 @@ class BackendOptions:
         "retry_backoff_max": (0.0, 30 * 86400.0),
         "timeout": (0.001, 7 * 86400.0),
         "soft_timeout": (0.001, 7 * 86400.0),
+        "cancel_grace": (0.0, 3600.0),
     }
 
     @classmethod

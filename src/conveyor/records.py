@@ -106,6 +106,9 @@ class Job:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+CANCELLED_ERROR = "conveyor.exceptions.Cancelled"  # the error a cancelled job records
+
+
 class Disposition(StrEnum):
     """What becomes of a job once its outcome is recorded."""
 
@@ -136,6 +139,11 @@ class Outcome:
     def succeeded(self) -> bool:
         """Say whether the task returned without raising."""
         return self.error is None
+
+    @property
+    def cancelled(self) -> bool:
+        """Say whether the task stopped because it was asked to (``Cancelled``)."""
+        return self.error is not None and self.error.exception_class_path == CANCELLED_ERROR
 
     @property
     def disposition(self) -> Disposition:

@@ -279,6 +279,22 @@ class WorkerStore(ABC):
         """Cancel a job that has not started; return whether it was cancelled."""
 
     @abstractmethod
+    def request_cancel(self, result_id: str) -> bool:
+        """Ask the worker running this job to stop it; False if it is not running."""
+
+    @abstractmethod
+    def cancels(self, deliveries: Collection[tuple[int, str]]) -> set[tuple[int, str]]:
+        """Which of these running deliveries (job key, token) were asked to stop."""
+
+    @abstractmethod
+    def report_progress(self, job: Job, progress: dict[str, Any]) -> bool:
+        """Note the progress a running task reports; False once its delivery is over."""
+
+    @abstractmethod
+    def get_progress(self, result_id: str) -> dict[str, Any] | None:
+        """What the job's task last reported of its progress, if anything."""
+
+    @abstractmethod
     def stats(
         self, queues: QueueSelector | None = None, *, finished_since: datetime | None = None
     ) -> QueueStats:

@@ -59,6 +59,7 @@ class Slots:
         self.deadlines = context.RawArray(ctypes.c_double, size)
         self.on_limit = context.RawArray(ctypes.c_double, size)
         self.kill_on_stop = context.RawArray(ctypes.c_uint8, size)
+        self.cancel = context.RawArray(ctypes.c_uint8, size)  # set: the job was asked to stop
         self.revoked = context.RawArray(ctypes.c_uint8, size)
         self.outcomes = context.RawArray(ctypes.c_char, size * OUTCOME_BYTES)
         self.outcome_sizes = context.RawArray(ctypes.c_uint32, size)
@@ -87,6 +88,7 @@ class Slots:
         self.deadlines[index] = 0.0
         self.revoked[index] = 0
         self.outcome_sizes[index] = 0
+        self.cancel[index] = 0
         self.keys[index] = int(job.key)  # written last: a reader sees a whole slot or none
         return index
 
@@ -112,6 +114,10 @@ class Slots:
             self.kill_on_stop[index] = kill_on_stop
             self.started[index] = now
             return True
+
+    def cancel_asked(self, index: int) -> bool:
+        """Say whether the job in ``index`` was asked to stop."""
+        return bool(self.cancel[index])
 
     def supervisor_alive(self, within: float) -> bool:
         """Say whether the supervisor reached the store within ``within`` seconds (or none)."""
@@ -183,6 +189,14 @@ class Slots:
     def overrun(self, now: float) -> list[Delivery]:
         """Deliveries still executing past their deadline."""
         return [d for d in self.read() if d.executing and 0.0 < d.deadline <= now]
+
+    def ask_to_stop(self, key: int, token: str) -> bool:
+        """Tell the task running this delivery it was cancelled; False if it is not here."""
+        for index in range(self.size):
+            if self.keys[index] == key and f"{self.tokens[index]:016x}" == token:
+                self.cancel[index] = 1
+                return True
+        return False
 
     def stops_at_once(self) -> bool:
         """Say whether a task running here asked to be stopped at once at a graceful stop."""

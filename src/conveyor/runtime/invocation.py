@@ -12,11 +12,14 @@ from django.utils import timezone
 from conveyor.records import Outcome, error_from_exception
 
 
-def invoke(task: Task, result: TaskResult) -> Outcome:
-    """Run ``task`` with the arguments in ``result``; never raises for a task's own error."""
+def invoke(task: Task, result: TaskResult, context: TaskContext | None = None) -> Outcome:
+    """Run ``task`` with the arguments in ``result``; never raises for a task's own error.
+
+    A task that ``takes_context`` gets ``context`` (Django's own, if none is given).
+    """
     started_at = timezone.now()
     try:
-        value = _call(task, result)
+        value = _call(task, result, context)
         value = json.loads(json.dumps(value, allow_nan=False))
     except KeyboardInterrupt:
         raise
@@ -33,7 +36,8 @@ def invoke(task: Task, result: TaskResult) -> Outcome:
     return Outcome(started_at=started_at, finished_at=timezone.now(), return_value=value)
 
 
-def _call(task: Task, result: TaskResult) -> Any:
+def _call(task: Task, result: TaskResult, context: TaskContext | None) -> Any:
     if task.takes_context:
-        return task.call(TaskContext(task_result=result), *result.args, **result.kwargs)
+        context = context or TaskContext(task_result=result)
+        return task.call(context, *result.args, **result.kwargs)
     return task.call(*result.args, **result.kwargs)

@@ -22,7 +22,7 @@ from django.tasks.signals import task_finished
 
 from conveyor import clock
 from conveyor.backends.base import Held, StoreBackend
-from conveyor.records import Job, Outcome, PutBack, error_from_text
+from conveyor.records import CANCELLED_ERROR, Job, Outcome, PutBack, error_from_text
 from conveyor.runtime.channel import Delivery, Slots
 from conveyor.runtime.middleware import run_hooks
 from conveyor.runtime.runner import send
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 BEAT_RETRY = 1.0  # after a failed heartbeat, the next try comes this soon
 STUCK = 1.0  # every thread of a child in a task this long: its waiting jobs go back
+CANCEL_LOOK = 1.0  # how often running jobs are checked for cancel requests, in seconds
 
 
 class Tracked(Protocol):
@@ -60,6 +61,8 @@ class Leases:
         self.threads = threads
         self.lease = backend.conveyor_options.lease
         self.pending: list[PendingRelease] = []
+        self.cancel_asked: dict[tuple[int, str], float] = {}  # delivery -> when told to stop
+        self.next_cancel_look = 0.0
         self.contact_since: float | None = None
         self.next_beat = self.next_recover = 0.0
 
@@ -72,6 +75,13 @@ class Leases:
         now = time.monotonic()
         if now >= self.next_beat:
             self.beat(children)
+        elif now >= self.next_cancel_look and self.contact_since is not None:
+            self.next_cancel_look = now + CANCEL_LOOK
+            try:
+                self.ask_to_stop(children)
+            except Exception as e:
+                connections.close_all()
+                logger.debug("Could not read cancel requests (%s: %s).", type(e).__name__, e)
         self.unstick(children)
         if self.pending:
             self.retry_releases()
@@ -88,22 +98,41 @@ class Leases:
         finished = child.slots.finished()
         self._put_back(PendingRelease(child.worker_id, reason, executing, counts, finished))
 
-    def release_overrun(self, child: Tracked, overrun: Sequence[Delivery], pid: int) -> None:
-        """Record the time-limit failures of a child stopped for them; put back the rest.
+    def release_stopped(self, child: Tracked, stopped: Mapping[tuple[int, str], Outcome]) -> None:
+        """Record the outcomes of the runs a child was stopped for; put back the rest.
 
-        Each overrun delivery fails (or is retried, as its job's policy allows) with
-        ``TimeLimitExceeded``; the child's other jobs go back uncounted.
+        The child's other jobs go back uncounted; what it had finished is saved.
         """
-        now = clock.now()
-        limits = {(d.key, d.token): _limit_outcome(d, pid, now) for d in overrun}
         others = frozenset(
             (d.key, d.token)
             for d in child.slots.read()
-            if d.executing and (d.key, d.token) not in limits
+            if d.executing and (d.key, d.token) not in stopped
         )
-        finished = {**child.slots.finished(), **limits}
-        reason = f"worker process {pid} was stopped: a task beside it ran past its time limit"
+        finished = {**child.slots.finished(), **stopped}
+        reason = f"worker process {child.worker_id} was stopped for a task beside it"
         self._put_back(PendingRelease(child.worker_id, reason, others, False, finished))
+        for key in stopped:
+            self.cancel_asked.pop(key, None)
+
+    def ask_to_stop(self, children: Sequence[Tracked]) -> None:
+        """Tell running tasks whose jobs were cancelled; note when, for the grace period."""
+        running = {(d.key, d.token): child for child in children for d in child.slots.read()}
+        asked = self.backend.cancels(list(running)) if running else set()
+        for delivery in asked - set(self.cancel_asked):
+            if running[delivery].slots.ask_to_stop(*delivery):
+                self.cancel_asked[delivery] = time.monotonic()
+                logger.info("Job with key %s was cancelled; asking its task to stop.", delivery[0])
+        for delivery in set(self.cancel_asked) - set(running):
+            del self.cancel_asked[delivery]  # it ended
+
+    def overdue_cancels(self, child: Tracked, grace: float) -> list[Delivery]:
+        """Runs of ``child`` asked to stop more than ``grace`` seconds ago, still running."""
+        now = time.monotonic()
+        return [
+            d
+            for d in child.slots.read()
+            if d.executing and now - self.cancel_asked.get((d.key, d.token), now) > grace
+        ]
 
     def _put_back(self, pending: PendingRelease) -> bool:
         try:
@@ -143,6 +172,7 @@ class Leases:
             if outcome.error is not None:
                 due = outcome.retry_at
                 then = f"runs again at {due.isoformat(timespec='seconds')}" if due else "failed"
+                then = "was cancelled" if outcome.cancelled else then
                 message = outcome.error.traceback.strip()
                 logger.error("Job %s (%s) %s: %s", job.id, job.task_path, then, message)
             if outcome.retry_at is not None:
@@ -187,6 +217,11 @@ class Leases:
             return
         for child in children:
             child.slots.stamp()
+        try:
+            self.ask_to_stop(children)
+        except Exception as e:
+            connections.close_all()
+            logger.warning("Could not read cancel requests (%s: %s).", type(e).__name__, e)
         if self.contact_since is None:
             logger.info("The store answers again; leases renewed.")
             self.contact_since = time.monotonic()
@@ -286,8 +321,9 @@ def log_put_back(put_back: list[PutBack], reason: str, most: int) -> None:
 TIME_LIMIT = "conveyor.exceptions.TimeLimitExceeded"
 
 
-def _limit_outcome(delivery: Delivery, pid: int, now: datetime) -> Outcome:
+def limit_outcome(delivery: Delivery, pid: int) -> Outcome:
     """The failure of a run stopped at its time limit (retried after ``on_limit`` if >= 0)."""
+    now = clock.now()
     limit = delivery.deadline - delivery.started
     message = (
         f"the task ran past its time limit of {limit:g}s; its worker process {pid} was stopped"
@@ -297,4 +333,17 @@ def _limit_outcome(delivery: Delivery, pid: int, now: datetime) -> Outcome:
         finished_at=now,
         error=error_from_text(TIME_LIMIT, message),
         retry_at=now + timedelta(seconds=delivery.on_limit) if delivery.on_limit >= 0 else None,
+    )
+
+
+def cancel_outcome(delivery: Delivery, pid: int, grace: float) -> Outcome:
+    """The end of a cancelled run its task did not stop within ``grace`` seconds."""
+    message = (
+        f"the job was cancelled while it ran, and its task did not stop within {grace:g}s; "
+        f"its worker process {pid} was stopped"
+    )
+    return Outcome(
+        started_at=datetime.fromtimestamp(delivery.started, UTC),
+        finished_at=clock.now(),
+        error=error_from_text(CANCELLED_ERROR, message),
     )

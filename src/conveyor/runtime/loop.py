@@ -348,7 +348,7 @@ class Loop:
 
     def _run(self, index: int, job: Job, deliver: Callable[[tuple[int, Finished]], None]) -> None:
         """Run ``job`` and hand its result on; it is never out of sight in between."""
-        finished = self.runner.run_one(job)
+        finished = self.runner.run_one(job, lambda: self.slots.cancel_asked(index))
         self.slots.finish(index, finished.outcome)  # a crash now would not count it
         with self.cond:
             began = self.running.pop(index, time.monotonic())

@@ -11,7 +11,7 @@ from django.tasks import Task, TaskResult, TaskResultStatus
 from django.utils.module_loading import import_string
 
 from conveyor import clock
-from conveyor.exceptions import Retry, Snooze, WorkerLost
+from conveyor.exceptions import Cancelled, Retry, Snooze, WorkerLost
 from conveyor.options import ConveyorTask, RetryPolicy, class_path
 from conveyor.records import Job, Outcome
 
@@ -84,6 +84,8 @@ class Retries(Middleware):
 
 def retry_delay(job: Job, error: BaseException) -> float | None:
     """Seconds until ``job`` is tried again after this run raised ``error``; None: fail it."""
+    if isinstance(error, Cancelled):
+        return None  # asked to stop: never tried again
     policy = RetryPolicy.from_stored(job.options.get("retry", {}))
     failures = 1 + sum(1 for e in job.errors if e.exception_class_path not in NOT_FAILURES)
     if failures > policy.retries:

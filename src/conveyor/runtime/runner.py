@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from inspect import iscoroutinefunction
+from typing import Any
 
 from django.dispatch import Signal
 from django.tasks import Task, TaskResult, TaskResultStatus
@@ -21,6 +22,7 @@ from django.utils import timezone
 
 from conveyor.backends.base import StoreBackend
 from conveyor.backends.tasks import unavailable_task
+from conveyor.context import ConveyorContext
 from conveyor.options import TimeLimits
 from conveyor.records import Job, Outcome, error_from_exception
 from conveyor.runtime.invocation import invoke
@@ -47,8 +49,11 @@ class Runner:
         self.backend = backend
         self.middleware = list(middleware)
 
-    def run_one(self, job: Job) -> Finished:
-        """Load and run ``job``'s task; a task that cannot be loaded fails the job."""
+    def run_one(self, job: Job, cancelled: Callable[[], bool] | None = None) -> Finished:
+        """Load and run ``job``'s task; a task that cannot be loaded fails the job.
+
+        ``cancelled`` says whether the job was asked to stop, for the task's context.
+        """
         started_at = timezone.now()
         try:
             task = self.backend.load_task(job)
@@ -61,8 +66,13 @@ class Runner:
             send(self.backend, task_started, result)
             for hook in self.middleware:
                 hook.before_invoke(job, task)
+            context = ConveyorContext(
+                task_result=result,
+                is_cancelled=cancelled or _never,
+                save_progress=lambda progress: self._progress(job, progress),
+            )
             with SoftLimit(_soft_limit(job, task)):
-                outcome = invoke(task, result)
+                outcome = invoke(task, result, context)
             for hook in reversed(self.middleware):
                 outcome = hook.after_invoke(job, task, outcome) or outcome
         except KeyboardInterrupt:  # the worker is being stopped: the job goes back
@@ -72,6 +82,9 @@ class Runner:
             outcome = _failed(e, started_at)
         return Finished(job, task, result, outcome)
 
+    def _progress(self, job: Job, progress: dict[str, Any]) -> None:
+        self.backend.report_progress(job, progress)
+
     def _running(self, job: Job, task: Task, started_at: datetime) -> TaskResult:
         return self.backend.to_task_result(
             job,
@@ -80,6 +93,10 @@ class Runner:
             started_at=job.started_at or started_at,
             last_attempted_at=started_at,
         )
+
+
+def _never() -> bool:
+    return False
 
 
 def _soft_limit(job: Job, task: Task) -> float | None:

@@ -29,7 +29,7 @@ from conveyor.exceptions import ConveyorImproperlyConfigured, NotMigrated
 from conveyor.records import QueueSelector, WorkerInfo, new_worker_id
 from conveyor.runtime.channel import Slots
 from conveyor.runtime.child import STOP_SIGNALS, child_main
-from conveyor.runtime.leases import Leases
+from conveyor.runtime.leases import Leases, cancel_outcome, limit_outcome
 from conveyor.runtime.loop import EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED, WorkerConfig
 from conveyor.runtime.progress import Progress
 
@@ -229,18 +229,26 @@ class Supervisor:
         self._respawn_due()
 
     def _enforce_time_limits(self) -> None:
-        """Stop each child running a task past its time limit, and replace it at once."""
-        now = time.time()
+        """Stop each child running a task past its time limit, or cancelled and not stopping.
+
+        The child is replaced at once; its other jobs are saved or put back uncounted.
+        """
+        now, grace = time.time(), self.backend.conveyor_options.cancel_grace
         for child in list(self.children):
-            overrun = child.slots.overrun(now)
-            if not overrun or child.process.pid is None:
+            pid = child.process.pid
+            if pid is None:
+                continue
+            stopped = {(d.key, d.token): limit_outcome(d, pid) for d in child.slots.overrun(now)}
+            for d in self.leases.overdue_cancels(child, grace):
+                stopped.setdefault((d.key, d.token), cancel_outcome(d, pid, grace))
+            if not stopped:
                 continue
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child.process.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             child.process.join()
             self.children.remove(child)
-            self.leases.release_overrun(child, overrun, child.process.pid)
-            self._end(child.worker_id, "stopped: a task ran past its time limit")
+            self.leases.release_stopped(child, stopped)
+            self._end(child.worker_id, "stopped: a task ran past its time limit or was cancelled")
             if not self.signals:
                 self.respawn_at.append(time.monotonic())
 

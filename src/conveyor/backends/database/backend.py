@@ -238,16 +238,34 @@ class DatabaseBackend(StoreBackend):
         return registry.workers(self.worker_store, alive)
 
     def cancel(self, result_id: str) -> bool:
+        return transitions.cancel(self.worker_store, self._key(result_id))
+
+    def request_cancel(self, result_id: str) -> bool:
+        return transitions.request_cancel(self.worker_store, self._key(result_id))
+
+    def cancels(self, deliveries: Collection[tuple[int, str]]) -> set[tuple[int, str]]:
+        return transitions.cancels(self.worker_store, list(deliveries))
+
+    def report_progress(self, job: JobRecord, progress: dict[str, Any]) -> bool:
+        return transitions.report_progress(self.worker_store, job, progress)
+
+    def get_progress(self, result_id: str) -> dict[str, Any] | None:
+        found = self._values(result_id, "progress")
+        return dict(found) if found else None
+
+    def _key(self, result_id: str) -> int:
+        return int(self._values(result_id, "pk"))
+
+    def _values(self, result_id: str, field: str) -> Any:
         try:
-            key = (
+            return (
                 Job.objects.using(self.database)
                 .filter(backend_name=self.alias, uuid=uuid.UUID(str(result_id)))
-                .values_list("pk", flat=True)
+                .values_list(field, flat=True)
                 .get()
             )
         except (Job.DoesNotExist, ValueError) as e:
             raise TaskResultDoesNotExist(result_id) from e
-        return transitions.cancel(self.worker_store, key)
 
     def stats(
         self, queues: QueueSelector | None = None, *, finished_since: datetime | None = None

@@ -71,6 +71,10 @@ class Job(models.Model):
     # The policies the job was enqueued with (retries, ...); empty when all are defaults.
     # NULL allowed: code from before this column (a rolling deploy) inserts without it.
     options = models.JSONField(_("options"), null=True, default=dict)
+    # Asked to stop while running (``conveyor.cancel``); its worker stops it.
+    cancel_requested = models.BooleanField(_("cancel requested"), default=False, db_default=False)
+    # What the task last reported (``context.progress``): {"done", "total", "message"}.
+    progress = models.JSONField(_("progress"), null=True, default=None)
     # Deliveries (claims that were not given back), and those lost to a dying worker.
     attempts = models.PositiveIntegerField(_("attempts"), default=0)
     lost = models.PositiveIntegerField(_("deliveries lost"), default=0)

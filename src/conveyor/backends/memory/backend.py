@@ -132,8 +132,9 @@ class MemoryBackend(StoreBackend):
             }
 
     def fail(self, job: Job, outcome: Outcome) -> bool:
+        state = State.CANCELLED if outcome.cancelled else State.FAILED
         return self._end_delivery(
-            job, outcome, (State.FAILED,), state=State.FAILED, finished_at=outcome.finished_at
+            job, outcome, (state,), state=state, finished_at=outcome.finished_at
         )
 
     def retry(self, job: Job, outcome: Outcome) -> bool:
@@ -302,6 +303,32 @@ class MemoryBackend(StoreBackend):
                 return False
             row.cancel()
             return True
+
+    def request_cancel(self, result_id: str) -> bool:
+        with self._tables.lock:
+            row = self._tables.find(result_id)
+            if row.state is not State.RUNNING:
+                return False
+            row.cancel_requested = True
+            return True
+
+    def cancels(self, deliveries: Collection[tuple[int, str]]) -> set[tuple[int, str]]:
+        with self._tables.lock:
+            rows = [self._tables.delivered(key, token) for key, token in deliveries]
+            return {(row.seq, row.delivery) for row in rows if row and row.cancel_requested}
+
+    def report_progress(self, job: Job, progress: dict[str, Any]) -> bool:
+        with self._tables.lock:
+            row = self._tables.delivered(job.key, job.delivery)
+            if row is None:
+                return False
+            row.progress = json.loads(json.dumps(progress))
+            return True
+
+    def get_progress(self, result_id: str) -> dict[str, Any] | None:
+        with self._tables.lock:
+            progress = self._tables.find(result_id).progress
+            return dict(progress) if progress is not None else None
 
     def stats(
         self, queues: QueueSelector | None = None, *, finished_since: datetime | None = None

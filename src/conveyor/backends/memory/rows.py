@@ -14,7 +14,7 @@ from typing import Any
 from django.tasks.base import TaskError
 
 from conveyor import clock
-from conveyor.records import Job, Outcome, State, error_from_text
+from conveyor.records import CANCELLED_ERROR, Job, Outcome, State, error_from_text
 
 LOST_ERROR = "conveyor.exceptions.WorkerLost"
 
@@ -46,6 +46,8 @@ class Row:
     lease_expires_at: datetime | None = None
     delivery: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    cancel_requested: bool = False
+    progress: dict[str, Any] | None = None
 
     def record(self, backend: str) -> Job:
         """The frozen value the runtime works with; its arguments are the caller's own."""
@@ -106,9 +108,7 @@ class Row:
     def cancel(self) -> None:
         """End a job that has not started as cancelled."""
         self.state, self.finished_at = State.CANCELLED, clock.now()
-        self.errors.append(
-            error_from_text("conveyor.exceptions.Cancelled", "the job was cancelled")
-        )
+        self.errors.append(error_from_text(CANCELLED_ERROR, "the job was cancelled"))
 
     def give_back(self) -> None:
         """Undo a delivery that never started: uncounted, in its place in line."""

@@ -1,4 +1,4 @@
-"""``manage.py conveyor worker|status|prune``: parse arguments, build a runtime object, run it."""
+"""``manage.py conveyor worker|status|cancel|prune``: parse arguments, then call the runtime."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, task_backends
+from django.tasks.exceptions import TaskResultDoesNotExist
 from django.utils import timezone
 
 from conveyor.backends.base import StoreBackend
+from conveyor.control import CancelOutcome, cancel
 from conveyor.monitoring import printable, render_stats
 from conveyor.records import QueueSelector
 
@@ -90,6 +92,10 @@ class Command(BaseCommand):
             help="Delete N jobs per transaction (default: 1000).",
         )
 
+        cancel = sub.add_parser("cancel", help="Cancel jobs by id (running ones are stopped).")
+        self._backend_argument(cancel)
+        cancel.add_argument("ids", nargs="+", metavar="ID", help="The result id of a job.")
+
     def _worker_arguments(self, worker: ArgumentParser) -> None:
         self._backend_argument(worker)
         self._queue_arguments(worker)
@@ -158,6 +164,8 @@ class Command(BaseCommand):
                 raise SystemExit(code)
         elif action == "status":
             self._status(backend, self._queues(backend, options))
+        elif action == "cancel":
+            self._cancel(backend, options["ids"])
         elif action == "prune":
             cutoff = timezone.now() - timedelta(days=options["older_than"])
             deleted = backend.prune(cutoff, batch=options["batch"])
@@ -229,6 +237,24 @@ class Command(BaseCommand):
             f"{done.retried} to retry."
         )
         return code
+
+    def _cancel(self, backend: StoreBackend, ids: list[str]) -> None:
+        unknown = []
+        for result_id in ids:
+            try:
+                done = cancel(result_id, backend.alias)
+            except TaskResultDoesNotExist:
+                unknown.append(result_id)
+                continue
+            said = {
+                CancelOutcome.CANCELLED: "cancelled before it ran",
+                CancelOutcome.STOPPING: "running: asked to stop",
+                CancelOutcome.FINISHED: "had already finished",
+            }[done]
+            self.stdout.write(f"{printable(result_id)}: {said}")
+        if unknown:
+            shown = ", ".join(printable(i) for i in unknown)
+            raise CommandError(f"No job with id {shown} in backend {backend.alias!r}.")
 
     def _status(self, backend: StoreBackend, queues: QueueSelector) -> None:
         render_stats(backend.stats(queues), backend.alias, self.stdout)

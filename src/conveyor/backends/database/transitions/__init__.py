@@ -5,9 +5,10 @@ engine's dialect supplies. Writes about a delivery name its token and are refuse
 job has been delivered again. Lease times use the store's clock (``dialect.now()``), never
 the caller's.
 
-``dispatch`` gets jobs to workers (insert, stage, claim, next_due), ``outcomes`` ends them
-(complete, fail, retry, cancel), and ``leases`` renews, gives back and recovers deliveries
-(heartbeat, unclaim, requeue, release, give_back, reclaim, recover).
+``dispatch`` gets jobs to workers (insert, stage, claim, next_due); ``outcomes`` ends them
+(complete, fail, retry, cancel) and notes what a running one is told or tells (its cancel
+request, its progress); ``leases`` renews, gives back and recovers deliveries (heartbeat,
+unclaim, requeue, release, give_back, reclaim, recover).
 """
 
 from conveyor.backends.database.transitions.dispatch import claim, insert, next_due, stage
@@ -20,10 +21,19 @@ from conveyor.backends.database.transitions.leases import (
     requeue,
     unclaim,
 )
-from conveyor.backends.database.transitions.outcomes import cancel, complete, fail, retry
+from conveyor.backends.database.transitions.outcomes import (
+    cancel,
+    cancels,
+    complete,
+    fail,
+    report_progress,
+    request_cancel,
+    retry,
+)
 
 __all__ = [
     "cancel",
+    "cancels",
     "claim",
     "complete",
     "fail",
@@ -34,6 +44,8 @@ __all__ = [
     "reclaim",
     "recover",
     "release",
+    "report_progress",
+    "request_cancel",
     "requeue",
     "retry",
     "stage",

@@ -6,6 +6,7 @@ nothing, and a success already recorded is never overwritten.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,8 +19,8 @@ from conveyor.backends.database.store import (
     pairs,
     per_row,
 )
+from conveyor.records import CANCELLED_ERROR, Outcome, State, Success, error_from_text
 from conveyor.records import Job as JobRecord
-from conveyor.records import Outcome, State, Success, error_from_text
 
 OPEN = "('scheduled', 'ready', 'waiting', 'running')"
 
@@ -100,14 +101,15 @@ def _attempt(store: Store, outcome: Outcome) -> tuple[str, list[Any]]:
 
 
 def fail(store: Store, job: JobRecord, outcome: Outcome) -> bool:
-    """Record a final failure of this delivery."""
+    """Record a final failure of this delivery (a cancel, if it stopped because asked to)."""
     attempt, params = _attempt(store, outcome)
+    state = State.CANCELLED if outcome.cancelled else State.FAILED
     return _end_delivery(
         store,
         job,
-        f"state = 'failed', finished_at = %s, {attempt}",
+        f"state = '{state}', finished_at = %s, {attempt}",
         [store.time(outcome.finished_at), *params],
-        State.FAILED,
+        state,
     )
 
 
@@ -133,12 +135,46 @@ def retry(store: Store, job: JobRecord, outcome: Outcome) -> bool:
 def cancel(store: Store, key: int) -> bool:
     """Cancel a job that has not started."""
     d = store.dialect
-    error = error_json(error_from_text("conveyor.exceptions.Cancelled", "the job was cancelled"))
+    error = error_json(error_from_text(CANCELLED_ERROR, "the job was cancelled"))
     return bool(
         store.execute(
             f"UPDATE {TABLE} SET state = 'cancelled', finished_at = %s, "
             f"errors = {d.append_json('errors')} "
             "WHERE id = %s AND state IN ('scheduled', 'ready', 'waiting')",
             [store.time(clock.now()), error, key],
+        )
+    )
+
+
+def request_cancel(store: Store, key: int) -> bool:
+    """Ask the worker running this job to stop it; False if it is not running."""
+    return bool(
+        store.execute(
+            f"UPDATE {TABLE} SET cancel_requested = %s WHERE id = %s AND state = 'running'",
+            [True, key],
+        )
+    )
+
+
+def cancels(store: Store, deliveries: Sequence[tuple[int, str]]) -> set[tuple[int, str]]:
+    """Which of these running deliveries were asked to stop."""
+    if not deliveries:
+        return set()
+    marks = ", ".join(["%s"] * len(deliveries))
+    rows = store.fetch(
+        f"SELECT id, delivery FROM {TABLE} WHERE id IN ({marks}) AND state = 'running' "
+        "AND cancel_requested = %s",
+        [*(key for key, _ in deliveries), True],
+    )
+    return {(key, token) for key, token in rows} & set(deliveries)
+
+
+def report_progress(store: Store, job: JobRecord, progress: dict[str, Any]) -> bool:
+    """Note what the running task says of its progress; False once the delivery is over."""
+    return bool(
+        store.execute(
+            f"UPDATE {TABLE} SET progress = {store.dialect.json_value()} "
+            "WHERE id = %s AND delivery = %s AND state = 'running'",
+            [json.dumps(progress), job.key, job.delivery],
         )
     )
