@@ -1,5 +1,6 @@
 """``python -m bench``: run the benchmark (``bench/run.py``); ``python -m bench scale``: the
-scale run (``bench/scale.py``)."""
+scale run (``bench/scale.py``); ``killstorm``, ``latency`` and ``timeouts``: the modules
+named in ``bench/sidebyside.py``."""
 
 import sys
 
@@ -8,7 +9,7 @@ if sys.argv[1:2] == ["scale"]:
 
     raise SystemExit(main(sys.argv[2:]))
 
-if sys.argv[1:2] in (["killstorm"], ["latency"]):  # bench/killstorm.py, bench/e2e.py
+if sys.argv[1:2] in (["killstorm"], ["latency"], ["timeouts"]):  # see COMMANDS there
     from bench.sidebyside import run_command
 
     raise SystemExit(run_command(sys.argv[1], sys.argv[2:]))

@@ -18,13 +18,12 @@ import argparse
 from typing import Any
 
 from bench import sidebyside as sbs
-from bench.databases import ENGINE_LABELS, engine
-from bench.run import say
-from bench.workers import ROOT, describe_commands
+from bench.databases import ENGINE_LABELS
+from bench.workers import describe_commands
 
 DATABASE = "conveyor_storm"  # on PostgreSQL, apart from the other runs' databases
 MODES = ("calm", "storm")
-MAX_LISTED = 5
+LISTED = ("not_succeeded_ids", "duplicate_ids", "log_lines")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -55,26 +54,11 @@ def client_argv(args: argparse.Namespace, mode: str) -> list[str]:
 
 
 def measure(run: sbs.Invocation, args: argparse.Namespace, db: str) -> dict[str, Any]:
-    eng = engine(db, "none", run.source, database=DATABASE)
-    found: dict[str, Any] = {"version": eng.version()}
-    try:
-        eng.prepare()
-        for mode in MODES:
-            with eng.fresh() as env:
-                argv = client_argv(args, mode)
-                found[mode] = run.client(f"{db}-{mode}", argv, env, 2 * args.timeout + 120)
-    finally:
-        eng.close()
-    return found
+    argvs = {mode: client_argv(args, mode) for mode in MODES}
+    return sbs.measure_modes(run, db, DATABASE, argvs, 2 * args.timeout + 120)
 
 
 # --- the report ---------------------------------------------------------------------------
-
-
-def _num(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
 
 
 def _rate(figures: dict[str, Any], tasks: int) -> float | None:
@@ -103,9 +87,9 @@ def table(found: dict[str, Any], tasks: int) -> list[str]:
     rows = []
     for label, key, with_ratio in ROWS:
         a, b = calm.get(key), storm.get(key)
-        rows.append([label, _num(a), _num(b), sbs.ratio(b, a) if with_ratio else ""])
+        rows.append([label, sbs.num(a), sbs.num(b), sbs.ratio(b, a) if with_ratio else ""])
     a, b = _rate(calm, tasks), _rate(storm, tasks)
-    rows.insert(1, ["Drain throughput (tasks/s)", _num(a, 0), _num(b, 0), sbs.ratio(b, a)])
+    rows.insert(1, ["Drain throughput (tasks/s)", sbs.num(a, 0), sbs.num(b, 0), sbs.ratio(b, a)])
     return sbs.md_table(("Metric", "Undisturbed", "Kill storm", "Storm / undisturbed"), rows)
 
 
@@ -122,21 +106,10 @@ def verdicts(found: dict[str, Any]) -> list[str]:
         ),
         (
             slower is not None and slower <= 2.0,
-            f"storm drain {_num(slower)}x undisturbed (aim: 2x)",
+            f"storm drain {sbs.num(slower)}x undisturbed (aim: 2x)",
         ),
     ]
     return [f"- {'met' if ok else 'MISSED'}: {text}" for ok, text in checks]
-
-
-def findings(found: dict[str, Any]) -> list[str]:
-    lines = []
-    for mode in MODES:
-        figures = found[mode]
-        lines += [f"- {mode}: {error}" for error in figures.get("errors", [])]
-        for key in ("not_succeeded_ids", "duplicate_ids", "log_lines"):
-            shown = figures.get(key, [])[:MAX_LISTED]
-            lines += [f"- {mode}, {key.replace('_', ' ')}: `{item}`" for item in shown]
-    return lines
 
 
 METHOD = """\
@@ -160,26 +133,21 @@ def render(run: sbs.Invocation, args: argparse.Namespace, results: dict[str, Any
     out += sbs.facts_table(sbs.machine_facts(run, extra))
     for db, found in results.items():
         out += ["", f"### {ENGINE_LABELS[db]}: {args.tasks:,} tasks", ""]
-        out += [*table(found, args.tasks), "", *verdicts(found), *findings(found)]
+        out += [
+            *table(found, args.tasks),
+            "",
+            *verdicts(found),
+            *sbs.findings(found, MODES, LISTED),
+        ]
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     args.argv = argv
-    run = sbs.Invocation("killstorm", args.conveyor_ref)
-    results: dict[str, Any] = {}
-    try:
-        for db in args.dbs:
-            results[db] = measure(run, args, db)
-        text = render(run, args, results)
-    finally:
-        run.close(results)
-    print(text)
-    sbs.append_markdown(args.markdown, text)
-    say(f"Logs in {run.dir.relative_to(ROOT)}")
-    failed = [m for found in results.values() for m in MODES if found[m].get("errors")]
-    return 1 if failed else 0
+    return sbs.run_per_database(
+        sbs.Invocation("killstorm", args.conveyor_ref), args, measure, render
+    )
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ import os
 import platform
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.databases import ENGINES
+from bench.databases import ENGINES, engine
 from bench.run import (
     conveyor_source,
     cpu_model,
@@ -32,7 +32,12 @@ from bench.run import (
 from bench.workers import BENCH_DIR, ROOT, kill_leftovers
 
 Figures = dict[str, Any]
-COMMANDS = {"killstorm": "bench.killstorm", "latency": "bench.e2e"}  # python -m bench NAME
+COMMANDS = {  # python -m bench NAME
+    "killstorm": "bench.killstorm",
+    "latency": "bench.e2e",
+    "timeouts": "bench.timeouts",
+}
+MAX_LISTED = 5  # ids and log lines listed under a table, per kind
 
 
 def run_command(name: str, argv: list[str]) -> int:
@@ -118,6 +123,69 @@ def machine_facts(run: Invocation, extra: Sequence[tuple[str, str]]) -> list[tup
         *extra,
         ("Load average (1/5/15 min) before / after", f"{run.load_before}; {load_average()}"),
     ]
+
+
+def measure_modes(
+    run: Invocation, db: str, database: str, argvs: dict[str, list[str]], timeout: float
+) -> Figures:
+    """Run each mode's client (``argvs``) on its own fresh copy of ``database`` on ``db``."""
+    eng = engine(db, "none", run.source, database=database)
+    found: Figures = {"version": eng.version()}
+    try:
+        eng.prepare()
+        for mode, argv in argvs.items():
+            with eng.fresh() as env:
+                found[mode] = run.client(f"{db}-{mode}", argv, env, timeout)
+    finally:
+        eng.close()
+    return found
+
+
+def run_per_database(
+    run: Invocation,
+    args: argparse.Namespace,
+    measure: Callable[[Invocation, argparse.Namespace, str], Figures],
+    render: Callable[[Invocation, argparse.Namespace, dict[str, Figures]], str],
+) -> int:
+    """Measure each of ``args.dbs``, print the report and add it to ``--markdown``.
+
+    Exit code 1 if a client failed.
+    """
+    results: dict[str, Figures] = {}
+    try:
+        for db in args.dbs:
+            results[db] = measure(run, args, db)
+        text = render(run, args, results)
+    finally:
+        run.close(results)
+    print(text)
+    append_markdown(args.markdown, text)
+    say(f"Logs in {run.dir.relative_to(ROOT)}")
+    failed = [f for found in results.values() for f in found.values() if _failed(f)]
+    return 1 if failed else 0
+
+
+def _failed(figures: Any) -> bool:
+    return isinstance(figures, dict) and bool(figures.get("errors"))
+
+
+def num(value: Any, digits: int = 2) -> str:
+    """A figure as the tables show it; ``n/a`` for none."""
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
+def findings(found: Figures, modes: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """Each mode's errors, then the first few items of each list in ``keys``."""
+    lines = []
+    for mode in modes:
+        figures = found[mode]
+        lines += [f"- {mode}: {error}" for error in figures.get("errors", [])]
+        for key in keys:
+            shown = figures.get(key, [])[:MAX_LISTED]
+            lines += [f"- {mode}, {key.replace('_', ' ')}: `{item}`" for item in shown]
+    return lines
 
 
 def ratio(a: float | None, b: float | None) -> str:

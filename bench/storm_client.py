@@ -19,13 +19,19 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from bench.workers import WorkerGroup, worker_commands
+
+if TYPE_CHECKING:
+    from django.db.models import QuerySet
+
+    from conveyor.models import Job
 
 POLL = 0.025  # seconds between looks at the table
 OPEN_STATES = ("scheduled", "ready", "waiting", "running")
@@ -37,15 +43,21 @@ PUT_BACK = re.compile(r"Put back (\d+) job\(s\), uncounted")
 Figures = dict[str, Any]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.storm_client")
-    parser.add_argument("mode", choices=("calm", "storm"))
-    parser.add_argument("--tasks", type=int, default=10_000)
+def client_parser(module: str, modes: tuple[str, ...], tasks: int) -> argparse.ArgumentParser:
+    """The arguments every drain client takes; ``module`` adds its own."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}")
+    parser.add_argument("mode", choices=modes)
+    parser.add_argument("--tasks", type=int, default=tasks)
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--kill-every", type=float, default=0.5)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--pidfile", type=Path, default=None)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = client_parser("bench.storm_client", ("calm", "storm"), tasks=10_000)
+    parser.add_argument("--kill-every", type=float, default=0.5)
     return parser.parse_args(argv)
 
 
@@ -115,12 +127,16 @@ def rerun_after_kill(runs: dict[str, list[int]], kills: list[Figures]) -> int:
     return sum(1 for pids in runs.values() if len(pids) > 1 and killed & set(pids))
 
 
-def tally(pids: dict[str, list[int]]) -> Figures:
-    """Jobs not succeeded, runs per job, and deliveries as the table counts them."""
+def tally(pids: dict[str, list[int]], jobs: QuerySet[Job] | None = None) -> Figures:
+    """Jobs not succeeded, runs per job, and deliveries as the table counts them.
+
+    ``jobs``: the jobs to count (every job by default); ``pids`` should hold only theirs.
+    """
     from conveyor.models import Job
 
     runs = Counter({job: len(ran) for job, ran in pids.items()})
-    rows = list(Job.objects.values_list("uuid", "state", "attempts", "lost"))
+    jobs = Job.objects.all() if jobs is None else jobs
+    rows = list(jobs.values_list("uuid", "state", "attempts", "lost"))
     states = Counter(state for _, state, _, _ in rows)
     ids = {str(uuid) for uuid, *_ in rows}
     not_succeeded = [f"{uuid} ({state})" for uuid, state, _, _ in rows if state != "succeeded"]
@@ -156,26 +172,48 @@ def put_back_uncounted(lines: list[str]) -> int:
     return sum(int(m.group(1)) for line in lines if (m := PUT_BACK.search(line)))
 
 
-def run(args: argparse.Namespace, runlog: Path, logdir: Path) -> Figures:
-    figures: Figures = {"mode": args.mode, "enqueue_seconds": enqueue(args.tasks)}
+def run_workers(
+    args: argparse.Namespace,
+    logdir: Path,
+    drain: Callable[[WorkerGroup], Figures],
+    expected: str | None = None,
+) -> Figures:
+    """Start the workers, let ``drain`` watch them, wait for them to exit; read their logs.
+
+    ``drain`` returns figures with ``drain_seconds`` (None if the queue did not drain).
+    Log lines that contain ``expected`` are counted apart from the other warnings.
+    """
     with WorkerGroup(logdir, args.mode, supervised=True, pidfile=args.pidfile) as group:
         group.start(worker_commands("conveyor", args.processes, until_done=True))
         assert group.started_at is not None
-        took, kills = drain(group, args)
-        exited = group.wait_exit(args.timeout) if took is not None else None
+        figures = drain(group)
+        drained = figures.get("drain_seconds") is not None
+        exited = group.wait_exit(args.timeout) if drained else None
         if exited is not None:
             figures["exit_seconds"] = exited - group.started_at
         figures["exit_codes"] = group.exit_codes()
     lines = log_lines(group.logs)
-    figures.update(drain_seconds=took, kills=len(kills), kill_times=kills)
-    runs = read_runs(runlog)
-    figures.update(tally(runs), rerun_after_kill=rerun_after_kill(runs, kills))
+    others = [line for line in lines if not (expected and expected in line)]
     figures.update(
         put_back_uncounted=put_back_uncounted(lines),
-        log_warnings=len(lines),
-        log_lines=lines[:MAX_LINES],
+        log_warnings=len(others),
+        log_expected=len(lines) - len(others),
+        log_lines=others[:MAX_LINES],
         logs=[str(p) for p in group.logs],
     )
+    return figures
+
+
+def run(args: argparse.Namespace, runlog: Path, logdir: Path) -> Figures:
+    figures: Figures = {"mode": args.mode, "enqueue_seconds": enqueue(args.tasks)}
+
+    def watch(group: WorkerGroup) -> Figures:
+        took, kills = drain(group, args)
+        return {"drain_seconds": took, "kills": len(kills), "kill_times": kills}
+
+    figures.update(run_workers(args, logdir, watch))
+    runs = read_runs(runlog)
+    figures.update(tally(runs), rerun_after_kill=rerun_after_kill(runs, figures["kill_times"]))
     return figures
 
 
@@ -183,10 +221,10 @@ def exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through WorkerGroup.__exit__: workers stop
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def prepare(out: Path) -> tuple[Path, Path]:
+    """Set up Django and the run log the workers inherit; the run log and log directories."""
     signal.signal(signal.SIGTERM, exit_on_sigterm)
-    base = args.out.with_suffix("")
+    base = out.with_suffix("")
     runlog, logdir = Path(f"{base}-runs"), Path(f"{base}-logs")
     runlog.mkdir(parents=True, exist_ok=True)
     os.environ["BENCH_RUNLOG_DIR"] = str(runlog)  # the workers inherit it
@@ -194,9 +232,24 @@ def main(argv: list[str] | None = None) -> int:
     import django
 
     django.setup()
+    return runlog, logdir
+
+
+def client_main(
+    argv: list[str] | None,
+    parse: Callable[[list[str] | None], argparse.Namespace],
+    run: Callable[[argparse.Namespace, Path, Path], Figures],
+) -> int:
+    """Parse ``argv``, set up, ``run`` the drain, and write its figures to ``--out``."""
+    args = parse(argv)
+    runlog, logdir = prepare(args.out)
     figures = run(args, runlog, logdir)
     args.out.write_text(json.dumps(figures, indent=2, default=str))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return client_main(argv, parse_args, run)
 
 
 if __name__ == "__main__":

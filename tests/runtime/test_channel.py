@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import time
 from datetime import UTC, datetime
 
+import pytest
 from django.tasks.base import TaskError
 
 from conveyor.records import Job, Outcome
@@ -71,3 +74,21 @@ def test_a_reused_slot_forgets_the_last_outcome():
     assert slots.start(index)
     slots.finish(index)
     assert slots.finished() == {}
+
+
+def test_a_deadline_before_the_supervisors_next_look_wakes_it():
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    slots = Slots(multiprocessing.get_context(), 2, wake=write)
+    try:
+        slots.will_look(time.time() + 60)
+        assert slots.start(slots.hold(delivery(1)), limit=0.2)
+        assert os.read(read, 16) == b"\0"
+
+        slots.will_look(time.time() + 0.1)
+        assert slots.start(slots.hold(delivery(2)), limit=0.2)
+        with pytest.raises(BlockingIOError):
+            os.read(read, 16)
+    finally:
+        os.close(read)
+        os.close(write)

@@ -11,6 +11,10 @@ A task that returned leaves a small copy of its success in its slot until the ou
 saved, so that the supervisor of a child that died can save it instead of running the job
 again (a value too large for the slot is not copied: that job runs again).
 
+The supervisor notes in each table when it will next look; a task whose deadline comes
+before that wakes it (one byte on its wake-up pipe), so that a limit shorter than the
+supervisor's tick is still kept to within milliseconds.
+
 A held delivery may be *revoked* by the supervisor (when every thread of the child is stuck
 in a task, and the child's own watchdog cannot run): under a lock the two processes share,
 a delivery is either started by the child or revoked by the supervisor, never both.
@@ -18,8 +22,10 @@ a delivery is either started by the child or revoked by the supervisor, never bo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -51,8 +57,9 @@ class Delivery:
 class Slots:
     """The shared table of one child; ``size`` is the most deliveries it may hold."""
 
-    def __init__(self, context: BaseContext, size: int) -> None:
+    def __init__(self, context: BaseContext, size: int, wake: int | None = None) -> None:
         self.size = size
+        self.wake = wake  # the supervisor's wake-up pipe (write end, non-blocking)
         self.keys = context.RawArray(ctypes.c_int64, size)
         self.tokens = context.RawArray(ctypes.c_uint64, size)
         self.started = context.RawArray(ctypes.c_double, size)
@@ -66,6 +73,7 @@ class Slots:
         self.gate = context.Lock()
         self.ready = context.RawValue(ctypes.c_int, 0)
         self.beat = context.RawValue(ctypes.c_double, 0.0)  # 0.0: no supervisor
+        self.looks_at = context.RawValue(ctypes.c_double, 0.0)  # the supervisor's next look
         # Child side only: free slots, and which job each used slot holds.
         self._lock = threading.Lock()
         self._free = list(range(size))
@@ -113,7 +121,14 @@ class Slots:
             self.on_limit[index] = on_limit
             self.kill_on_stop[index] = kill_on_stop
             self.started[index] = now
-            return True
+        if limit and now + limit < self.looks_at.value:
+            self._wake_supervisor()
+        return True
+
+    def _wake_supervisor(self) -> None:
+        if self.wake is not None:
+            with contextlib.suppress(OSError):  # full: it wakes anyway; gone: nobody to wake
+                os.write(self.wake, b"\0")
 
     def cancel_asked(self, index: int) -> bool:
         """Say whether the job in ``index`` was asked to stop."""
@@ -201,6 +216,10 @@ class Slots:
     def stops_at_once(self) -> bool:
         """Say whether a task running here asked to be stopped at once at a graceful stop."""
         return any(d.executing and d.kill_on_stop for d in self.read())
+
+    def will_look(self, at: float) -> None:
+        """The supervisor looks at this table next at ``at`` (wall clock), or sooner."""
+        self.looks_at.value = at
 
     def next_deadline(self) -> float:
         """The earliest deadline of a running task (wall clock), or 0.0 for none."""

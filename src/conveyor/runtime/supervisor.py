@@ -176,9 +176,8 @@ class Supervisor:
             until_done=self.settings.until_done,
             parent_pid=os.getpid(),
         )
-        slots = Slots(
-            self.context, self.settings.threads + self.backend.conveyor_options.batch_size
-        )
+        size = self.settings.threads + self.backend.conveyor_options.batch_size
+        slots = Slots(self.context, size, wake=self.wake_write)
         self.backend.before_fork()
         process = self.context.Process(
             target=child_main,
@@ -205,12 +204,27 @@ class Supervisor:
             timeout = min(self.tick, max(self.leases.next_beat - time.monotonic(), 0.0))
             if self.respawn_at:
                 timeout = max(0.0, min(timeout, min(self.respawn_at) - time.monotonic()))
-            deadlines = [d for child in self.children if (d := child.slots.next_deadline())]
-            if deadlines:
-                timeout = max(0.0, min(timeout, min(deadlines) - time.time()))
+            timeout = self._until_deadline(timeout)
         with contextlib.suppress(InterruptedError):
             if self.wake_read in wait_for_sentinels(waitables, timeout=timeout):
                 os.read(self.wake_read, 512)
+
+    def _until_deadline(self, timeout: float) -> float:
+        """``timeout``, or less if a running task's deadline comes sooner.
+
+        Each child is told when the supervisor will look next before its deadlines are
+        read: a task that starts after the read, with an earlier deadline, wakes it.
+        """
+        now = time.time()
+        for child in self.children:
+            child.slots.will_look(now + timeout)
+        deadlines = [d for child in self.children if (d := child.slots.next_deadline())]
+        if not deadlines:
+            return timeout
+        earliest = max(0.0, min(timeout, min(deadlines) - now))
+        for child in self.children:
+            child.slots.will_look(now + earliest)
+        return earliest
 
     def _reap(self) -> None:
         for child in [c for c in self.children if not c.process.is_alive()]:
