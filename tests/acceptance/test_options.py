@@ -111,3 +111,40 @@ def test_a_task_with_sigkill_on_stop_is_not_waited_for(backend_alias, tmp_path: 
     # A task without the option, in the other process, was waited for.
     assert job(other).status == TaskResultStatus.SUCCESSFUL
     assert "runs again" not in worker.output  # the stop counted nothing
+
+
+def test_a_running_task_that_checks_stops_when_cancelled(backend_alias, tmp_path: Path):
+    started = tmp_path / "started"
+    result = on(tasks.stops_when_cancelled, backend_alias).enqueue(str(started))
+    neighbour = on(tasks.log_line, backend_alias).enqueue(str(tmp_path / "n"), "x", sleep=1.0)
+    with Worker(backend_alias, "--processes", "2") as worker:
+        wait_for(started.exists)
+        wait_for(lambda: (conveyor.progress(result) or {}).get("done", 0) > 0)
+        assert conveyor.progress(result)["total"] == 3000
+        asked = time.monotonic()
+        assert conveyor.cancel(result) == conveyor.CancelOutcome.STOPPING
+        wait_for(lambda: job(result).status == TaskResultStatus.FAILED, timeout=10)
+        assert time.monotonic() - asked < 3  # noticed within about a second
+        wait_for(lambda: job(neighbour).status == TaskResultStatus.SUCCESSFUL)
+        worker.signal()
+        assert worker.wait() == 0, worker.output
+    done = job(result)
+    assert [e.exception_class_path for e in done.errors] == ["conveyor.exceptions.Cancelled"]
+    assert "cancelled while it ran" in done.errors[0].traceback
+
+
+def test_a_task_that_ignores_a_cancel_is_stopped_after_the_grace(backend_alias, tmp_path: Path):
+    started = tmp_path / "started"
+    result = on(tasks.ignores_cancel, backend_alias).enqueue(str(started))
+    with Worker(backend_alias, "--processes", "1", options={"CANCEL_GRACE": 0.5}) as worker:
+        wait_for(started.exists)
+        assert conveyor.cancel(result) == conveyor.CancelOutcome.STOPPING
+        wait_for(lambda: job(result).status == TaskResultStatus.FAILED, timeout=10)
+        later = on(tasks.add, backend_alias).enqueue(2, 3)  # the replacement process runs it
+        wait_for(lambda: job(later).status == TaskResultStatus.SUCCESSFUL)
+        worker.signal()
+        assert worker.wait() == 0, worker.output
+    [error] = job(result).errors
+    assert error.exception_class_path == "conveyor.exceptions.Cancelled"
+    assert "did not stop within 0.5s" in error.traceback
+    assert f"Job {result.id} (tests.testapp.tasks.ignores_cancel) was cancelled" in worker.output

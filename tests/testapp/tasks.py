@@ -229,3 +229,21 @@ def not_worth_waiting_for(path: str) -> str:
         f.write(f"start {os.getpid()}\n")
     time.sleep(30)
     return "never"
+
+
+@task(takes_context=True)
+def stops_when_cancelled(context: TaskContext, path: str) -> str:
+    """Work in steps, reporting progress, until asked to stop."""
+    Path(path).write_text("started")
+    for step in range(3000):
+        context.progress(step, 3000, f"step {step}")  # type: ignore[attr-defined]
+        context.raise_if_cancelled()  # type: ignore[attr-defined]
+        time.sleep(0.01)
+    return "ran to the end"
+
+
+@task()
+def ignores_cancel(path: str) -> str:
+    Path(path).write_text("started")
+    time.sleep(30)
+    return "ran to the end"
