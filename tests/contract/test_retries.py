@@ -128,3 +128,19 @@ def test_bad_delays_are_refused_where_they_are_made(bad):
         Snooze(bad)
     with pytest.raises(ValueError, match=r"Retry\(delay\) must be"):
         Retry(delay=bad)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"timeout": 0}, r"timeout must be a number from 0\.001"),
+        ({"timeout": -5}, r"timeout must be a number"),
+        ({"soft_timeout": float("inf")}, r"soft_timeout must be a number"),
+        ({"timeout": 2, "soft_timeout": 2}, r"soft_timeout \(2s\) must be shorter than timeout"),
+        ({"max_attempts": 0}, r"max_attempts must be a whole number from 1"),
+        ({"sigkill_on_stop": "yes"}, r"sigkill_on_stop must be True or False"),
+    ],
+)
+def test_bad_limits_are_refused_naming_the_task_and_the_option(options, message: str):
+    with pytest.raises(InvalidTaskOption, match=rf"test_retries\.module_level: .*{message}"):
+        task(**options)(module_level)

@@ -20,6 +20,7 @@ NUMBERS = [
     "RETRIES",
     "RETRY_BACKOFF",
     "RETRY_BACKOFF_MAX",
+    "CANCEL_GRACE",
 ]
 WHOLE = {"MAX_ATTEMPTS", "BATCH_SIZE", "MAX_PAYLOAD", "RETRIES"}
 NOT_NUMBERS = [math.nan, math.inf, -math.inf, 1e12, 10**400, "5", "", True, False, None, [5], {}]
@@ -106,3 +107,12 @@ def test_switches_must_be_true_or_false(value):
     with pytest.raises(ConveyorImproperlyConfigured, match=r"'RETRY_JITTER'.*True or False"):
         build({"RETRY_JITTER": value})
     assert build({"RETRY_JITTER": False}).retry_defaults.jitter is False
+
+
+@pytest.mark.parametrize("name", ["TIMEOUT", "SOFT_TIMEOUT"])
+def test_time_limits_are_none_or_a_positive_number(name):
+    assert getattr(build({name: None}).conveyor_options, name.lower()) is None
+    assert getattr(build({name: 2.5}).conveyor_options, name.lower()) == 2.5
+    for value in (0, -1, math.nan, "5", True, 8 * 86400):
+        with pytest.raises(ConveyorImproperlyConfigured, match=rf"'{name}'.*must be a number"):
+            build({name: value})
