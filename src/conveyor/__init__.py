@@ -2,16 +2,18 @@
 
 from conveyor.bulk import bulk_enqueue, call
 from conveyor.context import ConveyorContext
-from conveyor.control import CancelOutcome, cancel, progress
+from conveyor.control import CancelOutcome, await_result, cancel, progress, wait
 
 __all__ = [
     "CancelOutcome",
     "ConveyorContext",
     "__version__",
+    "await_result",
     "bulk_enqueue",
     "call",
     "cancel",
     "progress",
+    "wait",
 ]
 
 __version__ = "0.1.0"

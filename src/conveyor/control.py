@@ -1,12 +1,16 @@
-"""Acting on one job from anywhere: cancel it, read its progress."""
+"""Acting on one job from anywhere: wait for it, cancel it, read its progress."""
 
 from __future__ import annotations
 
+import math
+import time
 from enum import StrEnum
 from typing import Any
 
-from django.tasks import TaskResult, task_backends
+from asgiref.sync import sync_to_async
+from django.tasks import TaskResult, TaskResultStatus, task_backends
 
+from conveyor.backends.base import Waiter
 from conveyor.exceptions import ConveyorImproperlyConfigured
 
 
@@ -39,6 +43,47 @@ def progress(result: TaskResult | str, backend: str | None = None) -> dict[str, 
     """What a job's task last reported with ``context.progress()``: done, total, message."""
     store, result_id = _store(result, backend)
     return store.get_progress(result_id)
+
+
+def wait(result: TaskResult, timeout: float | None = None) -> TaskResult:
+    """Block until the job of ``result`` has finished; return its final ``TaskResult``.
+
+    Woken by the backend when jobs end where it can (PostgreSQL's LISTEN/NOTIFY, SQLite's
+    file changes), else it looks again at growing intervals up to half a second. Raises
+    ``TimeoutError`` if the job has not finished within ``timeout`` seconds (None: wait as
+    long as it takes). ``result`` itself is not changed; ``result.refresh()`` also works.
+    """
+    if timeout is not None and not (isinstance(timeout, int | float) and timeout >= 0):
+        raise ValueError(f"timeout must be a number of seconds from 0, or None; not {timeout!r}.")
+    backend = task_backends[result.backend]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    waiter = getattr(backend, "result_waiter", Waiter)()
+    pause = FIRST_LOOK
+    try:
+        while True:
+            current = backend.get_result(result.id)
+            if current.status in ENDED:
+                return current
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"Job {result.id} ({result.task.module_path}) had not finished after "
+                    f"{timeout:g}s; it is {current.status}."
+                )
+            woken = waiter.wait(min(left, pause))
+            pause = FIRST_LOOK if woken else min(pause * 2, LONGEST_LOOK)
+    finally:
+        waiter.close()
+
+
+async def await_result(result: TaskResult, timeout: float | None = None) -> TaskResult:
+    """``wait()`` for async code: the waiting happens in a thread."""
+    return await sync_to_async(wait)(result, timeout)
+
+
+FIRST_LOOK = 0.005  # seconds between the first looks at a job still running
+LONGEST_LOOK = 0.5  # the longest, where the backend cannot say when jobs end
+ENDED = (TaskResultStatus.SUCCESSFUL, TaskResultStatus.FAILED)
 
 
 def _store(result: TaskResult | str, backend: str | None) -> tuple[Any, str]:

@@ -85,6 +85,10 @@ class ConveyorBackend(BaseTaskBackend):
             options["sigkill_on_stop"] = True
         return options
 
+    def result_waiter(self) -> Waiter:
+        """What ``conveyor.wait()`` sleeps on between looks: woken when jobs end, if it can."""
+        return Waiter()
+
     @abstractmethod
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:
         """Store many calls of one task together: all of them, or none."""

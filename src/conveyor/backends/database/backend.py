@@ -292,6 +292,21 @@ class DatabaseBackend(StoreBackend):
                 )
         return count
 
+    def result_waiter(self) -> Waiter:
+        if self.vendor == "postgresql":
+            from conveyor.backends.database import waiters
+
+            if waiters.psycopg_installed():
+                params = connections[self.database].get_connection_params()
+                channel = transitions.done_channel(self.store)
+                return waiters.NotifyWaiter(params, channel)
+            return Waiter()
+        if (path := self._sqlite_file()) is not None:
+            from conveyor.backends.database.waiters import FileChangeWaiter
+
+            return FileChangeWaiter(path)
+        return Waiter()
+
     def waiter(self, queues: QueueSelector) -> Waiter:
         if self.vendor == "postgresql":
             from conveyor.backends.database import waiters

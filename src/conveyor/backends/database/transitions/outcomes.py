@@ -58,7 +58,8 @@ def complete(store: Store, successes: Sequence[Success]) -> set[str]:
     # are looked up (already saved by the same delivery, or ended otherwise).
     updated: set[Any] = set()
     if d.update_returning:
-        updated = {row[0] for row in store.fetch(f"{sql} RETURNING id", params)}
+        returning, extra = d.returning_ids(sql, done_channel(store))
+        updated = {row[0] for row in store.fetch(returning, [*params, *extra])}
     else:
         store.execute(sql, params)
     missing = [key for key in keys if key not in updated]
@@ -104,13 +105,27 @@ def fail(store: Store, job: JobRecord, outcome: Outcome) -> bool:
     """Record a final failure of this delivery (a cancel, if it stopped because asked to)."""
     attempt, params = _attempt(store, outcome)
     state = State.CANCELLED if outcome.cancelled else State.FAILED
-    return _end_delivery(
+    ended = _end_delivery(
         store,
         job,
         f"state = '{state}', finished_at = %s, {attempt}",
         [store.time(outcome.finished_at), *params],
         state,
     )
+    announce(store)
+    return ended
+
+
+def done_channel(store: Store) -> str:
+    """Where those waiting for results of this backend hear that jobs ended."""
+    return f"conveyor_done_{store.backend}"[:63]
+
+
+def announce(store: Store) -> None:
+    """Tell those waiting for results that jobs ended, where the engine can."""
+    statement = store.dialect.announce(done_channel(store))
+    if statement is not None:
+        store.execute(*statement)
 
 
 def retry(store: Store, job: JobRecord, outcome: Outcome) -> bool:
@@ -136,14 +151,15 @@ def cancel(store: Store, key: int) -> bool:
     """Cancel a job that has not started."""
     d = store.dialect
     error = error_json(error_from_text(CANCELLED_ERROR, "the job was cancelled"))
-    return bool(
-        store.execute(
-            f"UPDATE {TABLE} SET state = 'cancelled', finished_at = %s, "
-            f"errors = {d.append_json('errors')} "
-            "WHERE id = %s AND state IN ('scheduled', 'ready', 'waiting')",
-            [store.time(clock.now()), error, key],
-        )
+    cancelled = store.execute(
+        f"UPDATE {TABLE} SET state = 'cancelled', finished_at = %s, "
+        f"errors = {d.append_json('errors')} "
+        "WHERE id = %s AND state IN ('scheduled', 'ready', 'waiting')",
+        [store.time(clock.now()), error, key],
     )
+    if cancelled:
+        announce(store)
+    return bool(cancelled)
 
 
 def request_cancel(store: Store, key: int) -> bool:
