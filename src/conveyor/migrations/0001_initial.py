@@ -6,160 +6,67 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     initial = True
 
-    dependencies = []
+    dependencies = [
+    ]
 
     operations = [
         migrations.CreateModel(
-            name="Job",
+            name='Job',
             fields=[
-                ("id", models.BigAutoField(primary_key=True, serialize=False)),
-                (
-                    "uuid",
-                    models.UUIDField(
-                        default=uuid.uuid4, editable=False, unique=True, verbose_name="result id"
-                    ),
-                ),
-                ("backend_name", models.CharField(max_length=100, verbose_name="backend")),
-                ("queue_name", models.CharField(max_length=100, verbose_name="queue")),
-                ("task_path", models.CharField(max_length=255, verbose_name="task")),
-                ("priority", models.SmallIntegerField(default=0, verbose_name="priority")),
-                (
-                    "state",
-                    models.CharField(
-                        choices=[
-                            ("scheduled", "Scheduled"),
-                            ("ready", "Ready"),
-                            ("waiting", "Waiting"),
-                            ("running", "Running"),
-                            ("succeeded", "Succeeded"),
-                            ("failed", "Failed"),
-                            ("cancelled", "Cancelled"),
-                        ],
-                        default="ready",
-                        max_length=10,
-                        verbose_name="state",
-                    ),
-                ),
-                ("args", models.JSONField(default=list, verbose_name="positional arguments")),
-                ("kwargs", models.JSONField(default=dict, verbose_name="keyword arguments")),
-                (
-                    "return_value",
-                    models.JSONField(default=None, null=True, verbose_name="return value"),
-                ),
-                ("errors", models.JSONField(default=list, verbose_name="errors")),
-                ("worker_ids", models.JSONField(default=list, verbose_name="worker ids")),
-                ("attempts", models.PositiveIntegerField(default=0, verbose_name="attempts")),
-                ("lost", models.PositiveIntegerField(default=0, verbose_name="deliveries lost")),
-                ("enqueued_at", models.DateTimeField(verbose_name="enqueued at")),
-                (
-                    "run_after",
-                    models.DateTimeField(blank=True, null=True, verbose_name="run after"),
-                ),
-                ("available_at", models.DateTimeField(verbose_name="available at")),
-                (
-                    "started_at",
-                    models.DateTimeField(blank=True, null=True, verbose_name="started at"),
-                ),
-                (
-                    "last_attempted_at",
-                    models.DateTimeField(blank=True, null=True, verbose_name="last attempted at"),
-                ),
-                (
-                    "finished_at",
-                    models.DateTimeField(blank=True, null=True, verbose_name="finished at"),
-                ),
-                (
-                    "lease_owner",
-                    models.CharField(blank=True, max_length=100, null=True, verbose_name="held by"),
-                ),
-                (
-                    "lease_expires_at",
-                    models.DateTimeField(blank=True, null=True, verbose_name="lease expires at"),
-                ),
-                (
-                    "delivery",
-                    models.CharField(
-                        blank=True, default="", max_length=32, verbose_name="delivery token"
-                    ),
-                ),
+                ('id', models.BigAutoField(primary_key=True, serialize=False)),
+                ('uuid', models.UUIDField(default=uuid.uuid4, editable=False, unique=True, verbose_name='result id')),
+                ('backend_name', models.CharField(max_length=100, verbose_name='backend')),
+                ('queue_name', models.CharField(max_length=100, verbose_name='queue')),
+                ('task_path', models.CharField(max_length=255, verbose_name='task')),
+                ('priority', models.SmallIntegerField(default=0, verbose_name='priority')),
+                ('state', models.CharField(choices=[('scheduled', 'Scheduled'), ('ready', 'Ready'), ('waiting', 'Waiting'), ('running', 'Running'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('cancelled', 'Cancelled')], default='ready', max_length=10, verbose_name='state')),
+                ('args', models.JSONField(default=list, verbose_name='positional arguments')),
+                ('kwargs', models.JSONField(default=dict, verbose_name='keyword arguments')),
+                ('return_value', models.JSONField(default=None, null=True, verbose_name='return value')),
+                ('errors', models.JSONField(default=list, verbose_name='errors')),
+                ('worker_ids', models.JSONField(default=list, verbose_name='worker ids')),
+                ('attempts', models.PositiveIntegerField(default=0, verbose_name='attempts')),
+                ('lost', models.PositiveIntegerField(default=0, verbose_name='deliveries lost')),
+                ('enqueued_at', models.DateTimeField(verbose_name='enqueued at')),
+                ('run_after', models.DateTimeField(blank=True, null=True, verbose_name='run after')),
+                ('available_at', models.DateTimeField(verbose_name='available at')),
+                ('started_at', models.DateTimeField(blank=True, null=True, verbose_name='started at')),
+                ('last_attempted_at', models.DateTimeField(blank=True, null=True, verbose_name='last attempted at')),
+                ('finished_at', models.DateTimeField(blank=True, null=True, verbose_name='finished at')),
+                ('lease_owner', models.CharField(blank=True, max_length=100, null=True, verbose_name='held by')),
+                ('lease_expires_at', models.DateTimeField(blank=True, null=True, verbose_name='lease expires at')),
+                ('delivery', models.CharField(blank=True, default='', max_length=32, verbose_name='delivery token')),
             ],
             options={
-                "verbose_name": "job",
-                "verbose_name_plural": "jobs",
-                "indexes": [
-                    conveyor.backends.database.models.StateIndex(
-                        fields=["backend_name", "-priority", "available_at", "id"],
-                        name="conveyor_job_ready_idx",
-                        states=("ready",),
-                    ),
-                    conveyor.backends.database.models.StateIndex(
-                        fields=["backend_name", "queue_name", "-priority", "available_at", "id"],
-                        name="conveyor_job_ready_queue_idx",
-                        states=("ready",),
-                    ),
-                    conveyor.backends.database.models.StateIndex(
-                        fields=["backend_name", "available_at", "queue_name"],
-                        name="conveyor_job_scheduled_idx",
-                        states=("scheduled",),
-                    ),
-                    conveyor.backends.database.models.StateIndex(
-                        fields=["lease_owner", "lease_expires_at"],
-                        name="conveyor_job_running_idx",
-                        states=("running",),
-                    ),
-                    conveyor.backends.database.models.StateIndex(
-                        fields=["backend_name", "finished_at", "state", "queue_name"],
-                        name="conveyor_job_finished_idx",
-                        states=("succeeded", "failed", "cancelled"),
-                    ),
-                ],
-                "constraints": [
-                    models.CheckConstraint(
-                        condition=models.Q(("priority__gte", -100), ("priority__lte", 100)),
-                        name="conveyor_job_priority_range",
-                    )
-                ],
+                'verbose_name': 'job',
+                'verbose_name_plural': 'jobs',
+                'indexes': [conveyor.backends.database.models.StateIndex(fields=['backend_name', '-priority', 'available_at', 'id'], name='conveyor_job_ready_idx', states=('ready',)), conveyor.backends.database.models.StateIndex(fields=['backend_name', 'queue_name', '-priority', 'available_at', 'id'], name='conveyor_job_ready_queue_idx', states=('ready',)), conveyor.backends.database.models.StateIndex(fields=['backend_name', 'available_at', 'queue_name'], name='conveyor_job_scheduled_idx', states=('scheduled',)), conveyor.backends.database.models.StateIndex(fields=['lease_owner', 'lease_expires_at'], name='conveyor_job_running_idx', states=('running',)), conveyor.backends.database.models.StateIndex(fields=['backend_name', 'finished_at', 'state', 'queue_name'], name='conveyor_job_finished_idx', states=('succeeded', 'failed', 'cancelled'))],
+                'constraints': [models.CheckConstraint(condition=models.Q(('priority__gte', -100), ('priority__lte', 100)), name='conveyor_job_priority_range')],
             },
         ),
         migrations.CreateModel(
-            name="Worker",
+            name='Worker',
             fields=[
-                (
-                    "id",
-                    models.CharField(
-                        max_length=100, primary_key=True, serialize=False, verbose_name="worker id"
-                    ),
-                ),
-                ("backend_name", models.CharField(max_length=100, verbose_name="backend")),
-                ("kind", models.CharField(max_length=20, verbose_name="kind")),
-                (
-                    "supervisor",
-                    models.CharField(
-                        blank=True, default="", max_length=100, verbose_name="supervisor"
-                    ),
-                ),
-                ("host", models.CharField(max_length=255, verbose_name="host")),
-                ("pid", models.PositiveIntegerField(verbose_name="process id")),
-                ("queues", models.TextField(default="*", verbose_name="queues")),
-                ("threads", models.PositiveSmallIntegerField(default=1, verbose_name="threads")),
-                ("started_at", models.DateTimeField(verbose_name="started at")),
-                ("last_beat_at", models.DateTimeField(verbose_name="last heartbeat")),
-                (
-                    "stopped_at",
-                    models.DateTimeField(blank=True, null=True, verbose_name="stopped at"),
-                ),
-                ("ended", models.TextField(blank=True, default="", verbose_name="how it ended")),
+                ('id', models.CharField(max_length=100, primary_key=True, serialize=False, verbose_name='worker id')),
+                ('backend_name', models.CharField(max_length=100, verbose_name='backend')),
+                ('kind', models.CharField(max_length=20, verbose_name='kind')),
+                ('supervisor', models.CharField(blank=True, default='', max_length=100, verbose_name='supervisor')),
+                ('host', models.CharField(max_length=255, verbose_name='host')),
+                ('pid', models.PositiveIntegerField(verbose_name='process id')),
+                ('queues', models.TextField(default='*', verbose_name='queues')),
+                ('threads', models.PositiveSmallIntegerField(default=1, verbose_name='threads')),
+                ('started_at', models.DateTimeField(verbose_name='started at')),
+                ('last_beat_at', models.DateTimeField(verbose_name='last heartbeat')),
+                ('stopped_at', models.DateTimeField(blank=True, null=True, verbose_name='stopped at')),
+                ('ended', models.TextField(blank=True, default='', verbose_name='how it ended')),
             ],
             options={
-                "verbose_name": "worker",
-                "verbose_name_plural": "workers",
-                "indexes": [
-                    models.Index(
-                        fields=["backend_name", "last_beat_at"], name="conveyor_worker_beat_idx"
-                    )
-                ],
+                'verbose_name': 'worker',
+                'verbose_name_plural': 'workers',
+                'indexes': [models.Index(fields=['backend_name', 'last_beat_at'], name='conveyor_worker_beat_idx')],
             },
         ),
     ]
