@@ -7,8 +7,9 @@ for the code of one test, so "two leases later" or "an hour later" takes no time
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
+from django.conf import settings
 from django.utils import timezone
 
 _offset = 0.0  # seconds added to every reading, in this process
@@ -22,6 +23,12 @@ def offset() -> float:
 def now() -> datetime:
     """The current time on the stores' clock."""
     return timezone.now() + timedelta(seconds=_offset) if _offset else timezone.now()
+
+
+def at(timestamp: float) -> datetime:
+    """A POSIX timestamp as Django's datetimes are: aware (UTC), or naive with ``USE_TZ`` off."""
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment if settings.USE_TZ else timezone.make_naive(moment)
 
 
 def set_offset(seconds: float) -> None:

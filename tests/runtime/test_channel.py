@@ -92,3 +92,17 @@ def test_a_deadline_before_the_supervisors_next_look_wakes_it():
     finally:
         os.close(read)
         os.close(write)
+
+
+def test_times_read_back_as_the_project_keeps_them():
+    from django.test import override_settings
+    from django.utils import timezone
+
+    with override_settings(USE_TZ=False):
+        naive = timezone.make_naive(STARTED)
+        slots = Slots(multiprocessing.get_context(), 1)
+        index = slots.hold(delivery(1))
+        assert slots.start(index)
+        slots.finish(index, Outcome(started_at=naive, finished_at=naive, return_value=1))
+        [outcome] = slots.finished().values()
+        assert outcome.started_at == naive and outcome.started_at.tzinfo is None

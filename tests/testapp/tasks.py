@@ -247,3 +247,12 @@ def ignores_cancel(path: str) -> str:
     Path(path).write_text("started")
     time.sleep(30)
     return "ran to the end"
+
+
+@task()
+def busy_for(seconds: float) -> str:
+    """Keep the interpreter busy for ``seconds`` (no sleep, so no system call to cut)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return "done"

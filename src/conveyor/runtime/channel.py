@@ -29,9 +29,9 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from multiprocessing.context import BaseContext
 
+from conveyor import clock
 from conveyor.records import Disposition, Job, Outcome
 
 OUTCOME_BYTES = 1024  # room for one success per slot: its return value and times, as JSON
@@ -269,8 +269,8 @@ def _decode(blob: bytes) -> Outcome | None:
     try:
         value, started, finished = json.loads(blob)
         return Outcome(
-            started_at=datetime.fromtimestamp(started, UTC),
-            finished_at=datetime.fromtimestamp(finished, UTC),
+            started_at=clock.at(started),
+            finished_at=clock.at(finished),
             return_value=value,
         )
     except (TypeError, ValueError):

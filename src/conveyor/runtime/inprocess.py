@@ -25,13 +25,13 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import FrameType
 
 from django.db import connections
 from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, Task, task_backends
 from django.utils import timezone
 
+from conveyor import clock
 from conveyor.backends.base import Held, StoreBackend
 from conveyor.exceptions import ConveyorImproperlyConfigured
 from conveyor.records import Job, Outcome, QueueSelector, WorkerInfo, new_worker_id
@@ -230,10 +230,7 @@ class LeaseKeeper:
 
 def held(slots: Slots) -> list[Held]:
     """The deliveries in ``slots`` as the store's ``heartbeat`` takes them."""
-    return [
-        (d.key, d.token, datetime.fromtimestamp(d.started, UTC) if d.executing else None)
-        for d in slots.read()
-    ]
+    return [(d.key, d.token, clock.at(d.started) if d.executing else None) for d in slots.read()]
 
 
 class _Tally(Middleware):

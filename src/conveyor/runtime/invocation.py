@@ -10,16 +10,29 @@ from django.tasks import Task, TaskContext, TaskResult
 from django.utils import timezone
 
 from conveyor.records import Outcome, error_from_exception
+from conveyor.runtime.limits import SoftLimit
 
 
-def invoke(task: Task, result: TaskResult, context: TaskContext | None = None) -> Outcome:
+def invoke(
+    task: Task,
+    result: TaskResult,
+    context: TaskContext | None = None,
+    soft_limit: float | None = None,
+) -> Outcome:
     """Run ``task`` with the arguments in ``result``; never raises for a task's own error.
 
     A task that ``takes_context`` gets ``context`` (Django's own, if none is given).
+    ``soft_limit``: seconds after which ``SoftTimeLimitExceeded`` is raised in the task;
+    should it land just outside the task, it is still this run's error.
     """
     started_at = timezone.now()
+    limit = SoftLimit(soft_limit)
     try:
-        value = _call(task, result, context)
+        try:
+            limit.arm()
+            value = _call(task, result, context)
+        finally:
+            limit.disarm()
         value = json.loads(json.dumps(value, allow_nan=False))
     except KeyboardInterrupt:
         raise

@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Protocol
 
 from django.db import connections
@@ -289,7 +289,7 @@ def _deliveries(children: Sequence[Tracked]) -> list[Held]:
     held: list[Held] = []
     for child in children:
         for d in child.slots.read():
-            started = datetime.fromtimestamp(d.started, UTC) if d.executing else None
+            started = clock.at(d.started) if d.executing else None
             held.append((d.key, d.token, started))
     return held
 
@@ -329,7 +329,7 @@ def limit_outcome(delivery: Delivery, pid: int) -> Outcome:
         f"the task ran past its time limit of {limit:g}s; its worker process {pid} was stopped"
     )
     return Outcome(
-        started_at=datetime.fromtimestamp(delivery.started, UTC),
+        started_at=clock.at(delivery.started),
         finished_at=now,
         error=error_from_text(TIME_LIMIT, message),
         retry_at=now + timedelta(seconds=delivery.on_limit) if delivery.on_limit >= 0 else None,
@@ -343,7 +343,7 @@ def cancel_outcome(delivery: Delivery, pid: int, grace: float) -> Outcome:
         f"its worker process {pid} was stopped"
     )
     return Outcome(
-        started_at=datetime.fromtimestamp(delivery.started, UTC),
+        started_at=clock.at(delivery.started),
         finished_at=clock.now(),
         error=error_from_text(CANCELLED_ERROR, message),
     )

@@ -12,13 +12,17 @@ from __future__ import annotations
 import ctypes
 import signal
 import threading
-from types import FrameType, TracebackType
+from types import FrameType
 
 from conveyor.exceptions import SoftTimeLimitExceeded
 
 
 class SoftLimit:
-    """Arm a soft limit of ``seconds`` around one run (``with SoftLimit(2.0): ...``)."""
+    """A soft limit of ``seconds`` around one call: ``arm()`` before it, ``disarm()`` after.
+
+    Use both in ``try``/``finally`` inside the code that turns the call's exceptions into
+    its outcome: the exception may land anywhere from ``arm()`` to ``disarm()``.
+    """
 
     def __init__(self, seconds: float | None) -> None:
         self.seconds = seconds
@@ -30,33 +34,28 @@ class SoftLimit:
         self.previous: object = None
         self.by_signal = False
 
-    def __enter__(self) -> SoftLimit:
+    def arm(self) -> None:
         if not self.seconds:
-            return self
-        self.armed = True
+            return
         self.by_signal = threading.current_thread() is threading.main_thread() and signal.getsignal(
             signal.SIGALRM
         ) in (signal.SIG_DFL, None)
         if self.by_signal:
             self.previous = signal.signal(signal.SIGALRM, self._on_signal)
+            self.armed = True
             signal.setitimer(signal.ITIMER_REAL, self.seconds)
         else:
+            self.armed = True
             self.timer = threading.Timer(self.seconds, self._raise_in_thread)
             self.timer.daemon = True
             self.timer.start()
-        return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def disarm(self) -> None:
         if not self.seconds:
             return
         with self.lock:
             self.armed = False
-            if self.fired and not self.by_signal:  # not raised yet: never outside the task
+            if self.fired and not self.by_signal:  # not raised yet: never outside the call
                 _set_async_exc(self.thread, None)
         if self.by_signal:
             signal.setitimer(signal.ITIMER_REAL, 0)

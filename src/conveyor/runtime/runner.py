@@ -26,7 +26,6 @@ from conveyor.context import ConveyorContext
 from conveyor.options import TimeLimits
 from conveyor.records import Job, Outcome, error_from_exception
 from conveyor.runtime.invocation import invoke
-from conveyor.runtime.limits import SoftLimit
 from conveyor.runtime.middleware import Middleware
 
 logger = logging.getLogger(__name__)
@@ -71,8 +70,7 @@ class Runner:
                 is_cancelled=cancelled or _never,
                 save_progress=lambda progress: self._progress(job, progress),
             )
-            with SoftLimit(_soft_limit(job, task)):
-                outcome = invoke(task, result, context)
+            outcome = invoke(task, result, context, _soft_limit(job, task))
             for hook in reversed(self.middleware):
                 outcome = hook.after_invoke(job, task, outcome) or outcome
         except KeyboardInterrupt:  # the worker is being stopped: the job goes back

@@ -42,6 +42,7 @@ TICK = 1.0  # longest the supervisor sleeps between looks at its children
 PROGRESS_TICK = 0.25
 MAX_RESPAWN_DELAY = 10.0
 STORE_WAITS = (0.5, 1.0, 2.0, 5.0, 10.0)
+KILL_WAIT = 5.0  # longest wait for a SIGKILLed child (one stuck in the kernel) to go
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -259,9 +260,13 @@ class Supervisor:
                 continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            child.process.join()
+            child.process.join(timeout=KILL_WAIT)
             self.children.remove(child)
-            self.leases.release_stopped(child, stopped)
+            # A task that returned between the look and the kill keeps its own outcome.
+            ended = {(d.key, d.token) for d in child.slots.read() if d.started < 0.0}
+            self.leases.release_stopped(
+                child, {key: outcome for key, outcome in stopped.items() if key not in ended}
+            )
             self._end(child.worker_id, "stopped: a task ran past its time limit or was cancelled")
             if not self.signals:
                 self.respawn_at.append(time.monotonic())
