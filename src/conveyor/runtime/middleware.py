@@ -10,7 +10,6 @@ from django.db import connections
 from django.tasks import Task, TaskResult, TaskResultStatus
 from django.utils.module_loading import import_string
 
-from conveyor import clock
 from conveyor.exceptions import Cancelled, Retry, Snooze, WorkerLost
 from conveyor.options import ConveyorTask, RetryPolicy, class_path
 from conveyor.records import Job, Outcome
@@ -74,12 +73,13 @@ class Retries(Middleware):
         if outcome.error is None or error is None:
             return None
         if isinstance(error, Snooze):
-            due = clock.now() + timedelta(seconds=error.delay)
+            due = outcome.finished_at + timedelta(seconds=error.delay)
             return replace(outcome, error=None, retry_at=due)
         delay = retry_delay(job, error)
         if delay is None:
             return None
-        return replace(outcome, retry_at=clock.now() + timedelta(seconds=delay))
+        # Kept as a delay after the run ended: the store starts it on its own clock.
+        return replace(outcome, retry_at=outcome.finished_at + timedelta(seconds=delay))
 
 
 def retry_delay(job: Job, error: BaseException) -> float | None:

@@ -138,8 +138,8 @@ class MemoryBackend(StoreBackend):
         )
 
     def retry(self, job: Job, outcome: Outcome) -> bool:
-        run_after = outcome.retry_at
-        assert run_after is not None
+        assert outcome.retry_at is not None
+        run_after = clock.now() + max(outcome.retry_at - outcome.finished_at, timedelta(0))
         state = State.READY if run_after <= clock.now() else State.SCHEDULED
         done = (State.SCHEDULED, State.READY)
         return self._end_delivery(

@@ -129,19 +129,22 @@ def announce(store: Store) -> None:
 
 
 def retry(store: Store, job: JobRecord, outcome: Outcome) -> bool:
-    """Record a failed (or snoozed) attempt; the job falls due again at ``retry_at``.
+    """Record a failed (or snoozed) attempt; the job falls due again after its delay.
 
-    ``run_after`` takes the new due time too, so the job's result says when it runs next.
+    The delay (``retry_at - finished_at``, both read on the worker's clock) runs on the
+    store's clock, so a worker whose clock is off does not move the retry. ``run_after``
+    takes the new due time too, so the job's result says when it runs next.
     """
     assert outcome.retry_at is not None
     attempt, params = _attempt(store, outcome)
-    due = store.time(outcome.retry_at)
+    delay = max(0.0, (outcome.retry_at - outcome.finished_at).total_seconds())
+    later = store.dialect.later()
     return _end_delivery(
         store,
         job,
-        f"state = CASE WHEN %s <= {store.dialect.now()} THEN 'ready' ELSE 'scheduled' END, "
-        f"available_at = %s, run_after = %s, {attempt}",
-        [due, due, due, *params],
+        f"state = '{'scheduled' if delay > 0 else 'ready'}', available_at = {later}, "
+        f"run_after = {later}, {attempt}",
+        [delay, delay, *params],
         State.SCHEDULED,
         State.READY,
     )
