@@ -148,3 +148,21 @@ def test_a_task_that_ignores_a_cancel_is_stopped_after_the_grace(backend_alias, 
     assert error.exception_class_path == "conveyor.exceptions.Cancelled"
     assert "did not stop within 0.5s" in error.traceback
     assert f"Job {result.id} (tests.testapp.tasks.ignores_cancel) was cancelled" in worker.output
+
+
+def test_hooks_of_jobs_the_supervisor_ended_never_hold_it(backend_alias, tmp_path: Path):
+    # The first job's time limit is recorded by the supervisor; its slow on_failure hook
+    # runs elsewhere, and the second job's limit is still kept on time.
+    note = tmp_path / "hook"
+    first = on(tasks.overruns_with_a_slow_hook, backend_alias).enqueue(str(note))
+    second = on(tasks.overruns, backend_alias).using(timeout=1.0).enqueue(str(tmp_path / "l"), 30)
+    with Worker(backend_alias, "--processes", "2") as worker:
+        wait_for(lambda: job(second).status == TaskResultStatus.FAILED, timeout=10)
+        wait_for(note.exists, timeout=10)
+        worker.signal()
+        assert worker.wait() == 0, worker.output
+    assert job(first).status == TaskResultStatus.FAILED
+    done = job(second)
+    ran = (done.finished_at - done.last_attempted_at).total_seconds()
+    assert 1.0 <= ran < 2.0, ran  # not held up by the 3 s hook
+    assert int(note.read_text()) != worker.pid  # not run in the supervisor

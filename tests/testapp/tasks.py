@@ -256,3 +256,14 @@ def busy_for(seconds: float) -> str:
     while time.perf_counter() < end:
         pass
     return "done"
+
+
+def slow_hook(result) -> None:  # type: ignore[no-untyped-def]
+    """A hook that takes its time, then notes the process it ran in."""
+    time.sleep(3)
+    Path(result.args[0]).write_text(str(os.getpid()))
+
+
+@task(timeout=0.3, on_failure=slow_hook)
+def overruns_with_a_slow_hook(path: str) -> None:
+    time.sleep(30)

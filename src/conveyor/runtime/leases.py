@@ -18,14 +18,11 @@ from datetime import timedelta
 from typing import Protocol
 
 from django.db import connections
-from django.tasks.signals import task_finished
 
 from conveyor import clock
 from conveyor.backends.base import Held, StoreBackend
 from conveyor.records import CANCELLED_ERROR, Job, Outcome, PutBack, error_from_text
 from conveyor.runtime.channel import Delivery, Slots
-from conveyor.runtime.middleware import run_hooks
-from conveyor.runtime.runner import send
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +60,9 @@ class Leases:
         self.pending: list[PendingRelease] = []
         self.cancel_asked: dict[tuple[int, str], float] = {}  # delivery -> when told to stop
         self.next_cancel_look = 0.0
+        # Jobs that ended here (saved for a dead child, or failed for being lost too often):
+        # their task_finished and hooks are still to be sent, outside the supervisor.
+        self.ended: list[str] = []
         self.contact_since: float | None = None
         self.next_beat = self.next_recover = 0.0
 
@@ -154,12 +154,13 @@ class Leases:
             self.pending.append(pending)
             return False
         log_put_back(put_back, pending.reason, self.backend.conveyor_options.max_attempts)
+        self.ended += [p.job.id for p in put_back if p.failed]
         saved = [(p.job, pending.finished[p.job.key, p.job.delivery]) for p in put_back if p.saved]
         self._announce_saved(saved)
         return True
 
     def _announce_saved(self, saved: Sequence[tuple[Job, Outcome]]) -> None:
-        """Log the outcomes saved on behalf of a dead child; send ``task_finished``."""
+        """Log the outcomes saved on behalf of a dead child; note the ended ones."""
         successes = [job for job, outcome in saved if outcome.error is None]
         if successes:
             logger.info(
@@ -175,16 +176,8 @@ class Leases:
                 then = "was cancelled" if outcome.cancelled else then
                 message = outcome.error.traceback.strip()
                 logger.error("Job %s (%s) %s: %s", job.id, job.task_path, then, message)
-            if outcome.retry_at is not None:
-                continue
-            try:
-                result = self.backend.get_result(job.id)
-            except Exception:
-                connections.close_all()
-                logger.exception("Could not read back job %s (%s)", job.id, job.task_path)
-                continue
-            send(self.backend, task_finished, result)
-            run_hooks(result)
+            if outcome.retry_at is None:
+                self.ended.append(job.id)
 
     def retry_releases(self) -> None:
         """Try again the put-backs the store could not take."""

@@ -27,6 +27,7 @@ from django.utils import timezone
 from conveyor.backends.base import StoreBackend
 from conveyor.exceptions import ConveyorImproperlyConfigured, NotMigrated
 from conveyor.records import QueueSelector, WorkerInfo, new_worker_id
+from conveyor.runtime.announcer import announce_main
 from conveyor.runtime.channel import Slots
 from conveyor.runtime.child import STOP_SIGNALS, child_main
 from conveyor.runtime.leases import Leases, cancel_outcome, limit_outcome
@@ -42,6 +43,7 @@ TICK = 1.0  # longest the supervisor sleeps between looks at its children
 PROGRESS_TICK = 0.25
 MAX_RESPAWN_DELAY = 10.0
 STORE_WAITS = (0.5, 1.0, 2.0, 5.0, 10.0)
+ANNOUNCE_WAIT = 10.0  # longest a stopping supervisor waits for jobs' ends to be sent
 KILL_WAIT = 5.0  # longest wait for a SIGKILLed child (one stuck in the kernel) to go
 
 
@@ -88,6 +90,7 @@ class Supervisor:
         self.stop_deadline: float | None = None
         self.forced = False
         self.stop_killed: set[int] = set()  # children stopped at once for sigkill_on_stop
+        self.announcers: list[BaseProcess] = []  # processes sending the ends of jobs
         self.context = multiprocessing.get_context("fork")
         self.hostname = socket.gethostname()
         self.host = new_worker_id()
@@ -125,10 +128,14 @@ class Supervisor:
         self._respawn_due()
         self._handle_stop()
         self.leases.tick(self.children)
+        self._announce()
         self._update_progress()
 
     def _finish(self) -> None:
         self.leases.retry_releases()
+        self._announce()
+        for process in self.announcers:
+            process.join(timeout=ANNOUNCE_WAIT)
         if self.progress:
             with contextlib.suppress(Exception):
                 self.progress.finish()
@@ -270,6 +277,21 @@ class Supervisor:
             self._end(child.worker_id, "stopped: a task ran past its time limit or was cancelled")
             if not self.signals:
                 self.respawn_at.append(time.monotonic())
+
+    def _announce(self) -> None:
+        """Send the ends of jobs that ended here from a process of their own (one at a time)."""
+        for process in [p for p in self.announcers if not p.is_alive()]:
+            process.join()
+            self.announcers.remove(process)
+        if not self.leases.ended or self.announcers:
+            return
+        ids, self.leases.ended = self.leases.ended, []
+        self.backend.before_fork()
+        process = self.context.Process(
+            target=announce_main, args=(self.backend.alias, ids), name="conveyor-announcer"
+        )
+        process.start()
+        self.announcers.append(process)
 
     def _respawn_delay(self, child: Child, crashed: bool, how: str) -> float:
         """No delay for a child that was working; backoff for one that never got ready."""
