@@ -95,6 +95,11 @@ class BackendOptions:
                 raise ConveyorImproperlyConfigured(
                     f"{where}[{name.upper()!r}] must be {kind} {bounds}, not {value!r}."
                 )
+        if self.timeout and self.soft_timeout and self.soft_timeout >= self.timeout:
+            raise ConveyorImproperlyConfigured(
+                f"{where}['SOFT_TIMEOUT'] ({self.soft_timeout:g}s) must be shorter than "
+                f"{where}['TIMEOUT'] ({self.timeout:g}s): it warns tasks before they are stopped."
+            )
 
 
 _OPTIONAL = {"timeout", "soft_timeout"}  # None: no limit

@@ -116,3 +116,21 @@ def test_time_limits_are_none_or_a_positive_number(name):
     for value in (0, -1, math.nan, "5", True, 8 * 86400):
         with pytest.raises(ConveyorImproperlyConfigured, match=rf"'{name}'.*must be a number"):
             build({name: value})
+
+
+def test_a_soft_limit_must_come_before_the_hard_one():
+    with pytest.raises(ConveyorImproperlyConfigured, match=r"'SOFT_TIMEOUT'.*shorter than"):
+        build({"TIMEOUT": 5, "SOFT_TIMEOUT": 5})
+    backend = build({"TIMEOUT": 5})
+    from django.tasks import task
+
+    from conveyor.exceptions import InvalidTaskOption
+
+    warned = task(soft_timeout=10)(module_level)
+    with pytest.raises(InvalidTaskOption, match=r"soft_timeout \(10s\) must be shorter"):
+        backend.validate_task(warned)
+    backend.validate_task(warned.using(timeout=20))  # its own hard limit is longer
+
+
+def module_level(x: int) -> int:
+    return x

@@ -27,7 +27,7 @@ from conveyor.backends.tasks import (
     unavailable_task,
 )
 from conveyor.conf import BackendOptions
-from conveyor.exceptions import TaskNotFound
+from conveyor.exceptions import InvalidTaskOption, TaskNotFound
 from conveyor.options import ConveyorTask, RetryPolicy, TimeLimits
 from conveyor.records import Job, Outcome, PutBack, QueueSelector, QueueStats, Success, WorkerInfo
 
@@ -103,6 +103,12 @@ class ConveyorBackend(BaseTaskBackend):
         problems = task_problems(task)
         if problems:
             raise InvalidTask(" ".join(problems))
+        soft, hard = getattr(task, "soft_timeout", None), self.limit_defaults.hard
+        if soft and hard and getattr(task, "timeout", None) is None and soft >= hard:
+            raise InvalidTaskOption(
+                f"Task {task.module_path}: soft_timeout ({soft:g}s) must be shorter than the "
+                f"backend's TIMEOUT ({hard:g}s), or give the task a timeout of its own."
+            )
 
     def encode_call(self, task: Task, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Call:
         """Validate ``task`` and return its arguments as plain JSON values, or raise."""

@@ -199,7 +199,7 @@ class DatabaseBackend(StoreBackend):
         put_back = transitions.release(
             self.worker_store, worker_id, reason, executing, counts_as_attempt, finished or {}
         )
-        self._notify(put_back, [p.job for p in put_back if not (p.failed or p.saved)])
+        self._notify(put_back, [p.job for p in put_back if not p.failed])  # retries too
         return put_back
 
     def give_back(self, worker_id: str, deliveries: Collection[tuple[int, str]]) -> list[JobRecord]:

@@ -87,7 +87,7 @@ _CONVERTERS: dict[tuple[str, str], Converter] = {}
 
 def _converter(conn: BaseDatabaseWrapper, columns: str) -> Converter:
     """A function turning one row of ``columns`` into ``Job``'s field values, in order."""
-    key = (conn.vendor, columns)
+    key = (conn.alias, columns)  # per database: each may read times in its own zone
     if key not in _CONVERTERS:
         _CONVERTERS[key] = _make_converter(conn, columns)
     return _CONVERTERS[key]
