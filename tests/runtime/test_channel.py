@@ -81,11 +81,11 @@ def test_a_deadline_before_the_supervisors_next_look_wakes_it():
     os.set_blocking(read, False)
     slots = Slots(multiprocessing.get_context(), 2, wake=write)
     try:
-        slots.will_look(time.time() + 60)
+        slots.will_look(time.monotonic() + 60)
         assert slots.start(slots.hold(delivery(1)), limit=0.2)
         assert os.read(read, 16) == b"\0"
 
-        slots.will_look(time.time() + 0.1)
+        slots.will_look(time.monotonic() + 0.1)
         assert slots.start(slots.hold(delivery(2)), limit=0.2)
         with pytest.raises(BlockingIOError):
             os.read(read, 16)

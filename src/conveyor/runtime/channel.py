@@ -45,7 +45,8 @@ class Delivery:
     key: int
     token: str
     started: float  # wall-clock time the task started; 0.0 while only held; < 0 once done
-    deadline: float  # wall-clock time it must end by; 0.0 for none
+    deadline: float  # when it must end by, on the monotonic clock (system-wide); 0.0: none
+    limit: float = 0.0  # its time limit, seconds
     on_limit: float = -1.0  # past the deadline: retry after this many seconds; < 0: fail
     kill_on_stop: bool = False  # at a graceful stop, stop it at once (``sigkill_on_stop``)
 
@@ -63,7 +64,8 @@ class Slots:
         self.keys = context.RawArray(ctypes.c_int64, size)
         self.tokens = context.RawArray(ctypes.c_uint64, size)
         self.started = context.RawArray(ctypes.c_double, size)
-        self.deadlines = context.RawArray(ctypes.c_double, size)
+        self.deadlines = context.RawArray(ctypes.c_double, size)  # monotonic clock
+        self.limits = context.RawArray(ctypes.c_double, size)  # seconds; 0.0 for none
         self.on_limit = context.RawArray(ctypes.c_double, size)
         self.kill_on_stop = context.RawArray(ctypes.c_uint8, size)
         self.cancel = context.RawArray(ctypes.c_uint8, size)  # set: the job was asked to stop
@@ -116,12 +118,13 @@ class Slots:
         with self.gate:
             if self.revoked[index]:
                 return False
-            now = time.time()
-            self.deadlines[index] = now + limit if limit else 0.0
+            now, tick = time.time(), time.monotonic()
+            self.deadlines[index] = tick + limit if limit else 0.0
+            self.limits[index] = limit or 0.0
             self.on_limit[index] = on_limit
             self.kill_on_stop[index] = kill_on_stop
             self.started[index] = now
-        if limit and now + limit < self.looks_at.value:
+        if limit and tick + limit < self.looks_at.value:
             self._wake_supervisor()
         return True
 
@@ -181,6 +184,7 @@ class Slots:
                         token=f"{self.tokens[index]:016x}",
                         started=self.started[index],
                         deadline=self.deadlines[index],
+                        limit=self.limits[index],
                         on_limit=self.on_limit[index],
                         kill_on_stop=bool(self.kill_on_stop[index]),
                     )
@@ -202,7 +206,7 @@ class Slots:
         return found
 
     def overrun(self, now: float) -> list[Delivery]:
-        """Deliveries still executing past their deadline."""
+        """Deliveries still executing past their deadline (``now`` on the monotonic clock)."""
         return [d for d in self.read() if d.executing and 0.0 < d.deadline <= now]
 
     def ask_to_stop(self, key: int, token: str) -> bool:
@@ -218,11 +222,11 @@ class Slots:
         return any(d.executing and d.kill_on_stop for d in self.read())
 
     def will_look(self, at: float) -> None:
-        """The supervisor looks at this table next at ``at`` (wall clock), or sooner."""
+        """The supervisor looks at this table next at ``at`` (monotonic clock), or sooner."""
         self.looks_at.value = at
 
     def next_deadline(self) -> float:
-        """The earliest deadline of a running task (wall clock), or 0.0 for none."""
+        """The earliest deadline of a running task (monotonic clock), or 0.0 for none."""
         deadlines = [d.deadline for d in self.read() if d.executing and d.deadline > 0.0]
         return min(deadlines, default=0.0)
 

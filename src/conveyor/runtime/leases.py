@@ -317,7 +317,7 @@ TIME_LIMIT = "conveyor.exceptions.TimeLimitExceeded"
 def limit_outcome(delivery: Delivery, pid: int) -> Outcome:
     """The failure of a run stopped at its time limit (retried after ``on_limit`` if >= 0)."""
     now = clock.now()
-    limit = round(delivery.deadline - delivery.started, 3)
+    limit = delivery.limit
     message = (
         f"the task ran past its time limit of {limit:g}s; its worker process {pid} was stopped"
     )

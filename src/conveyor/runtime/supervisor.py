@@ -223,7 +223,7 @@ class Supervisor:
         Each child is told when the supervisor will look next before its deadlines are
         read: a task that starts after the read, with an earlier deadline, wakes it.
         """
-        now = time.time()
+        now = time.monotonic()
         for child in self.children:
             child.slots.will_look(now + timeout)
         deadlines = [d for child in self.children if (d := child.slots.next_deadline())]
@@ -255,7 +255,7 @@ class Supervisor:
 
         The child is replaced at once; its other jobs are saved or put back uncounted.
         """
-        now, grace = time.time(), self.backend.conveyor_options.cancel_grace
+        now, grace = time.monotonic(), self.backend.conveyor_options.cancel_grace
         for child in list(self.children):
             pid = child.process.pid
             if pid is None:
