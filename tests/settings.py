@@ -84,6 +84,13 @@ TASKS["memory"] = {
     "QUEUES": QUEUES,
     "OPTIONS": _options,
 }
+# Eager mode: tasks run inside enqueue(), or when the transaction on "default" commits.
+TASKS["eager"] = {"BACKEND": "conveyor.eager.EagerBackend", "QUEUES": QUEUES}
+TASKS["eager_commit"] = {
+    "BACKEND": "conveyor.eager.EagerBackend",
+    "QUEUES": QUEUES,
+    "OPTIONS": {"RUN_AT": "commit"},
+}
 TASKS["immediate"] = {
     "BACKEND": "django.tasks.backends.immediate.ImmediateBackend",
     "QUEUES": QUEUES,

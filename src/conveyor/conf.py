@@ -50,6 +50,10 @@ class BackendOptions:
         "soft_timeout": (0.001, 7 * 86400.0),
         "cancel_grace": (0.0, 3600.0),
     }
+    # Options among ``ranges`` that take whole numbers only.
+    whole_numbers: ClassVar[frozenset[str]] = frozenset(
+        {"max_attempts", "batch_size", "max_payload", "retries"}
+    )
 
     @classmethod
     def from_settings(cls, alias: str, raw: dict[str, Any]) -> Self:
@@ -88,7 +92,7 @@ class BackendOptions:
             value = getattr(self, name)
             if value is None and name in _OPTIONAL:
                 continue
-            whole = name in _WHOLE
+            whole = name in self.whole_numbers
             if not _in_range(value, low, high, whole):
                 kind = "a whole number" if whole else "a number"
                 bounds = f"from {_shown(low)} to {_shown(high)}"
@@ -103,7 +107,6 @@ class BackendOptions:
 
 
 _OPTIONAL = {"timeout", "soft_timeout"}  # None: no limit
-_WHOLE = {"max_attempts", "batch_size", "max_payload", "retries"}
 
 
 def _in_range(value: Any, low: float, high: float, whole: bool) -> bool:

@@ -59,6 +59,10 @@ def _delay(value: object, name: str) -> float:
 MAX_DELAY = 366 * 86400.0
 
 
+class SnoozeLimit(ConveyorError):
+    """A job run inline (eager mode) snoozed more times than its backend's ``MAX_SNOOZES``."""
+
+
 class BackendUnavailable(ConveyorError):
     """The store behind a backend cannot be reached."""
 

@@ -14,14 +14,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import fields
+from typing import Any
 
+from django.conf import settings
 from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, task_backends
+from django.test import override_settings
 
 from conveyor import clock
+from conveyor.eager import EagerOptions
 from conveyor.records import QueueSelector
 from conveyor.runtime.inprocess import InProcessWorker, RunSummary
 
-__all__ = ["RunSummary", "StoreClock", "run_until_done", "store_clock"]
+__all__ = ["RunSummary", "StoreClock", "eager_tasks", "run_until_done", "store_clock"]
+
+EAGER_BACKEND = "conveyor.eager.EagerBackend"
 
 
 def run_until_done(
@@ -35,6 +42,8 @@ def run_until_done(
     with the test. Jobs scheduled for later run only once they are due. ``queues`` limits
     the run to jobs on those queues.
     """
+    if getattr(task_backends[backend], "runs_inline", False):
+        return RunSummary()  # eager mode: every job ran when it was enqueued
     worker = InProcessWorker(backend, _selector(backend, queues), until_done=True)
     worker.run()
     return worker.summary
@@ -78,3 +87,32 @@ def store_clock() -> Iterator[StoreClock]:
         yield StoreClock()
     finally:
         clock.set_offset(saved)
+
+
+def eager_tasks(
+    backend: str = DEFAULT_TASK_BACKEND_ALIAS, *, run_at: str = "enqueue"
+) -> override_settings:
+    """Run the tasks sent to ``backend`` inline (``EagerBackend``) while this is in effect.
+
+    A decorator or context manager, as Django's ``override_settings`` is. The alias keeps
+    its ``QUEUES`` and those of its ``OPTIONS`` eager mode knows (the retry and time-limit
+    defaults); a ``DATABASE`` becomes the ``COMMIT_DATABASE`` whose transaction ``run_at``
+    ``"commit"`` waits for (the other choice is ``"enqueue"``).
+
+    @eager_tasks()
+    def test_signup_sends_welcome(self):
+        result = send_welcome.enqueue(42)
+        self.assertEqual(result.status, TaskResultStatus.SUCCESSFUL)
+    """
+    tasks: dict[str, Any] = dict(settings.TASKS)
+    current = tasks.get(backend, {})
+    known = {f.name.upper() for f in fields(EagerOptions)}
+    options = {k: v for k, v in current.get("OPTIONS", {}).items() if k in known}
+    if "DATABASE" in current.get("OPTIONS", {}):  # a database backend's: commit waits for it
+        options.setdefault("COMMIT_DATABASE", current["OPTIONS"]["DATABASE"])
+    tasks[backend] = {
+        **{k: v for k, v in current.items() if k == "QUEUES"},
+        "BACKEND": EAGER_BACKEND,
+        "OPTIONS": {**options, "RUN_AT": run_at},
+    }
+    return override_settings(TASKS=tasks)

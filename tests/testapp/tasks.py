@@ -267,3 +267,27 @@ def slow_hook(result) -> None:  # type: ignore[no-untyped-def]
 @task(timeout=0.3, on_failure=slow_hook)
 def overruns_with_a_slow_hook(path: str) -> None:
     time.sleep(30)
+
+
+@task()
+def always_snoozes(path: str) -> str:
+    from conveyor.exceptions import Snooze
+
+    _tries(path)
+    raise Snooze(60)
+
+
+@task(takes_context=True, retries=3, retry_backoff=60, retry_jitter=False)
+def succeeds_on_third(context: TaskContext) -> int:
+    """Fail until the third attempt; return the attempt that succeeded."""
+    if context.attempt < 3:
+        raise ConnectionError(f"attempt {context.attempt}")
+    return context.attempt
+
+
+@task(retries=1, retry_backoff=60, on_complete=note_outcome)
+def flaky_hooked(path: str, tries: str) -> str:
+    """Fail the first try (counted in ``tries``); the hook notes the outcome in ``path``."""
+    if _tries(tries) == 0:
+        raise ValueError("first try fails")
+    return "fine"

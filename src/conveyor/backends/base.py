@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
-from django.tasks import Task, TaskResult, TaskResultStatus
+from django.tasks import Task, TaskResult, TaskResultStatus, task_backends
 from django.tasks.backends.base import BaseTaskBackend
 from django.tasks.exceptions import InvalidTask
 
@@ -27,7 +27,7 @@ from conveyor.backends.tasks import (
     unavailable_task,
 )
 from conveyor.conf import BackendOptions
-from conveyor.exceptions import InvalidTaskOption, TaskNotFound
+from conveyor.exceptions import ConveyorImproperlyConfigured, InvalidTaskOption, TaskNotFound
 from conveyor.options import ConveyorTask, RetryPolicy, TimeLimits
 from conveyor.records import Job, Outcome, PutBack, QueueSelector, QueueStats, Success, WorkerInfo
 
@@ -60,6 +60,8 @@ class ConveyorBackend(BaseTaskBackend):
 
     options_class: ClassVar[type[BackendOptions]] = BackendOptions
     task_class = ConveyorTask
+    # Tasks run inside enqueue (or at commit): no worker ever takes this backend's jobs.
+    runs_inline: ClassVar[bool] = False
 
     def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
@@ -335,3 +337,19 @@ class WorkerStore(ABC):
 
 class StoreBackend(ConveyorBackend, WorkerStore):
     """A ``django.tasks`` backend that is also a store a Conveyor worker can drive."""
+
+
+def worker_store(alias: str) -> StoreBackend:
+    """The backend ``TASKS[alias]`` names, if a Conveyor worker can drive it; else raise."""
+    backend = task_backends[alias]
+    if not isinstance(backend, StoreBackend):
+        raise ConveyorImproperlyConfigured(
+            f"TASKS[{alias!r}] uses {type(backend).__name__}, which a Conveyor worker cannot "
+            "drive; use a conveyor.backends backend."
+        )
+    if backend.runs_inline:
+        raise ConveyorImproperlyConfigured(
+            f"TASKS[{alias!r}] uses {type(backend).__name__}, which runs each task when it is "
+            "enqueued: it has no worker to start."
+        )
+    return backend

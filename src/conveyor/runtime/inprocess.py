@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from types import FrameType
 
 from django.db import connections
-from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, Task, task_backends
+from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, Task
 from django.utils import timezone
 
 from conveyor import clock
-from conveyor.backends.base import Held, StoreBackend
-from conveyor.exceptions import ConveyorImproperlyConfigured
+from conveyor.backends.base import Held, StoreBackend, worker_store
 from conveyor.records import Job, Outcome, QueueSelector, WorkerInfo, new_worker_id
 from conveyor.runtime.channel import Slots
 from conveyor.runtime.loop import Loop, WorkerConfig
@@ -95,7 +94,7 @@ class InProcessWorker:
         """Work until no job is ready (or the budget is spent, or a stop); return the code."""
         if self.loop is not None:  # run before: the registry takes an id once
             self.worker_id = new_worker_id()
-        backend = _store(self.alias)
+        backend = worker_store(self.alias)
         tally = _Tally()
         hooks = [*(m() for m in DEFAULT_MIDDLEWARE), tally]
         # One slot: a job is claimed only when it runs, so nothing waits behind a long task.
@@ -250,16 +249,6 @@ class _Tally(Middleware):
             snoozed=self.counts["snoozed"],
             unrecorded=self.counts["unrecorded"],
         )
-
-
-def _store(alias: str) -> StoreBackend:
-    backend = task_backends[alias]
-    if not isinstance(backend, StoreBackend):
-        raise ConveyorImproperlyConfigured(
-            f"TASKS[{alias!r}] uses {type(backend).__name__}, which a Conveyor worker cannot "
-            "drive; use a conveyor.backends backend."
-        )
-    return backend
 
 
 def _in_transaction() -> bool:

@@ -21,11 +21,10 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from django.db import connections
-from django.tasks import task_backends
 from django.utils import timezone
 
-from conveyor.backends.base import StoreBackend
-from conveyor.exceptions import ConveyorImproperlyConfigured, NotMigrated
+from conveyor.backends.base import StoreBackend, worker_store
+from conveyor.exceptions import NotMigrated
 from conveyor.records import QueueSelector, WorkerInfo, new_worker_id
 from conveyor.runtime.announcer import announce_main
 from conveyor.runtime.channel import Slots
@@ -75,12 +74,7 @@ class Supervisor:
     """Keep ``processes`` workers running; the only process that handles signals."""
 
     def __init__(self, settings: WorkerSettings) -> None:
-        backend = task_backends[settings.backend]
-        if not isinstance(backend, StoreBackend):
-            raise ConveyorImproperlyConfigured(
-                f"TASKS[{settings.backend!r}] uses {type(backend).__name__}, which a Conveyor "
-                "worker cannot drive; use a conveyor.backends backend."
-            )
+        backend = worker_store(settings.backend)
         self.backend: StoreBackend = backend
         self.settings = settings
         self.lease = backend.conveyor_options.lease

@@ -22,7 +22,7 @@ from django.tasks.signals import task_enqueued
 
 from conveyor import clock
 from conveyor.backends.base import Call, Held, StoreBackend
-from conveyor.backends.memory.rows import line
+from conveyor.backends.memory.rows import Row, line
 from conveyor.backends.memory.tables import clear_all, tables_for
 from conveyor.records import (
     PENDING_STATES,
@@ -67,13 +67,29 @@ class MemoryBackend(StoreBackend):
 
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:
         """Store many calls of one task: all of them, or none."""
+        rows = self._new_rows(task, calls)
+        self._insert(rows)
+        return self._enqueued(task, rows)
+
+    def _new_rows(self, task: Task, calls: Iterable[Call]) -> list[Row]:
+        """Rows for ``calls`` of ``task``, their arguments checked and encoded; not stored."""
         encoded = [self.encode_call(task, args, kwargs) for args, kwargs in calls]
         now, options = clock.now(), self.job_options(task)
         with self._tables.lock:
-            jobs = [
-                self._tables.insert(task, args, kwargs, now, options).record(self.alias)
-                for args, kwargs in encoded
+            return [
+                self._tables.new_row(task, args, kwargs, now, options) for args, kwargs in encoded
             ]
+
+    def _insert(self, rows: Sequence[Row]) -> None:
+        """Store rows built by ``_new_rows``, all together."""
+        with self._tables.lock:
+            for row in rows:
+                self._tables.add(row)
+
+    def _enqueued(self, task: Task, rows: Sequence[Row]) -> list[TaskResult]:
+        """The results of newly enqueued ``rows``, once ``task_enqueued`` was sent for each."""
+        with self._tables.lock:
+            jobs = [row.record(self.alias) for row in rows]
         results = [self.to_task_result(job, task, State.READY.django_status) for job in jobs]
         for result in results:
             task_enqueued.send(type(self), task_result=result)
@@ -81,11 +97,15 @@ class MemoryBackend(StoreBackend):
 
     def get_result(self, result_id: str) -> TaskResult:
         """Read a result back by id, from any thread of this process."""
+        job, state, finished_at, value = self._read(result_id)
+        return self.stored_result(job, state.django_status, finished_at, value)
+
+    def _read(self, result_id: str) -> tuple[Job, State, datetime | None, Any]:
+        """The job ``result_id``, its state, when it finished and its return value."""
         with self._tables.lock:
             row = self._tables.find(result_id)
             job, state, finished_at = row.record(self.alias), row.state, row.finished_at
-            value = copy.deepcopy(row.return_value)
-        return self.stored_result(job, state.django_status, finished_at, value)
+            return job, state, finished_at, copy.deepcopy(row.return_value)
 
     # --- taking work ------------------------------------------------------------------------
 
@@ -100,6 +120,20 @@ class MemoryBackend(StoreBackend):
             for row in taken:
                 row.deliver(worker_id, token, now + self.lease)
             return [row.record(self.alias) for row in taken]
+
+    def claim_one(self, result_id: str, worker_id: str) -> Job | None:
+        """Lease the job ``result_id`` to ``worker_id`` now, even if it is due later.
+
+        None if the job is not waiting to run (it finished, runs elsewhere, or waits on
+        other jobs). Eager mode runs each job this way, skipping any wait.
+        """
+        now, token = clock.now(), secrets.token_hex(8)
+        with self._tables.lock:
+            row = self._tables.find(result_id)
+            if row.state not in (State.READY, State.SCHEDULED):
+                return None
+            row.deliver(worker_id, token, now + self.lease)
+            return row.record(self.alias)
 
     def stage(self, limit: int = 1000) -> int:
         now = clock.now()

@@ -44,12 +44,15 @@ class Tables:
 
     # --- jobs -------------------------------------------------------------------------------
 
-    def insert(
+    def new_row(
         self, task: Task, args: Any, kwargs: Any, now: datetime, options: dict[str, Any]
     ) -> Row:
-        """Store one call of ``task``: scheduled if it is due later, else ready."""
+        """A row for one call of ``task``, not stored yet: scheduled if due later, else ready.
+
+        Built apart from ``add`` so that eager mode can store its jobs only at a commit.
+        """
         due = due_later(task, now)
-        row = Row(
+        return Row(
             seq=next(self.seq),
             id=str(uuid.uuid4()),
             task_path=task.module_path,
@@ -63,9 +66,11 @@ class Tables:
             available_at=due or now,
             options=options,
         )
+
+    def add(self, row: Row) -> None:
+        """Store a row built by ``new_row``."""
         self.jobs[row.id] = row
         self.by_key[row.seq] = row
-        return row
 
     def find(self, result_id: str) -> Row:
         """The row of the job ``result_id``, as ``get_result`` looks it up."""

@@ -198,6 +198,11 @@ class Command(BaseCommand):
         )
 
     def _worker(self, backend: StoreBackend, options: dict[str, Any]) -> int:
+        if backend.runs_inline:
+            raise CommandError(
+                f"--backend {backend.alias!r} is a {type(backend).__name__}, which runs each "
+                "task when it is enqueued: it has no worker to start."
+            )
         if options["in_process"]:
             return self._in_process(backend, options)
         from conveyor.runtime.supervisor import Supervisor, WorkerSettings
