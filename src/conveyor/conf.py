@@ -8,6 +8,8 @@ from typing import Any, ClassVar, Self
 
 from conveyor.exceptions import ConveyorImproperlyConfigured
 
+MAX_TTL = 10 * 365 * 86400  # the longest time to live of a finished job: ten years
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BackendOptions:
@@ -20,6 +22,9 @@ class BackendOptions:
     ``max_payload``: most bytes the arguments of one call may take as JSON.
     ``retries``, ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter``, ``timeout``,
     ``soft_timeout``: for tasks that set none of their own (``conveyor.options.ConveyorTask``).
+    ``result_ttl``: seconds a succeeded job is kept after it finished (None: until pruned).
+    ``failed_ttl``: seconds a failed or cancelled job is kept (None: until pruned); both for
+    tasks that set none of their own.
     """
 
     lease: float = 30.0
@@ -33,6 +38,8 @@ class BackendOptions:
     retry_jitter: bool = True
     timeout: float | None = None
     soft_timeout: float | None = None
+    result_ttl: float | None = None
+    failed_ttl: float | None = None
 
     # name -> (smallest, largest) allowed; whole numbers for int fields.
     ranges: ClassVar[dict[str, tuple[float, float]]] = {
@@ -46,6 +53,8 @@ class BackendOptions:
         "retry_backoff_max": (0.0, 30 * 86400.0),
         "timeout": (0.001, 7 * 86400.0),
         "soft_timeout": (0.001, 7 * 86400.0),
+        "result_ttl": (0, MAX_TTL),
+        "failed_ttl": (0, MAX_TTL),
     }
 
     @classmethod
@@ -94,7 +103,7 @@ class BackendOptions:
                 )
 
 
-_OPTIONAL = {"timeout", "soft_timeout"}  # None: no limit
+_OPTIONAL = {"timeout", "soft_timeout", "result_ttl", "failed_ttl"}  # None: no limit
 _WHOLE = {"max_attempts", "batch_size", "max_payload", "retries"}
 
 

@@ -229,3 +229,17 @@ def not_worth_waiting_for(path: str) -> str:
         f.write(f"start {os.getpid()}\n")
     time.sleep(30)
     return "never"
+
+
+@task(result_ttl=3600)
+def kept_an_hour(n: int, fail: bool = False) -> int:
+    if fail:
+        raise ValueError(f"run {n} failed")
+    return n
+
+
+@task(keep_last=3)
+def keep_three(n: int, fail: bool = False) -> int:
+    if fail:
+        raise ValueError(f"run {n} failed")
+    return n
