@@ -8,6 +8,8 @@ from typing import Any, ClassVar, Self
 
 from conveyor.exceptions import ConveyorImproperlyConfigured
 
+MAX_TTL = 10 * 365 * 86400  # the longest time to live of a finished job: ten years
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BackendOptions:
@@ -21,6 +23,9 @@ class BackendOptions:
     ``retries``, ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter``, ``timeout``,
     ``soft_timeout``: for tasks that set none of their own (``conveyor.options.ConveyorTask``).
     ``cancel_grace``: seconds a running job asked to stop has before its worker stops it.
+    ``result_ttl``: seconds a succeeded job is kept after it finished (None: until pruned).
+    ``failed_ttl``: seconds a failed or cancelled job is kept (None: until pruned); both for
+    tasks that set none of their own.
     """
 
     lease: float = 30.0
@@ -35,6 +40,8 @@ class BackendOptions:
     timeout: float | None = None
     soft_timeout: float | None = None
     cancel_grace: float = 10.0
+    result_ttl: float | None = None
+    failed_ttl: float | None = None
 
     # name -> (smallest, largest) allowed; whole numbers for int fields.
     ranges: ClassVar[dict[str, tuple[float, float]]] = {
@@ -49,6 +56,8 @@ class BackendOptions:
         "timeout": (0.001, 7 * 86400.0),
         "soft_timeout": (0.001, 7 * 86400.0),
         "cancel_grace": (0.0, 3600.0),
+        "result_ttl": (0, MAX_TTL),
+        "failed_ttl": (0, MAX_TTL),
     }
     # Options among ``ranges`` that take whole numbers only.
     whole_numbers: ClassVar[frozenset[str]] = frozenset(
@@ -106,7 +115,8 @@ class BackendOptions:
             )
 
 
-_OPTIONAL = {"timeout", "soft_timeout"}  # None: no limit
+_OPTIONAL = {"timeout", "soft_timeout", "result_ttl", "failed_ttl"}  # None: no limit
+_WHOLE = {"max_attempts", "batch_size", "max_payload", "retries"}
 
 
 def _in_range(value: Any, low: float, high: float, whole: bool) -> bool:

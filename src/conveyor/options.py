@@ -14,11 +14,12 @@ import math
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Self, cast
 
 from django.tasks import Task, TaskResult
 
+from conveyor.conf import MAX_TTL
 from conveyor.exceptions import InvalidTaskOption
 
 TASK_FIELDS = frozenset(f.name for f in fields(Task))
@@ -33,7 +34,11 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "max_attempts": (int, 1, 1000),
     "timeout": (float, 0.001, 7 * 86400.0),
     "soft_timeout": (float, 0.001, 7 * 86400.0),
+    "keep_last": (int, 0, 100_000),
 }
+# A task's ``result_ttl`` or ``failed_ttl``: keep its jobs whatever the backend's default.
+FOREVER = math.inf
+TTLS = ("result_ttl", "failed_ttl")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,6 +61,11 @@ class ConveyorTask(Task):
     ``MAX_ATTEMPTS`` by default.
     ``sigkill_on_stop``: at a graceful stop, stop a run of this task at once (its job goes
     back in line, uncounted) instead of waiting for it.
+    ``result_ttl``: seconds a succeeded job is kept after it finished (``FOREVER``: always);
+    the backend's ``RESULT_TTL`` by default (none: kept until pruned).
+    ``failed_ttl``: the same for failed and cancelled jobs; the backend's ``FAILED_TTL`` by
+    default (none: failures are kept until pruned).
+    ``keep_last``: keep only the newest N successes of this task; older ones are deleted.
     ``on_success``, ``on_failure``, ``on_complete``: callables (or dotted paths to them)
     called with the final ``TaskResult`` once it is stored; part of the task's code, so
     ``.using()`` cannot change them.
@@ -71,6 +81,9 @@ class ConveyorTask(Task):
     soft_timeout: float | None = None
     max_attempts: int | None = None
     sigkill_on_stop: bool = False
+    result_ttl: float | None = None
+    failed_ttl: float | None = None
+    keep_last: int | None = None
     on_success: Hook | None = None
     on_failure: Hook | None = None
     on_complete: Hook | None = None
@@ -137,6 +150,7 @@ def option_problems(task: ConveyorTask) -> list[str]:
             f"soft_timeout ({task.soft_timeout:g}s) must be shorter than timeout "
             f"({task.timeout:g}s): it warns the task before the hard limit stops it."
         )
+    problems += _ttl_problems(task)
     for name in HOOKS:
         hook = getattr(task, name)
         if hook is not None and not callable(hook) and not _dotted(hook):
@@ -154,6 +168,16 @@ def option_problems(task: ConveyorTask) -> list[str]:
                 f"{', '.join(map(repr, bad))}."
             )
     return problems
+
+
+def _ttl_problems(task: ConveyorTask) -> list[str]:
+    return [
+        f"{name} must be a number of seconds from 0 to {MAX_TTL}, or FOREVER, not {ttl!r}."
+        for name in TTLS
+        if (ttl := getattr(task, name)) is not None
+        and ttl != FOREVER
+        and not _number(ttl, float, 0, MAX_TTL)
+    ]
 
 
 def _dotted(value: Any) -> bool:
@@ -284,3 +308,54 @@ class TimeLimits:
     @classmethod
     def from_stored(cls, options: Mapping[str, Any]) -> TimeLimits:
         return cls(hard=options.get("timeout"), soft=options.get("soft_timeout"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Retention:
+    """How long a finished job is kept, in seconds after it finished (None: until pruned).
+
+    ``succeeded`` applies to successes, ``failed`` to failed and cancelled jobs;
+    ``keep_last`` keeps only the newest that many successes of the job's task.
+    """
+
+    succeeded: float | None = None
+    failed: float | None = None
+    keep_last: int | None = None
+
+    @classmethod
+    def for_task(cls, task: Task, defaults: Retention) -> Retention:
+        if not isinstance(task, ConveyorTask):
+            return defaults
+        return cls(
+            succeeded=_ttl(task.result_ttl, defaults.succeeded),
+            failed=_ttl(task.failed_ttl, defaults.failed),
+            keep_last=task.keep_last,
+        )
+
+    def stored(self) -> dict[str, Any]:
+        kept = {
+            "result_ttl": self.succeeded,
+            "failed_ttl": self.failed,
+            "keep_last": self.keep_last,
+        }
+        return {name: value for name, value in kept.items() if value is not None}
+
+    @classmethod
+    def from_stored(cls, options: Mapping[str, Any]) -> Retention:
+        return cls(
+            succeeded=options.get("result_ttl"),
+            failed=options.get("failed_ttl"),
+            keep_last=options.get("keep_last"),
+        )
+
+    def expires(self, finished_at: datetime, *, succeeded: bool) -> datetime | None:
+        """When a job that ended at ``finished_at`` may be deleted; None: it is kept."""
+        ttl = self.succeeded if succeeded else self.failed
+        return None if ttl is None else finished_at + timedelta(seconds=ttl)
+
+
+def _ttl(value: float | None, default: float | None) -> float | None:
+    """A task's time to live over the backend's; ``FOREVER`` becomes None (kept)."""
+    if value is None:
+        return default
+    return None if value == FOREVER else float(value)

@@ -18,13 +18,14 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.tasks import TaskResultStatus, task_backends
+from django.tasks.exceptions import TaskResultDoesNotExist
 from django.test import override_settings
 from django.utils import timezone
 
 from conveyor.backends.memory import MemoryBackend
 from conveyor.monitoring import printable, render_stats
 from conveyor.records import QueueSelector, QueueStats
-from conveyor.testing import run_until_done
+from conveyor.testing import run_until_done, store_clock
 from tests.contract.stores import returned
 from tests.helpers import MANAGE, ROOT, Worker, job, lines, on, wait_for
 from tests.testapp import tasks
@@ -96,7 +97,7 @@ def test_the_messages_say_what_is_allowed():
 def test_values_at_the_bounds_are_taken(action: str, option: str, value: str):
     out = StringIO()
     call_command("conveyor", action, option, value, stdout=out)
-    assert "Deleted 0 finished job(s)." in out.getvalue()
+    assert "Deleted 0 job(s) kept past their retention." in out.getvalue()
 
 
 def manage(*args: str) -> subprocess.CompletedProcess[str]:
@@ -144,13 +145,18 @@ def test_a_negative_age_deletes_nothing():
 
 
 class CountingPrune(MemoryBackend):
-    """The memory store, noting the batch size each prune is asked for."""
+    """The memory store, noting the batch size each prune and expiry is asked for."""
 
     batches: ClassVar[list[int]] = []
+    expiries: ClassVar[list[int]] = []
 
     def prune(self, finished_before: datetime, *, batch: int = 1000, pause: float = 0.01) -> int:
         self.batches.append(batch)
         return super().prune(finished_before, batch=batch, pause=0.0)
+
+    def expire(self, *, batch: int = 1000, pause: float = 0.01, limit: int | None = None) -> int:
+        self.expiries.append(batch)
+        return super().expire(batch=batch, pause=0.0, limit=limit)
 
 
 @pytest.fixture
@@ -159,6 +165,7 @@ def counting() -> Iterator[str]:
     with override_settings(TASKS={**settings.TASKS, "counting": entry}):
         task_backends["counting"].clear()  # type: ignore[attr-defined]
         CountingPrune.batches.clear()
+        CountingPrune.expiries.clear()
         yield "counting"
         task_backends["counting"].clear()  # type: ignore[attr-defined]
 
@@ -167,10 +174,13 @@ def test_prune_passes_the_batch_size(counting: str):
     for _ in range(5):
         finish_old_job(counting)
     out = StringIO()
-    call_command("conveyor", "prune", "--backend", counting, "--batch", "2", stdout=out)
-    assert "Deleted 5 finished job(s)." in out.getvalue()
-    call_command("conveyor", "prune", "--backend", counting, stdout=out)
+    call_command(
+        "conveyor", "prune", "--backend", counting, "--batch", "2", "--older-than", "7", stdout=out
+    )
+    assert "Deleted 5 finished job(s) older than 7 day(s)." in out.getvalue()
+    call_command("conveyor", "prune", "--backend", counting, "--older-than", "7", stdout=out)
     assert CountingPrune.batches == [2, 1000]
+    assert CountingPrune.expiries == [2, 1000]
 
 
 def test_prune_keeps_jobs_younger_than_the_age(counting: str):
@@ -178,8 +188,40 @@ def test_prune_keeps_jobs_younger_than_the_age(counting: str):
     finish_old_job(counting, days=3)
     out = StringIO()
     call_command("conveyor", "prune", "--backend", counting, "--older-than", "2", stdout=out)
-    assert "Deleted 1 finished job(s)." in out.getvalue()
+    assert "Deleted 1 finished job(s) older than 2 day(s)." in out.getvalue()
     assert task_backends[counting].get_result(young).status == TaskResultStatus.SUCCESSFUL
+
+
+def test_prune_without_an_age_deletes_only_what_retention_lets_go(counting: str):
+    old = finish_old_job(counting, days=3650)  # kept: no retention
+    backend = task_backends[counting]
+    expiring = on(tasks.add, counting, result_ttl=60).enqueue(1, 2)
+    failed = on(tasks.explode, counting, result_ttl=60).enqueue("boom")  # failures kept
+    run_until_done(counting)
+    out = StringIO()
+    with store_clock() as clock:
+        clock.advance(61)
+        call_command("conveyor", "prune", "--backend", counting, stdout=out)
+    assert out.getvalue() == "Deleted 1 job(s) kept past their retention.\n"
+    assert CountingPrune.batches == [] and CountingPrune.expiries == [1000]
+    assert backend.get_result(old).status == TaskResultStatus.SUCCESSFUL
+    assert backend.get_result(failed.id).status == TaskResultStatus.FAILED
+    with pytest.raises(TaskResultDoesNotExist):
+        backend.get_result(expiring.id)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_prune_applies_retention_on_the_database_too():
+    result = on(tasks.add, "default", result_ttl=0).enqueue(1, 2)
+    run_until_done("default")
+    out = StringIO()
+    call_command("conveyor", "prune", "--older-than", "30", stdout=out)
+    assert out.getvalue().splitlines() == [
+        "Deleted 1 job(s) kept past their retention.",
+        "Deleted 0 finished job(s) older than 30 day(s).",
+    ]
+    with pytest.raises(TaskResultDoesNotExist):
+        task_backends["default"].get_result(result.id)
 
 
 # --- status output ----------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def test_prune_deletes_old_finished_jobs():
     backend.complete([(job, returned(3, timezone.now() - timedelta(days=30)))])
     out = StringIO()
     call_command("conveyor", "prune", "--older-than", "7", stdout=out)
-    assert "Deleted 1 finished job(s)." in out.getvalue()
+    assert "Deleted 1 finished job(s) older than 7 day(s)." in out.getvalue()
 
 
 def test_commands_refuse_bad_arguments():

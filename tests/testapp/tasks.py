@@ -291,3 +291,17 @@ def flaky_hooked(path: str, tries: str) -> str:
     if _tries(tries) == 0:
         raise ValueError("first try fails")
     return "fine"
+
+
+@task(result_ttl=3600)
+def kept_an_hour(n: int, fail: bool = False) -> int:
+    if fail:
+        raise ValueError(f"run {n} failed")
+    return n
+
+
+@task(keep_last=3)
+def keep_three(n: int, fail: bool = False) -> int:
+    if fail:
+        raise ValueError(f"run {n} failed")
+    return n

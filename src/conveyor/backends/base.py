@@ -2,8 +2,8 @@
 
 ``ConveyorBackend`` is the ``django.tasks`` face every Conveyor backend has: enqueue, bulk
 enqueue, get_result. ``WorkerStore`` is what a worker drives: claim, stage, complete, fail,
-retry, give back, requeue, heartbeat, recover, cancel, stats, prune, the workers registry
-and fork hooks. A backend that runs no worker of its own (an HTTP push backend) is only a
+retry, give back, requeue, heartbeat, recover, cancel, stats, prune, expire, the workers
+registry and fork hooks. A backend that runs no worker of its own (an HTTP push backend) is only a
 ``ConveyorBackend``; the runtime accepts a backend only if it is also a ``WorkerStore``.
 The runtime sees only this module, ``conveyor.records`` and ``conveyor.backends.tasks``.
 """
@@ -28,7 +28,7 @@ from conveyor.backends.tasks import (
 )
 from conveyor.conf import BackendOptions
 from conveyor.exceptions import ConveyorImproperlyConfigured, InvalidTaskOption, TaskNotFound
-from conveyor.options import ConveyorTask, RetryPolicy, TimeLimits
+from conveyor.options import ConveyorTask, Retention, RetryPolicy, TimeLimits
 from conveyor.records import Job, Outcome, PutBack, QueueSelector, QueueStats, Success, WorkerInfo
 
 Call = tuple[Sequence[Any], Mapping[str, Any]]
@@ -74,6 +74,7 @@ class ConveyorBackend(BaseTaskBackend):
             jitter=o.retry_jitter,
         )
         self.limit_defaults = TimeLimits(hard=o.timeout, soft=o.soft_timeout)
+        self.retention_defaults = Retention(succeeded=o.result_ttl, failed=o.failed_ttl)
 
     def job_options(self, task: Task) -> dict[str, Any]:
         """The options a call of ``task`` is stored with (the policies that will apply)."""
@@ -81,6 +82,7 @@ class ConveyorBackend(BaseTaskBackend):
         limits = TimeLimits.for_task(task, self.limit_defaults).stored()
         options: dict[str, Any] = {"retry": retry} if retry else {}
         options |= limits
+        options |= Retention.for_task(task, self.retention_defaults).stored()
         if most := getattr(task, "max_attempts", None):
             options["max_attempts"] = most
         if getattr(task, "sigkill_on_stop", False):
@@ -315,6 +317,15 @@ class WorkerStore(ABC):
     @abstractmethod
     def prune(self, finished_before: datetime, *, batch: int = 1000, pause: float = 0.01) -> int:
         """Delete finished jobs that ended before ``finished_before``, ``batch`` at a time."""
+
+    @abstractmethod
+    def expire(self, *, batch: int = 1000, pause: float = 0.01, limit: int | None = None) -> int:
+        """Delete finished jobs kept past their retention (store clock), ``batch`` at a time.
+
+        A job's retention (``result_ttl``, ``failed_ttl``, ``keep_last``) is stored with it.
+        ``limit`` bounds the jobs one call deletes (a worker deletes a little at a time);
+        return how many were deleted.
+        """
 
     # --- process life ----------------------------------------------------------------------
 

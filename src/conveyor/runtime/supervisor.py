@@ -3,7 +3,8 @@
 It reads each child's slots (``channel.py``) to renew exactly the deliveries the child
 holds, and, when a child dies, to count only what it was executing. It is the only process
 that acts on signals: the first SIGTERM, SIGINT or SIGHUP stops gracefully, a second one
-(or the grace period) stops at once.
+(or the grace period) stops at once. It also deletes, a batch at a time, the finished jobs
+kept past their retention (``retention.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from conveyor.runtime.child import STOP_SIGNALS, child_main
 from conveyor.runtime.leases import Leases, cancel_outcome, limit_outcome
 from conveyor.runtime.loop import EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED, WorkerConfig
 from conveyor.runtime.progress import Progress
+from conveyor.runtime.retention import Expiry
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,7 @@ class Supervisor:
         self.respawn_at: list[float] = []
         self.crash_streak = 0
         self.leases = Leases(backend, self.host, settings.threads)
+        self.expiry = Expiry(backend)
 
     def run(self) -> int:
         """Supervise until stopped (or, with ``until_done``, until the queue is empty)."""
@@ -123,6 +126,8 @@ class Supervisor:
         self._handle_stop()
         self.leases.tick(self.children)
         self._announce()
+        if not self.signals:
+            self.expiry.tick()
         self._update_progress()
 
     def _finish(self) -> None:

@@ -275,6 +275,9 @@ class DatabaseBackend(StoreBackend):
     def prune(self, finished_before: datetime, *, batch: int = 1000, pause: float = 0.01) -> int:
         return operations.prune(self.worker_store, finished_before, batch, pause)
 
+    def expire(self, *, batch: int = 1000, pause: float = 0.01, limit: int | None = None) -> int:
+        return operations.expire(self.worker_store, batch, pause, limit)
+
     def _notify[T](self, count: T, jobs: Iterable[JobRecord] | None = None) -> T:
         """Wake idle workers after jobs were made ready again; return ``count``.
 

@@ -85,6 +85,8 @@ class Job(models.Model):
     started_at = models.DateTimeField(_("started at"), null=True, blank=True)
     last_attempted_at = models.DateTimeField(_("last attempted at"), null=True, blank=True)
     finished_at = models.DateTimeField(_("finished at"), null=True, blank=True)
+    # When a finished job may be deleted (its retention, set as it finishes); NULL: kept.
+    expires_at = models.DateTimeField(_("expires at"), null=True, blank=True)
     # The current delivery: the process holding it, until when (store clock), and its
     # token. The token stays after the delivery ends, naming the one that wrote the outcome.
     lease_owner = models.CharField(_("held by"), max_length=100, null=True, blank=True)  # noqa: DJ001
@@ -119,6 +121,17 @@ class Job(models.Model):
                 fields=["backend_name", "finished_at", "state", "queue_name"],
                 name="conveyor_job_finished_idx",
                 states=(State.SUCCEEDED, State.FAILED, State.CANCELLED),
+            ),
+            # Retention: the jobs whose time is up, and each task's successes newest first.
+            StateIndex(
+                fields=["backend_name", "expires_at"],
+                name="conveyor_job_expiry_idx",
+                states=(State.SUCCEEDED, State.FAILED, State.CANCELLED),
+            ),
+            StateIndex(
+                fields=["backend_name", "task_path", "finished_at", "id"],
+                name="conveyor_job_succeeded_idx",
+                states=(State.SUCCEEDED,),
             ),
         ]
         constraints = [

@@ -1,10 +1,11 @@
-"""Reads and maintenance: one result, counts, pruning, a liveness probe."""
+"""Reads and maintenance: one result, counts, pruning and expiry, a liveness probe."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from datetime import datetime
+from typing import Any
 
 from conveyor.backends.database.models import Job
 from conveyor.backends.database.store import (
@@ -65,26 +66,45 @@ def stats(store: Store, queues: QueueSelector | None, since: datetime | None) ->
 
 def prune(store: Store, before: datetime, batch: int, pause: float) -> int:
     """Delete finished jobs that ended before ``before``, one short transaction per batch."""
+    return _delete(store, "finished_at < %s", [store.time(before)], batch, pause, None)
+
+
+def expire(store: Store, batch: int, pause: float, limit: int | None) -> int:
+    """Delete finished jobs past their retention (store clock), at most ``limit``."""
+    return _delete(store, f"expires_at <= {store.dialect.now()}", [], batch, pause, limit)
+
+
+def _delete(
+    store: Store,
+    condition: str,
+    params: list[Any],
+    batch: int,
+    pause: float,
+    limit: int | None,
+) -> int:
+    """Delete finished jobs that meet ``condition``, each batch in its own short transaction."""
     deleted = 0
-    cutoff = store.time(before)
-    while True:
+    while limit is None or deleted < limit:
+        size = batch if limit is None else min(batch, limit - deleted)
         ids = [
             row[0]
-            # Any old enough rows will do: no ORDER BY, which MySQL's state-led index
-            # could only serve by sorting every finished row on each batch.
+            # Any such rows will do: no ORDER BY, which MySQL's state-led index could only
+            # serve by sorting every finished row on each batch.
             for row in store.fetch(
                 f"SELECT id FROM {TABLE} WHERE backend_name = %s AND state IN {FINISHED} "
-                "AND finished_at < %s LIMIT %s",
-                [store.backend, cutoff, batch],
+                f"AND {condition} LIMIT %s",
+                [store.backend, *params, size],
             )
         ]
         if not ids:
-            return deleted
+            break
         marks = ", ".join(["%s"] * len(ids))
         with store.dialect.write_transaction():
             deleted += store.execute(
                 f"DELETE FROM {TABLE} WHERE id IN ({marks}) AND state IN {FINISHED}", ids
             )
-        if len(ids) < batch:
-            return deleted
-        time.sleep(pause)
+        if len(ids) < size:
+            break
+        if limit is None or deleted < limit:
+            time.sleep(pause)
+    return deleted

@@ -34,6 +34,7 @@ FINISHED = "(" + ", ".join(f"'{s}'" for s in FINISHED_STATES) + ")"
 IS_READY = "state IN ('ready')"
 IS_SCHEDULED = "state IN ('scheduled')"
 IS_RUNNING = "state IN ('running')"
+IS_SUCCEEDED = "state IN ('succeeded')"
 
 
 @dataclass(frozen=True, slots=True)

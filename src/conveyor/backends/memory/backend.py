@@ -12,6 +12,7 @@ import json
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -24,6 +25,7 @@ from conveyor import clock
 from conveyor.backends.base import Call, Held, StoreBackend
 from conveyor.backends.memory.rows import Row, line
 from conveyor.backends.memory.tables import clear_all, tables_for
+from conveyor.options import Retention
 from conveyor.records import (
     PENDING_STATES,
     Job,
@@ -37,6 +39,8 @@ from conveyor.records import (
 )
 
 OPEN = (*PENDING_STATES, State.RUNNING)
+# As the database store: a save looks at this many successes past a task's newest N.
+TRIM_WINDOW = 100
 EXPIRED = "its lease expired without a heartbeat (the worker or its machine stopped)"
 
 
@@ -159,16 +163,34 @@ class MemoryBackend(StoreBackend):
                 row = self._tables.by_key.get(job.key)
                 if row is not None and row.state in OPEN:
                     row.succeed(job.delivery, value, outcome)
-            return {
+            saved = {
                 job.id
                 for job, _ in successes
                 if self._tables.saved_by(job.key, job.delivery, State.SUCCEEDED)
             }
+            self._let_go(successes, saved)
+            return saved
+
+    def _let_go(self, successes: Sequence[Success], saved: set[str]) -> None:
+        """Expire the successes of ``keep_last`` tasks that the saved ones pushed out."""
+        pushed: Counter[tuple[str, int]] = Counter()
+        for job, _ in successes:
+            keep = job.options.get("keep_last")
+            if keep is not None and job.id in saved:
+                pushed[job.task_path, int(keep)] += 1
+        for (task_path, keep), count in pushed.items():
+            self._tables.trim(task_path, keep, TRIM_WINDOW + count)
 
     def fail(self, job: Job, outcome: Outcome) -> bool:
         state = State.CANCELLED if outcome.cancelled else State.FAILED
+        expires = Retention.from_stored(job.options).expires(outcome.finished_at, succeeded=False)
         return self._end_delivery(
-            job, outcome, (state,), state=state, finished_at=outcome.finished_at
+            job,
+            outcome,
+            (state,),
+            state=state,
+            finished_at=outcome.finished_at,
+            expires_at=expires,
         )
 
     def retry(self, job: Job, outcome: Outcome) -> bool:
@@ -380,6 +402,19 @@ class MemoryBackend(StoreBackend):
             if not more:
                 return deleted
             time.sleep(pause)
+
+    def expire(self, *, batch: int = 1000, pause: float = 0.01, limit: int | None = None) -> int:
+        deleted = 0
+        while limit is None or deleted < limit:
+            size = batch if limit is None else min(batch, limit - deleted)
+            with self._tables.lock:
+                expired, more = self._tables.expire(clock.now(), size)
+            deleted += expired
+            if not more:
+                break
+            if limit is None or deleted < limit:
+                time.sleep(pause)
+        return deleted
 
     # --- process life ------------------------------------------------------------------------
 

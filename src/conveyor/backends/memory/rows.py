@@ -14,6 +14,7 @@ from typing import Any
 from django.tasks.base import TaskError
 
 from conveyor import clock
+from conveyor.options import Retention
 from conveyor.records import CANCELLED_ERROR, Job, Outcome, State, error_from_text
 
 LOST_ERROR = "conveyor.exceptions.WorkerLost"
@@ -48,6 +49,7 @@ class Row:
     options: dict[str, Any] = field(default_factory=dict)
     cancel_requested: bool = False
     progress: dict[str, Any] | None = None
+    expires_at: datetime | None = None
 
     def record(self, backend: str) -> Job:
         """The frozen value the runtime works with; its arguments are the caller's own."""
@@ -93,8 +95,13 @@ class Row:
         """Record the success of ``delivery``, which ran in ``outcome``."""
         self.state, self.delivery = State.SUCCEEDED, delivery
         self.return_value, self.finished_at = value, outcome.finished_at
+        self.expires_at = self.expiry(outcome.finished_at, succeeded=True)
         self.ran(outcome.started_at)
         self.lease_owner = self.lease_expires_at = None
+
+    def expiry(self, finished_at: datetime, *, succeeded: bool) -> datetime | None:
+        """When this job, finished at ``finished_at``, may be deleted; None: it is kept."""
+        return Retention.from_stored(self.options).expires(finished_at, succeeded=succeeded)
 
     def end(self, started: datetime, error: TaskError | None, **changes: Any) -> None:
         """Close this delivery with the error its attempt raised (if any), applying ``changes``."""
@@ -108,6 +115,7 @@ class Row:
     def cancel(self) -> None:
         """End a job that has not started as cancelled."""
         self.state, self.finished_at = State.CANCELLED, clock.now()
+        self.expires_at = self.expiry(self.finished_at, succeeded=False)
         self.errors.append(error_from_text(CANCELLED_ERROR, "the job was cancelled"))
 
     def give_back(self) -> None:
@@ -130,6 +138,7 @@ class Row:
                 f"{max_attempts}) and is given up."
             )
             self.state, self.finished_at = State.FAILED, clock.now()
+            self.expires_at = self.expiry(self.finished_at, succeeded=False)
         else:
             self.state = State.READY
         self.errors.append(error_from_text(LOST_ERROR, reason))

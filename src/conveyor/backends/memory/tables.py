@@ -128,6 +128,30 @@ class Tables:
             del self.by_key[self.jobs.pop(key).seq]
         return len(old[:batch]), len(old) > batch
 
+    def expire(self, now: datetime, batch: int) -> tuple[int, bool]:
+        """Delete up to ``batch`` finished jobs past their retention; say if more remain."""
+        due = [r for r in self.rows(*FINISHED_STATES) if r.expires_at and r.expires_at <= now]
+        for row in due[:batch]:
+            del self.by_key[self.jobs.pop(row.id).seq]
+        return len(due[:batch]), len(due) > batch
+
+    def trim(self, task_path: str, keep: int, window: int) -> int:
+        """Expire the successes of ``task_path`` from the ``keep``-th newest, ``window`` of them.
+
+        As the database does: a save looks only just past the newest ``keep``.
+        """
+        successes = [
+            (row.finished_at, row.seq, row)
+            for row in self.rows(State.SUCCEEDED)
+            if row.task_path == task_path and row.finished_at is not None
+        ]
+        successes.sort(key=lambda kept: kept[:2], reverse=True)
+        let_go = 0
+        for finished_at, _, row in successes[keep : keep + window]:
+            if row.expires_at is None or row.expires_at > finished_at:
+                row.expires_at, let_go = finished_at, let_go + 1
+        return let_go
+
     # --- the workers registry ---------------------------------------------------------------
 
     def register(self, info: WorkerInfo) -> None:

@@ -75,14 +75,18 @@ class Command(BaseCommand):
         status = sub.add_parser("status", help="Show how many jobs are in each state.")
         self._backend_argument(status)
         self._queue_arguments(status)
-        prune = sub.add_parser("prune", help="Delete finished jobs older than a number of days.")
+        prune = sub.add_parser(
+            "prune",
+            help="Delete finished jobs past their retention, and any older than a number of days.",
+        )
         self._backend_argument(prune)
         prune.add_argument(
             "--older-than",
             type=number(0, MAX_DAYS),
-            default=7.0,
+            default=None,
             metavar="DAYS",
-            help="Delete jobs that finished more than DAYS ago (default: 7).",
+            help="Also delete every job that finished more than DAYS ago, whatever its "
+            "retention (default: only jobs past their retention).",
         )
         prune.add_argument(
             "--batch",
@@ -167,9 +171,7 @@ class Command(BaseCommand):
         elif action == "cancel":
             self._cancel(backend, options["ids"])
         elif action == "prune":
-            cutoff = timezone.now() - timedelta(days=options["older_than"])
-            deleted = backend.prune(cutoff, batch=options["batch"])
-            self.stdout.write(f"Deleted {deleted} finished job(s).")
+            self._prune(backend, options["older_than"], options["batch"])
 
     def _backend(self, alias: str) -> StoreBackend:
         try:
@@ -260,6 +262,13 @@ class Command(BaseCommand):
         if unknown:
             shown = ", ".join(printable(i) for i in unknown)
             raise CommandError(f"No job with id {shown} in backend {backend.alias!r}.")
+
+    def _prune(self, backend: StoreBackend, days: float | None, batch: int) -> None:
+        expired = backend.expire(batch=batch)
+        self.stdout.write(f"Deleted {expired} job(s) kept past their retention.")
+        if days is not None:
+            deleted = backend.prune(timezone.now() - timedelta(days=days), batch=batch)
+            self.stdout.write(f"Deleted {deleted} finished job(s) older than {days:g} day(s).")
 
     def _status(self, backend: StoreBackend, queues: QueueSelector) -> None:
         render_stats(backend.stats(queues), backend.alias, self.stdout)

@@ -8,7 +8,8 @@ the caller's.
 ``dispatch`` gets jobs to workers (insert, stage, claim, next_due); ``outcomes`` ends them
 (complete, fail, retry, cancel) and notes what a running one is told or tells (its cancel
 request, its progress); ``leases`` renews, gives back and recovers deliveries (heartbeat,
-unclaim, requeue, release, give_back, reclaim, recover).
+unclaim, requeue, release, give_back, reclaim, recover). ``retention`` sets when a finished
+job may be deleted, and lets go of a ``keep_last`` task's older successes.
 """
 
 from conveyor.backends.database.transitions.dispatch import claim, insert, next_due, stage

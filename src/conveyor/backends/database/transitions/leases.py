@@ -27,6 +27,7 @@ from conveyor.backends.database.store import (
     to_record,
 )
 from conveyor.backends.database.transitions.outcomes import complete, fail, retry
+from conveyor.backends.database.transitions.retention import expiry
 from conveyor.records import Job as JobRecord
 from conveyor.records import Outcome, PutBack, Success, error_from_text
 
@@ -82,8 +83,9 @@ def requeue(
         message = (
             f"{reason}; the job was lost {lost} times (the most allowed is {most}) and is given up."
         )
-        assign = "state = 'failed', finished_at = %s"
-        params: list[Any] = [store.time(clock.now())]
+        now = clock.now()
+        assign = "state = 'failed', finished_at = %s, expires_at = %s"
+        params: list[Any] = [store.time(now), store.time(expiry(job, now, succeeded=False))]
     else:
         message, assign, params = reason, "state = 'ready'", []
     error = error_json(error_from_text(LOST_ERROR, message))

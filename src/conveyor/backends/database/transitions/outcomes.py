@@ -19,6 +19,8 @@ from conveyor.backends.database.store import (
     pairs,
     per_row,
 )
+from conveyor.backends.database.transitions.retention import expiry, let_go
+from conveyor.options import Retention
 from conveyor.records import CANCELLED_ERROR, Outcome, State, Success, error_from_text
 from conveyor.records import Job as JobRecord
 
@@ -41,6 +43,9 @@ def complete(store: Store, successes: Sequence[Success]) -> set[str]:
         "last_attempted_at": [store.time(outcome.started_at) for _, outcome in successes],
         "delivery": [job.delivery for job, _ in successes],
     }
+    expires = [expiry(job, outcome.finished_at, succeeded=True) for job, outcome in successes]
+    if any(at is not None for at in expires):  # an open job has none yet: unset, it stays so
+        values["expires_at"] = [store.time(at) for at in expires]
     kinds = {"return_value": d.json_value(), "delivery": "%s"}
     assign, params = [], []
     for column, column_values in values.items():
@@ -65,7 +70,9 @@ def complete(store: Store, successes: Sequence[Success]) -> set[str]:
     missing = [key for key in keys if key not in updated]
     saved = _saved_by(store, missing, State.SUCCEEDED) if missing else {}
     saved.update((job.key, job.delivery) for job, _ in successes if job.key in updated)
-    return {job.id for job, _ in successes if saved.get(job.key) == job.delivery}
+    done = {job.id for job, _ in successes if saved.get(job.key) == job.delivery}
+    let_go(store, successes, done)
+    return done
 
 
 def _saved_by(store: Store, keys: Sequence[Any], *states: State) -> dict[Any, str]:
@@ -105,11 +112,12 @@ def fail(store: Store, job: JobRecord, outcome: Outcome) -> bool:
     """Record a final failure of this delivery (a cancel, if it stopped because asked to)."""
     attempt, params = _attempt(store, outcome)
     state = State.CANCELLED if outcome.cancelled else State.FAILED
+    expires = expiry(job, outcome.finished_at, succeeded=False)
     ended = _end_delivery(
         store,
         job,
-        f"state = '{state}', finished_at = %s, {attempt}",
-        [store.time(outcome.finished_at), *params],
+        f"state = '{state}', finished_at = %s, expires_at = %s, {attempt}",
+        [store.time(outcome.finished_at), store.time(expires), *params],
         state,
     )
     announce(store)
@@ -151,14 +159,19 @@ def retry(store: Store, job: JobRecord, outcome: Outcome) -> bool:
 
 
 def cancel(store: Store, key: int) -> bool:
-    """Cancel a job that has not started."""
+    """Cancel a job that has not started; it is kept as long as its ``failed_ttl`` says."""
     d = store.dialect
     error = error_json(error_from_text(CANCELLED_ERROR, "the job was cancelled"))
+    # The options never change once stored: reading them first races with nothing.
+    rows = store.rows(f"SELECT options FROM {TABLE} WHERE id = %s", [key], "options")
+    now = clock.now()
+    retention = Retention.from_stored((rows[0].options if rows else None) or {})
+    expires = retention.expires(now, succeeded=False)
     cancelled = store.execute(
-        f"UPDATE {TABLE} SET state = 'cancelled', finished_at = %s, "
+        f"UPDATE {TABLE} SET state = 'cancelled', finished_at = %s, expires_at = %s, "
         f"errors = {d.append_json('errors')} "
         "WHERE id = %s AND state IN ('scheduled', 'ready', 'waiting')",
-        [store.time(clock.now()), error, key],
+        [store.time(now), store.time(expires), error, key],
     )
     if cancelled:
         announce(store)
