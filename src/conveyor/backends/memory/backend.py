@@ -66,18 +66,36 @@ class MemoryBackend(StoreBackend):
     # --- the django.tasks face ----------------------------------------------------------
 
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:
-        """Store many calls of one task: all of them, or none."""
+        """Store many calls of one task: all of them, or none.
+
+        A call of a unique task whose key a stored job holds adds nothing and gets that
+        job's result.
+        """
         encoded = [self.encode_call(task, args, kwargs) for args, kwargs in calls]
+        unique = [self.uniqueness(task, call) for call in encoded]
         now, options = clock.now(), self.job_options(task)
+        results, added = [], []
         with self._tables.lock:
-            jobs = [
-                self._tables.insert(task, args, kwargs, now, options).record(self.alias)
-                for args, kwargs in encoded
-            ]
-        results = [self.to_task_result(job, task, State.READY.django_status) for job in jobs]
-        for result in results:
-            task_enqueued.send(type(self), task_result=result)
-        return results
+            for (args, kwargs), how in zip(encoded, unique, strict=True):
+                held = self._tables.holder(how, now) if how is not None else None
+                if held is not None:
+                    job, state, finished_at = held.record(self.alias), held.state, held.finished_at
+                    value = copy.deepcopy(held.return_value)
+                    results.append((job, state.django_status, finished_at, value))
+                    continue
+                row = self._tables.insert(task, args, kwargs, now, options, how)
+                added.append(row.id)
+                results.append((row.record(self.alias), State.READY.django_status, None, None))
+        stored = [
+            self.to_task_result(job, task, status)
+            if job.id in added
+            else self.stored_result(job, status, finished_at, value)
+            for job, status, finished_at, value in results
+        ]
+        for result in stored:
+            if result.id in added:
+                task_enqueued.send(type(self), task_result=result)
+        return stored
 
     def get_result(self, result_id: str) -> TaskResult:
         """Read a result back by id, from any thread of this process."""

@@ -22,13 +22,14 @@ from conveyor.backends.database.store import (
     WORKERS,
     Store,
     error_json,
+    keep_slot,
     pairs,
     per_row,
     to_record,
 )
 from conveyor.backends.database.transitions.outcomes import complete, fail, retry
 from conveyor.records import Job as JobRecord
-from conveyor.records import Outcome, PutBack, Success, error_from_text
+from conveyor.records import Outcome, PutBack, State, Success, error_from_text
 
 HEARTBEAT_CHUNK = 500
 LOST_ERROR = "conveyor.exceptions.WorkerLost"
@@ -82,7 +83,7 @@ def requeue(
         message = (
             f"{reason}; the job was lost {lost} times (the most allowed is {most}) and is given up."
         )
-        assign = "state = 'failed', finished_at = %s"
+        assign = f"state = 'failed', finished_at = %s{keep_slot(State.FAILED)}"
         params: list[Any] = [store.time(clock.now())]
     else:
         message, assign, params = reason, "state = 'ready'", []
