@@ -294,3 +294,8 @@ def bad_key(account: int) -> None:
 @task(unique_key=key_that_is_not_json)
 def unjson_key(account: int) -> None:
     return None
+
+
+@task(unique_key=account_of, unique_for=60)
+def debounced_account(account: int, note: str = "") -> str:
+    return note

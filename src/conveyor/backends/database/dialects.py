@@ -79,6 +79,10 @@ class Dialect:
         """Say whether ``error`` means the tables were never created (no ``migrate``)."""
         return False
 
+    def deadlock(self, error: DatabaseError) -> bool:
+        """Say whether ``error`` means the engine chose this transaction as a deadlock's victim."""
+        return False
+
     def returning_ids(self, update: str, channel: str) -> Statement:
         """``update`` returning the ids it changed, and telling ``channel``'s listeners."""
         return f"{update} RETURNING id", []
@@ -256,6 +260,11 @@ class MySQLDialect(Dialect):
 
     def missing_table(self, error: DatabaseError) -> bool:
         return bool(error.args) and error.args[0] == 1146
+
+    def deadlock(self, error: DatabaseError) -> bool:
+        # InnoDB takes next-key locks on the unique index while several transactions insert
+        # and clear the same key: one of them may be rolled back as a deadlock's victim.
+        return bool(error.args) and error.args[0] == 1213
 
 
 _DIALECTS: dict[str, type[Dialect]] = {

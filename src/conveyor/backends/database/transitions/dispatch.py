@@ -6,12 +6,14 @@ write about that delivery names the token.
 
 from __future__ import annotations
 
+import random
 import secrets
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from django.db import DatabaseError
+from django.db import DatabaseError, OperationalError
 from django.db.models.sql import InsertQuery
 
 from conveyor.backends.database.models import Job
@@ -53,8 +55,7 @@ def insert(
     ``_insert_unique``).
     """
     if any(row.unique_slot is not None for row in rows):
-        with store.dialect.write_transaction():
-            return _insert_unique(store, rows, notify, unique_for)
+        return _insert_unique_retrying(store, rows, notify, unique_for)
     chunks = _chunks(rows)
     if len(chunks) == 1:
         _insert_chunk(store, chunks[0], notify)
@@ -67,6 +68,26 @@ def insert(
 
 def _chunks[T](items: Sequence[T]) -> list[Sequence[T]]:
     return [items[i : i + INSERT_CHUNK] for i in range(0, len(items), INSERT_CHUNK)]
+
+
+def _insert_unique_retrying(
+    store: Store, rows: Sequence[Job], notify: tuple[str, str] | None, unique_for: float | None
+) -> list[Job]:
+    """``_insert_unique`` in a transaction, tried again if the engine broke a deadlock with it.
+
+    Only when that transaction is the outermost: inside the caller's ``atomic()`` a
+    deadlock has rolled back the caller's work too, and the error is theirs to handle.
+    """
+    d, outermost = store.dialect, not store.connection.in_atomic_block
+    for attempt in range(UNIQUE_TRIES):
+        try:
+            with d.write_transaction():
+                return _insert_unique(store, rows, notify, unique_for)
+        except OperationalError as e:
+            if not (outermost and d.deadlock(e)) or attempt == UNIQUE_TRIES - 1:
+                raise
+            time.sleep(random.uniform(0, 0.01 * 2**attempt))
+    raise AssertionError("unreachable")
 
 
 def _insert_unique(
