@@ -102,13 +102,14 @@ class EagerBackend(MemoryBackend):
         Run at once, the results returned are final; run at commit, they are READY until
         then, and ``refresh()`` reads what became of them.
         """
-        rows = self._new_rows(task, calls)
         if self._at_commit():
+            rows = self._new_rows(task, calls)
             results = self._enqueued(task, rows)
             transaction.on_commit(partial(self._run_rows, task, rows), using=self.database)
             return results
-        self._insert(rows)
-        results = self._enqueued(task, rows)
+        # Stored as the in-process store stores them (a unique task's repeat gets the job
+        # that holds its key, which then has nothing left to run).
+        results = super().bulk_enqueue(task, calls)
         return [self._run_job(task, result.id) for result in results]
 
     def _at_commit(self) -> bool:

@@ -10,9 +10,11 @@ queued.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
 from typing import Any, Self, cast
@@ -21,6 +23,7 @@ from django.tasks import Task, TaskResult
 
 from conveyor.conf import MAX_TTL
 from conveyor.exceptions import InvalidTaskOption
+from conveyor.records import PENDING_STATES, State
 
 TASK_FIELDS = frozenset(f.name for f in fields(Task))
 HOOKS = ("on_success", "on_failure", "on_complete")
@@ -35,10 +38,18 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "timeout": (float, 0.001, 7 * 86400.0),
     "soft_timeout": (float, 0.001, 7 * 86400.0),
     "keep_last": (int, 0, 100_000),
+    "unique_for": (float, 0.001, 366 * 86400.0),
 }
 # A task's ``result_ttl`` or ``failed_ttl``: keep its jobs whatever the backend's default.
 FOREVER = math.inf
 TTLS = ("result_ttl", "failed_ttl")
+# The states in which a unique job keeps others with its key out, by ``unique_states``.
+UNIQUE_STATES: dict[str, tuple[State, ...]] = {
+    "queued": PENDING_STATES,
+    "active": (*PENDING_STATES, State.RUNNING),
+    "successful": (*PENDING_STATES, State.RUNNING, State.SUCCEEDED),
+}
+DEFAULT_UNIQUE_STATES = "active"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,6 +80,14 @@ class ConveyorTask(Task):
     ``on_success``, ``on_failure``, ``on_complete``: callables (or dotted paths to them)
     called with the final ``TaskResult`` once it is stored; part of the task's code, so
     ``.using()`` cannot change them.
+    ``unique``: a call made while an equal one is stored (same task, same arguments) adds
+    no job and returns that one's result instead; ``unique=False`` turns off a key.
+    ``unique_key``: what makes two calls the same instead of all their arguments: a function
+    called with the call's arguments, or (per call, through ``.using()``) a JSON value;
+    setting it makes the task unique.
+    ``unique_states``: while the stored job is ``"queued"`` (not started yet), ``"active"``
+    (queued or running; the default) or ``"successful"`` (also once it succeeded).
+    ``unique_for``: seconds from its enqueue after which a stored job no longer counts.
     """
 
     retries: int | None = None
@@ -87,6 +106,10 @@ class ConveyorTask(Task):
     on_success: Hook | None = None
     on_failure: Hook | None = None
     on_complete: Hook | None = None
+    unique: bool | None = None
+    unique_key: Callable[..., Any] | Any = None
+    unique_states: str | None = None
+    unique_for: float | None = None
 
     def __new__(cls, **kwargs: Any) -> Self:
         # Django's @task passes every keyword it does not know on to here: a misspelt
@@ -132,6 +155,11 @@ class ConveyorTask(Task):
         )
         return cast(Self, replace(changed, **options) if options else changed)
 
+    @property
+    def unique_enabled(self) -> bool:
+        """Say whether calls of this task are unique (``unique``, or a ``unique_key``)."""
+        return bool(self.unique) or (self.unique is None and self.unique_key is not None)
+
 
 _FIELD_NAMES = frozenset(f.name for f in fields(ConveyorTask))
 OPTION_NAMES = tuple(f.name for f in fields(ConveyorTask) if f.name not in TASK_FIELDS)
@@ -167,6 +195,30 @@ def option_problems(task: ConveyorTask) -> list[str]:
                 f"{name} must list exception classes (such as ConnectionError), not "
                 f"{', '.join(map(repr, bad))}."
             )
+    return problems + unique_problems(task)
+
+
+def unique_problems(task: ConveyorTask) -> list[str]:
+    """What is wrong with ``task``'s unique options (the key function is tried at enqueue)."""
+    problems = []
+    if task.unique is not None and not isinstance(task.unique, bool):
+        problems.append(f"unique must be True or False, not {task.unique!r}.")
+    key = task.unique_key
+    if key is not None and not callable(key) and (error := _key_error(key)) is not None:
+        problems.append(
+            "unique_key must be a function of the task's arguments or a JSON value, not "
+            f"{key!r} ({error})."
+        )
+    states = task.unique_states
+    if states is not None and states not in UNIQUE_STATES:
+        problems.append(
+            f"unique_states must be one of {', '.join(map(repr, UNIQUE_STATES))}, not {states!r}."
+        )
+    extras = [name for name in ("unique_states", "unique_for") if getattr(task, name) is not None]
+    if extras and task.unique is None and key is None:
+        problems.append(
+            f"{' and '.join(extras)} only apply to unique jobs: set unique=True or unique_key."
+        )
     return problems
 
 
@@ -178,6 +230,19 @@ def _ttl_problems(task: ConveyorTask) -> list[str]:
         and ttl != FOREVER
         and not _number(ttl, float, 0, MAX_TTL)
     ]
+
+
+def _key_error(value: Any) -> str | None:
+    """Why ``value`` has no canonical JSON text (the form a unique key is compared in)."""
+    try:
+        _canonical(value)
+    except (TypeError, ValueError, RecursionError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, allow_nan=False, separators=(",", ":"))
 
 
 def _dotted(value: Any) -> bool:
@@ -359,3 +424,63 @@ def _ttl(value: float | None, default: float | None) -> float | None:
     if value is None:
         return default
     return None if value == FOREVER else float(value)
+
+
+# --- unique jobs -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Uniqueness:
+    """Which stored job a call of a unique task is the same as, and while when.
+
+    ``key`` is the SHA-256 (hex) of the backend alias, the task's path and the call's key
+    as canonical JSON: equal calls of one task on one backend share it, whatever their
+    queue or priority. A job holds its key while it is in ``UNIQUE_STATES[states]``, and,
+    with ``period``, until that many seconds after it was enqueued.
+    """
+
+    key: str
+    states: str = DEFAULT_UNIQUE_STATES
+    period: float | None = None
+
+    @classmethod
+    def for_call(
+        cls, task: Task, alias: str, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> Uniqueness | None:
+        """How a call of ``task`` is unique; None if it is not. Raise if its key fails."""
+        if not isinstance(task, ConveyorTask) or not task.unique_enabled:
+            return None
+        value = call_key(task, args, kwargs)
+        text = _canonical([alias, task.module_path, value])
+        return cls(
+            key=hashlib.sha256(text.encode()).hexdigest(),
+            states=task.unique_states or DEFAULT_UNIQUE_STATES,
+            period=None if task.unique_for is None else float(task.unique_for),
+        )
+
+    def stored(self) -> dict[str, Any]:
+        """As kept with the job, in its options."""
+        stored: dict[str, Any] = {"key": self.key, "states": self.states}
+        return stored if self.period is None else {**stored, "for": self.period}
+
+
+def call_key(task: ConveyorTask, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+    """The value that makes two calls of ``task`` the same; refused by name if it fails."""
+    key = task.unique_key
+    if key is None:
+        return [list(args), dict(kwargs)]
+    if not callable(key):
+        return key
+    where = f"Cannot enqueue task {task.module_path!r}: its unique_key function"
+    try:
+        value = key(*args, **kwargs)
+    except Exception as e:
+        raise InvalidTaskOption(
+            f"{where} raised {type(e).__name__}: {e}. Nothing was stored."
+        ) from e
+    if (error := _key_error(value)) is not None:
+        raise InvalidTaskOption(
+            f"{where} returned {value!r} ({type(value).__name__}), which is not a JSON value "
+            f"({error}). Nothing was stored."
+        )
+    return value

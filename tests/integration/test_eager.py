@@ -351,3 +351,12 @@ def test_eager_tasks_at_commit(django_capture_on_commit_callbacks):
     with eager_tasks():
         result.refresh()
     assert result.return_value == 3
+
+
+def test_a_unique_task_runs_once_while_its_last_run_counts():
+    first = on(tasks.hourly_report, EAGER).enqueue("sales")
+    again = on(tasks.hourly_report, EAGER).enqueue("sales")
+    other = on(tasks.hourly_report, EAGER).enqueue("stock")
+    assert first.status == TaskResultStatus.SUCCESSFUL and first.return_value == "report sales"
+    assert again.id == first.id and again.return_value == "report sales"
+    assert other.id != first.id

@@ -305,3 +305,55 @@ def keep_three(n: int, fail: bool = False) -> int:
     if fail:
         raise ValueError(f"run {n} failed")
     return n
+
+
+@task(unique=True)
+def unique_add(a: int, b: int) -> int:
+    return a + b
+
+
+def account_of(account: int, **_: object) -> int:
+    return account
+
+
+@task(unique_key=account_of)
+def sync_account(account: int, note: str = "") -> str:
+    return note
+
+
+@task(unique_key=account_of, unique_states="queued")
+def refresh_account(account: int, note: str = "") -> str:
+    return note
+
+
+@task(unique=True, unique_states="successful", unique_for=3600)
+def hourly_report(name: str) -> str:
+    return f"report {name}"
+
+
+@task(unique=True, unique_for=60)
+def debounced(name: str) -> str:
+    return name
+
+
+def key_that_raises(*args: object, **kwargs: object) -> object:
+    raise LookupError("no account given")
+
+
+def key_that_is_not_json(*args: object, **kwargs: object) -> object:
+    return {"accounts": {1, 2}}
+
+
+@task(unique_key=key_that_raises)
+def bad_key(account: int) -> None:
+    return None
+
+
+@task(unique_key=key_that_is_not_json)
+def unjson_key(account: int) -> None:
+    return None
+
+
+@task(unique_key=account_of, unique_for=60)
+def debounced_account(account: int, note: str = "") -> str:
+    return note

@@ -28,7 +28,7 @@ from conveyor.backends.tasks import (
 )
 from conveyor.conf import BackendOptions
 from conveyor.exceptions import ConveyorImproperlyConfigured, InvalidTaskOption, TaskNotFound
-from conveyor.options import ConveyorTask, Retention, RetryPolicy, TimeLimits
+from conveyor.options import ConveyorTask, Retention, RetryPolicy, TimeLimits, Uniqueness
 from conveyor.records import Job, Outcome, PutBack, QueueSelector, QueueStats, Success, WorkerInfo
 
 Call = tuple[Sequence[Any], Mapping[str, Any]]
@@ -88,6 +88,10 @@ class ConveyorBackend(BaseTaskBackend):
         if getattr(task, "sigkill_on_stop", False):
             options["sigkill_on_stop"] = True
         return options
+
+    def uniqueness(self, task: Task, call: Call) -> Uniqueness | None:
+        """How an encoded call of ``task`` is unique, if it is; raise if its key fails."""
+        return Uniqueness.for_call(task, self.alias, *call)
 
     def result_waiter(self) -> Waiter:
         """What ``conveyor.wait()`` sleeps on between looks: woken when jobs end, if it can."""

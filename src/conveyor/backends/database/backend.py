@@ -25,6 +25,7 @@ from conveyor.backends.database.models import Job
 from conveyor.backends.tasks import due_later
 from conveyor.conf import BackendOptions
 from conveyor.exceptions import NotMigrated
+from conveyor.options import Uniqueness
 from conveyor.records import Job as JobRecord
 from conveyor.records import (
     Outcome,
@@ -98,27 +99,45 @@ class DatabaseBackend(StoreBackend):
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:
         """Store many calls of one task in one statement per 500: all of them, or none.
 
-        Inside ``atomic()`` they exist only if that commits.
+        Inside ``atomic()`` they exist only if that commits. A call of a unique task whose
+        key a stored job holds adds nothing and gets that job's result.
         """
         encoded = [self.encode_call(task, args, kwargs) for args, kwargs in calls]
-        now = clock.now()
-        rows = [self._new_row(task, args, kwargs, now) for args, kwargs in encoded]
+        unique = [self.uniqueness(task, call) for call in encoded]
+        now, options = clock.now(), self.job_options(task)
+        rows = [
+            self._new_row(task, call, now, options, how)
+            for call, how in zip(encoded, unique, strict=True)
+        ]
         notify = (self.channel, task.queue_name) if self.vendor == "postgresql" else None
+        period = next((how.period for how in unique if how is not None), None)
         try:
-            transitions.insert(self.store, rows, notify)
+            stored = transitions.insert(self.store, rows, notify, period)
         except DatabaseError as e:
             self._raise_if_not_migrated(e)
             raise
         results = [
             self.to_task_result(store.to_record(row), task, State.READY.django_status)
-            for row in rows
+            if row.uuid == new.uuid
+            else self.row_to_result(row)
+            for row, new in zip(stored, rows, strict=True)
         ]
-        for result in results:
-            task_enqueued.send(type(self), task_result=result)
+        for result, row, new in zip(results, stored, rows, strict=True):
+            if row.uuid == new.uuid:
+                task_enqueued.send(type(self), task_result=result)
         return results
 
-    def _new_row(self, task: Task, args: Any, kwargs: Any, now: datetime) -> Job:
+    def _new_row(
+        self,
+        task: Task,
+        call: Call,
+        now: datetime,
+        options: dict[str, Any],
+        unique: Uniqueness | None,
+    ) -> Job:
         due = due_later(task, now)
+        if unique is not None:
+            options = {**options, "unique": unique.stored()}
         return Job(
             uuid=uuid.uuid4(),
             backend_name=self.alias,
@@ -126,12 +145,14 @@ class DatabaseBackend(StoreBackend):
             task_path=task.module_path,
             priority=task.priority,
             state=State.SCHEDULED if due else State.READY,
-            args=args,
-            kwargs=kwargs,
+            args=call[0],
+            kwargs=call[1],
             enqueued_at=now,
             run_after=task.run_after,
             available_at=due or now,
-            options=self.job_options(task),
+            options=options,
+            unique_slot=unique.key if unique else None,
+            unique_states=unique.states if unique else "",
         )
 
     def _raise_if_not_migrated(self, error: DatabaseError) -> None:

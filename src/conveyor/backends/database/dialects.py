@@ -30,6 +30,9 @@ class Dialect:
     update_returning = True
     # Text appended to a SELECT that locks its rows, skipping rows others hold.
     lock_rows = ""
+    # Text appended to a SELECT that must see rows other transactions committed since this
+    # one's snapshot (a plain read does at READ COMMITTED, each statement a new snapshot).
+    read_latest = ""
     # A claim looks (a read) before it writes: its UPDATE would take the write lock even
     # when it matches nothing.
     probe_before_claim = False
@@ -76,9 +79,20 @@ class Dialect:
         """Say whether ``error`` means the tables were never created (no ``migrate``)."""
         return False
 
+    def deadlock(self, error: DatabaseError) -> bool:
+        """Say whether ``error`` means the engine chose this transaction as a deadlock's victim."""
+        return False
+
     def returning_ids(self, update: str, channel: str) -> Statement:
         """``update`` returning the ids it changed, and telling ``channel``'s listeners."""
         return f"{update} RETURNING id", []
+
+    def insert_unless_taken(self, insert: str, column: str) -> str:
+        """``insert``, skipping each row whose ``column`` another row holds (and no other).
+
+        Only a clash on that unique column is skipped: any other error is still raised.
+        """
+        return f"{insert} ON CONFLICT ({column}) DO NOTHING"
 
     def announce(self, channel: str) -> Statement | None:
         """A statement telling ``channel``'s listeners that jobs ended; None if none listen."""
@@ -212,6 +226,9 @@ class MySQLDialect(Dialect):
     vendor = "mysql"
     update_returning = False
     lock_rows = " FOR UPDATE SKIP LOCKED"
+    # A locking read sees the latest committed rows at any isolation level (REPEATABLE READ
+    # included); MariaDB has no FOR SHARE.
+    read_latest = " LOCK IN SHARE MODE"
 
     def now(self) -> str:
         now = "UTC_TIMESTAMP(6)" if self.use_tz else "NOW(6)"
@@ -231,6 +248,11 @@ class MySQLDialect(Dialect):
     def append_json(self, column: str) -> str:
         return f"JSON_ARRAY_APPEND({column}, '$', JSON_EXTRACT(%s, '$'))"
 
+    def insert_unless_taken(self, insert: str, column: str) -> str:
+        # No conflict target: a clash on any unique column becomes this no-op write; the
+        # only other is the random result id. INSERT IGNORE would hide every error.
+        return f"{insert} ON DUPLICATE KEY UPDATE id = id"
+
     def claim_statement(
         self, table: str, pick: Statement, assign: Statement, columns: str
     ) -> Statement:
@@ -238,6 +260,11 @@ class MySQLDialect(Dialect):
 
     def missing_table(self, error: DatabaseError) -> bool:
         return bool(error.args) and error.args[0] == 1146
+
+    def deadlock(self, error: DatabaseError) -> bool:
+        # InnoDB takes next-key locks on the unique index while several transactions insert
+        # and clear the same key: one of them may be rolled back as a deadlock's victim.
+        return bool(error.args) and error.args[0] == 1213
 
 
 _DIALECTS: dict[str, type[Dialect]] = {

@@ -92,6 +92,14 @@ class Job(models.Model):
     lease_owner = models.CharField(_("held by"), max_length=100, null=True, blank=True)  # noqa: DJ001
     lease_expires_at = models.DateTimeField(_("lease expires at"), null=True, blank=True)
     delivery = models.CharField(_("delivery token"), max_length=32, blank=True, default="")
+    # Unique jobs: the job's key while it keeps others with the same key out, else NULL
+    # (NULLs never collide, on any engine); ``unique_states`` says in which states it does.
+    unique_slot = models.CharField(  # noqa: DJ001
+        _("unique key held"), max_length=64, null=True, blank=True, default=None
+    )
+    unique_states = models.CharField(
+        _("unique while"), max_length=10, blank=True, default="", db_default=""
+    )
 
     class Meta:
         verbose_name = _("job")
@@ -139,6 +147,8 @@ class Job(models.Model):
                 condition=Q(priority__gte=-100, priority__lte=100),
                 name="conveyor_job_priority_range",
             ),
+            # A constraint, not ``unique=True``: no pattern index on PostgreSQL, a fixed name.
+            models.UniqueConstraint(fields=["unique_slot"], name="conveyor_job_unique_slot"),
         ]
 
     def __str__(self) -> str:

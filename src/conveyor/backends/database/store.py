@@ -15,7 +15,8 @@ from django.tasks.base import TaskError
 
 from conveyor.backends.database.dialects import Dialect, dialect_for
 from conveyor.backends.database.models import Job, Worker
-from conveyor.records import FINISHED_STATES
+from conveyor.options import UNIQUE_STATES
+from conveyor.records import FINISHED_STATES, State
 from conveyor.records import Job as JobRecord
 
 TABLE = Job._meta.db_table
@@ -35,6 +36,24 @@ IS_READY = "state IN ('ready')"
 IS_SCHEDULED = "state IN ('scheduled')"
 IS_RUNNING = "state IN ('running')"
 IS_SUCCEEDED = "state IN ('succeeded')"
+# What reading a unique job back by its key returns.
+HOLDER_COLUMNS = f"{RESULT_COLUMNS}, unique_slot"
+
+
+def keep_slot(state: State) -> str:
+    """``, unique_slot = ...``: what an UPDATE moving jobs to ``state`` does to their keys.
+
+    A job keeps its unique key only while its state is one its ``unique_states`` covers;
+    a key let go is never taken back (another job may hold it by then). Empty when every
+    choice covers ``state``.
+    """
+    keeping = [name for name, states in UNIQUE_STATES.items() if state in states]
+    if len(keeping) == len(UNIQUE_STATES):
+        return ""
+    if not keeping:
+        return ", unique_slot = NULL"
+    names = ", ".join(f"'{name}'" for name in keeping)
+    return f", unique_slot = CASE WHEN unique_states IN ({names}) THEN unique_slot END"
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,13 +70,43 @@ class MemoryBackend(StoreBackend):
     # --- the django.tasks face ----------------------------------------------------------
 
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:
-        """Store many calls of one task: all of them, or none."""
-        rows = self._new_rows(task, calls)
-        self._insert(rows)
-        return self._enqueued(task, rows)
+        """Store many calls of one task: all of them, or none.
+
+        A call of a unique task whose key a stored job holds adds nothing and gets that
+        job's result.
+        """
+        encoded = [self.encode_call(task, args, kwargs) for args, kwargs in calls]
+        unique = [self.uniqueness(task, call) for call in encoded]
+        now, options = clock.now(), self.job_options(task)
+        results, added = [], []
+        with self._tables.lock:
+            for (args, kwargs), how in zip(encoded, unique, strict=True):
+                held = self._tables.holder(how, now) if how is not None else None
+                if held is not None:
+                    job, state, finished_at = held.record(self.alias), held.state, held.finished_at
+                    value = copy.deepcopy(held.return_value)
+                    results.append((job, state.django_status, finished_at, value))
+                    continue
+                row = self._tables.new_row(task, args, kwargs, now, options, how)
+                self._tables.add(row)
+                added.append(row.id)
+                results.append((row.record(self.alias), State.READY.django_status, None, None))
+        stored = [
+            self.to_task_result(job, task, status)
+            if job.id in added
+            else self.stored_result(job, status, finished_at, value)
+            for job, status, finished_at, value in results
+        ]
+        for result in stored:
+            if result.id in added:
+                task_enqueued.send(type(self), task_result=result)
+        return stored
 
     def _new_rows(self, task: Task, calls: Iterable[Call]) -> list[Row]:
-        """Rows for ``calls`` of ``task``, their arguments checked and encoded; not stored."""
+        """Rows for ``calls`` of ``task``, their arguments checked and encoded; not stored.
+
+        For eager mode at a commit, which stores them then; uniqueness is not applied.
+        """
         encoded = [self.encode_call(task, args, kwargs) for args, kwargs in calls]
         now, options = clock.now(), self.job_options(task)
         with self._tables.lock:

@@ -14,7 +14,7 @@ from typing import Any
 from django.tasks.base import TaskError
 
 from conveyor import clock
-from conveyor.options import Retention
+from conveyor.options import UNIQUE_STATES, Retention
 from conveyor.records import CANCELLED_ERROR, Job, Outcome, State, error_from_text
 
 LOST_ERROR = "conveyor.exceptions.WorkerLost"
@@ -50,6 +50,8 @@ class Row:
     cancel_requested: bool = False
     progress: dict[str, Any] | None = None
     expires_at: datetime | None = None
+    unique_slot: str | None = None  # the unique key, while the job keeps others out
+    unique_states: str = ""
 
     def record(self, backend: str) -> Job:
         """The frozen value the runtime works with; its arguments are the caller's own."""
@@ -79,6 +81,15 @@ class Row:
         self.lease_expires_at = expires
         self.attempts += 1  # started_at and last_attempted_at: when the task really starts
         self.worker_ids.append(worker_id)
+        self.keep_slot()
+
+    def keep_slot(self) -> None:
+        """Let go of the unique key once the job's state is one its choice does not cover.
+
+        A key let go is never taken back: another job may hold it by then.
+        """
+        if self.unique_slot is not None and self.state not in UNIQUE_STATES[self.unique_states]:
+            self.unique_slot = None
 
     def ran(self, started: datetime) -> None:
         """Note that the task started at ``started``: its first start is kept."""
@@ -98,6 +109,7 @@ class Row:
         self.expires_at = self.expiry(outcome.finished_at, succeeded=True)
         self.ran(outcome.started_at)
         self.lease_owner = self.lease_expires_at = None
+        self.keep_slot()
 
     def expiry(self, finished_at: datetime, *, succeeded: bool) -> datetime | None:
         """When this job, finished at ``finished_at``, may be deleted; None: it is kept."""
@@ -111,12 +123,14 @@ class Row:
         if error is not None:
             self.errors.append(error)
         self.lease_owner = self.lease_expires_at = None
+        self.keep_slot()
 
     def cancel(self) -> None:
         """End a job that has not started as cancelled."""
         self.state, self.finished_at = State.CANCELLED, clock.now()
         self.expires_at = self.expiry(self.finished_at, succeeded=False)
         self.errors.append(error_from_text(CANCELLED_ERROR, "the job was cancelled"))
+        self.keep_slot()
 
     def give_back(self) -> None:
         """Undo a delivery that never started: uncounted, in its place in line."""
@@ -143,6 +157,7 @@ class Row:
             self.state = State.READY
         self.errors.append(error_from_text(LOST_ERROR, reason))
         self.lease_owner = self.lease_expires_at = None
+        self.keep_slot()
         return failed
 
 

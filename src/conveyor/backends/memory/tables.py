@@ -22,6 +22,7 @@ from django.tasks.exceptions import TaskResultDoesNotExist
 
 from conveyor.backends.memory.rows import Row
 from conveyor.backends.tasks import due_later
+from conveyor.options import Uniqueness
 from conveyor.records import FINISHED_STATES, QueueSelector, State, WorkerInfo
 
 
@@ -32,6 +33,8 @@ class Tables:
         self.lock = threading.Lock()
         self.jobs: dict[str, Row] = {}
         self.by_key: dict[int, Row] = {}
+        # Unique keys to the row that took each; stale once that row lets go of its key.
+        self.slots: dict[str, Row] = {}
         self.workers: dict[str, WorkerInfo] = {}
         self.seq = itertools.count(1)  # 0 marks an empty slot in the worker channel
 
@@ -40,18 +43,27 @@ class Tables:
         with self.lock:
             self.jobs.clear()
             self.by_key.clear()
+            self.slots.clear()
             self.workers.clear()
 
     # --- jobs -------------------------------------------------------------------------------
 
     def new_row(
-        self, task: Task, args: Any, kwargs: Any, now: datetime, options: dict[str, Any]
+        self,
+        task: Task,
+        args: Any,
+        kwargs: Any,
+        now: datetime,
+        options: dict[str, Any],
+        unique: Uniqueness | None = None,
     ) -> Row:
         """A row for one call of ``task``, not stored yet: scheduled if due later, else ready.
 
         Built apart from ``add`` so that eager mode can store its jobs only at a commit.
         """
         due = due_later(task, now)
+        if unique is not None:
+            options = {**options, "unique": unique.stored()}
         return Row(
             seq=next(self.seq),
             id=str(uuid.uuid4()),
@@ -65,12 +77,29 @@ class Tables:
             run_after=task.run_after,
             available_at=due or now,
             options=options,
+            unique_slot=unique.key if unique else None,
+            unique_states=unique.states if unique else "",
         )
 
     def add(self, row: Row) -> None:
         """Store a row built by ``new_row``."""
         self.jobs[row.id] = row
         self.by_key[row.seq] = row
+        if row.unique_slot is not None:
+            self.slots[row.unique_slot] = row
+
+    def holder(self, unique: Uniqueness, now: datetime) -> Row | None:
+        """The stored job holding ``unique``'s key, if any.
+
+        With a period, a holder enqueued that long ago lets go of its key first.
+        """
+        row = self.slots.get(unique.key)
+        if row is None or row.unique_slot != unique.key or self.jobs.get(row.id) is not row:
+            return None
+        if unique.period is not None and row.enqueued_at <= now - timedelta(seconds=unique.period):
+            row.unique_slot = None
+            return None
+        return row
 
     def find(self, result_id: str) -> Row:
         """The row of the job ``result_id``, as ``get_result`` looks it up."""
@@ -125,7 +154,10 @@ class Tables:
         ended = {r.id: r.finished_at for r in self.rows(*FINISHED_STATES) if r.finished_at}
         old = sorted((at, key) for key, at in ended.items() if at < finished_before)
         for _, key in old[:batch]:
-            del self.by_key[self.jobs.pop(key).seq]
+            row = self.jobs.pop(key)
+            del self.by_key[row.seq]
+            if row.unique_slot is not None and self.slots.get(row.unique_slot) is row:
+                del self.slots[row.unique_slot]
         return len(old[:batch]), len(old) > batch
 
     def expire(self, now: datetime, batch: int) -> tuple[int, bool]:

@@ -6,50 +6,160 @@ write about that delivery names the token.
 
 from __future__ import annotations
 
+import random
 import secrets
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from django.db import DatabaseError, OperationalError
 from django.db.models.sql import InsertQuery
 
 from conveyor.backends.database.models import Job
 from conveyor.backends.database.store import (
     COLUMNS,
+    HOLDER_COLUMNS,
     IS_READY,
     IS_SCHEDULED,
     TABLE,
     Store,
+    keep_slot,
     to_record,
 )
 from conveyor.records import Job as JobRecord
-from conveyor.records import QueueSelector
+from conveyor.records import QueueSelector, State
 
 INSERT_CHUNK = 500
+# Rounds of insert-and-read-back before a unique enqueue gives up: each retry needs the
+# job holding a key to let go of it between the insert and the read.
+UNIQUE_TRIES = 5
 CLAIM_ORDER = "priority DESC, available_at, id"
 
 
 _SINGLE_INSERT: dict[str, str] = {}
 
 
-def insert(store: Store, rows: Sequence[Job], notify: tuple[str, str] | None) -> None:
+def insert(
+    store: Store,
+    rows: Sequence[Job],
+    notify: tuple[str, str] | None,
+    unique_for: float | None = None,
+) -> list[Job]:
     """Store new jobs, with one NOTIFY ``(channel, payload)`` in the same statement.
 
     One statement per 500 rows, with no transaction of its own unless there are more
     (a lone INSERT is atomic): inside the caller's ``atomic()`` the jobs, and the
-    wake-up, exist only if it commits.
+    wake-up, exist only if it commits. Return, for each row, the row stored for it: the
+    row itself, or, for a unique job, the stored job that holds its key (see
+    ``_insert_unique``).
     """
-    chunks = [rows[i : i + INSERT_CHUNK] for i in range(0, len(rows), INSERT_CHUNK)]
+    if any(row.unique_slot is not None for row in rows):
+        return _insert_unique_retrying(store, rows, notify, unique_for)
+    chunks = _chunks(rows)
     if len(chunks) == 1:
         _insert_chunk(store, chunks[0], notify)
-        return
+        return list(rows)
     with store.dialect.write_transaction():
         for chunk in chunks:
             _insert_chunk(store, chunk, notify)
+    return list(rows)
 
 
-def _insert_chunk(store: Store, rows: Sequence[Job], notify: tuple[str, str] | None) -> None:
+def _chunks[T](items: Sequence[T]) -> list[Sequence[T]]:
+    return [items[i : i + INSERT_CHUNK] for i in range(0, len(items), INSERT_CHUNK)]
+
+
+def _insert_unique_retrying(
+    store: Store, rows: Sequence[Job], notify: tuple[str, str] | None, unique_for: float | None
+) -> list[Job]:
+    """``_insert_unique`` in a transaction, tried again if the engine broke a deadlock with it.
+
+    Only when that transaction is the outermost: inside the caller's ``atomic()`` a
+    deadlock has rolled back the caller's work too, and the error is theirs to handle.
+    """
+    d, outermost = store.dialect, not store.connection.in_atomic_block
+    for attempt in range(UNIQUE_TRIES):
+        try:
+            with d.write_transaction():
+                return _insert_unique(store, rows, notify, unique_for)
+        except OperationalError as e:
+            if not (outermost and d.deadlock(e)) or attempt == UNIQUE_TRIES - 1:
+                raise
+            time.sleep(random.uniform(0, 0.01 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def _insert_unique(
+    store: Store, rows: Sequence[Job], notify: tuple[str, str] | None, unique_for: float | None
+) -> list[Job]:
+    """Insert each row unless a stored job holds its key; return the job holding each key.
+
+    The unique index decides (never a look before the insert): the INSERT skips the rows
+    whose key is taken, even by a transaction that commits meanwhile (the engine makes it
+    wait for that one), and the holders are read back after it. A holder may let go of
+    its key in between (it ended): those rows are tried again. With ``unique_for``, a
+    holder enqueued that many seconds ago (store clock) lets go of its key first. Within
+    ``rows``, the first of each key is inserted and the others get its job.
+    """
+    first: dict[str, Job] = {}
+    for row in rows:
+        if row.unique_slot is not None:
+            first.setdefault(row.unique_slot, row)
+    plain = [row for row in rows if row.unique_slot is None]
+    for chunk in _chunks(plain):
+        _insert_chunk(store, chunk, notify)
+    holders: dict[str, Job] = {}
+    pending = list(first.values())
+    for _ in range(UNIQUE_TRIES):
+        slots = [str(row.unique_slot) for row in pending]
+        if unique_for is not None:
+            _let_go_older(store, slots, unique_for)
+        for chunk in _chunks(pending):
+            _insert_chunk(store, chunk, notify, unless_taken=True)
+        holders.update(_holders(store, slots))
+        pending = [row for row in pending if row.unique_slot not in holders]
+        if not pending:
+            return [holders[row.unique_slot] if row.unique_slot else row for row in rows]
+    raise DatabaseError(
+        f"Could not store {len(pending)} unique job(s): their keys were taken and let go "
+        f"{UNIQUE_TRIES} times while enqueueing."
+    )
+
+
+def _let_go_older(store: Store, slots: Sequence[str], seconds: float) -> None:
+    """Let jobs holding these keys that were enqueued ``seconds`` ago or more let go."""
+    for chunk in _chunks(slots):
+        marks = ", ".join(["%s"] * len(chunk))
+        store.execute(
+            f"UPDATE {TABLE} SET unique_slot = NULL WHERE unique_slot IN ({marks}) "
+            f"AND enqueued_at <= {store.dialect.earlier()}",
+            [*chunk, seconds],
+        )
+
+
+def _holders(store: Store, slots: Sequence[str]) -> dict[str, Job]:
+    """The stored jobs holding these unique keys, by key."""
+    found: dict[str, Job] = {}
+    for chunk in _chunks(slots):
+        marks = ", ".join(["%s"] * len(chunk))
+        sql = (
+            f"SELECT {HOLDER_COLUMNS} FROM {TABLE} WHERE unique_slot IN ({marks})"
+            f"{store.dialect.read_latest}"
+        )
+        found.update((str(row.unique_slot), row) for row in store.rows(sql, chunk, HOLDER_COLUMNS))
+    return found
+
+
+def _insert_chunk(
+    store: Store,
+    rows: Sequence[Job],
+    notify: tuple[str, str] | None,
+    unless_taken: bool = False,
+) -> None:
     sql, params = _insert_sql(store, rows)
+    if unless_taken:
+        sql = store.dialect.insert_unless_taken(sql, "unique_slot")
     if notify is not None:
         sql = store.dialect.notify_after(sql)  # type: ignore[attr-defined]
         params = (*params, *notify)
@@ -144,6 +254,7 @@ def claim(store: Store, worker_id: str, queues: QueueSelector, limit: int) -> li
     assign = (
         f"state = 'running', lease_owner = %s, delivery = %s, lease_expires_at = {d.later()}, "
         f"attempts = attempts + 1, worker_ids = {d.append_text('worker_ids')}"
+        f"{keep_slot(State.RUNNING)}"
     )
     assign_params = [worker_id, token, store.lease, worker_id]
     if d.update_returning:

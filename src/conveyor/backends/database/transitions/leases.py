@@ -22,6 +22,7 @@ from conveyor.backends.database.store import (
     WORKERS,
     Store,
     error_json,
+    keep_slot,
     pairs,
     per_row,
     to_record,
@@ -29,7 +30,7 @@ from conveyor.backends.database.store import (
 from conveyor.backends.database.transitions.outcomes import complete, fail, retry
 from conveyor.backends.database.transitions.retention import expiry
 from conveyor.records import Job as JobRecord
-from conveyor.records import Outcome, PutBack, Success, error_from_text
+from conveyor.records import Outcome, PutBack, State, Success, error_from_text
 
 HEARTBEAT_CHUNK = 500
 LOST_ERROR = "conveyor.exceptions.WorkerLost"
@@ -84,7 +85,7 @@ def requeue(
             f"{reason}; the job was lost {lost} times (the most allowed is {most}) and is given up."
         )
         now = clock.now()
-        assign = "state = 'failed', finished_at = %s, expires_at = %s"
+        assign = f"state = 'failed', finished_at = %s, expires_at = %s{keep_slot(State.FAILED)}"
         params: list[Any] = [store.time(now), store.time(expiry(job, now, succeeded=False))]
     else:
         message, assign, params = reason, "state = 'ready'", []

@@ -16,6 +16,7 @@ from conveyor.backends.database.store import (
     Store,
     error_json,
     json_text,
+    keep_slot,
     pairs,
     per_row,
 )
@@ -55,7 +56,7 @@ def complete(store: Store, successes: Sequence[Success]) -> set[str]:
     sql = (
         f"UPDATE {TABLE} SET state = 'succeeded', {', '.join(assign)}, "
         f"started_at = COALESCE(started_at, {per_row(len(keys), d.time_value())}), "
-        "lease_owner = NULL, "
+        f"lease_owner = NULL{keep_slot(State.SUCCEEDED)}, "
         f"lease_expires_at = NULL WHERE id IN ({marks}) AND state IN {OPEN}"
     )
     params = [*params, *pairs(keys, values["last_attempted_at"]), *keys]
@@ -116,7 +117,7 @@ def fail(store: Store, job: JobRecord, outcome: Outcome) -> bool:
     ended = _end_delivery(
         store,
         job,
-        f"state = '{state}', finished_at = %s, expires_at = %s, {attempt}",
+        f"state = '{state}', finished_at = %s, expires_at = %s, {attempt}{keep_slot(state)}",
         [store.time(outcome.finished_at), store.time(expires), *params],
         state,
     )
@@ -169,7 +170,7 @@ def cancel(store: Store, key: int) -> bool:
     expires = retention.expires(now, succeeded=False)
     cancelled = store.execute(
         f"UPDATE {TABLE} SET state = 'cancelled', finished_at = %s, expires_at = %s, "
-        f"errors = {d.append_json('errors')} "
+        f"errors = {d.append_json('errors')}{keep_slot(State.CANCELLED)} "
         "WHERE id = %s AND state IN ('scheduled', 'ready', 'waiting')",
         [store.time(now), store.time(expires), error, key],
     )
