@@ -32,7 +32,8 @@ from conveyor.backends.base import Call
 from conveyor.backends.memory import MemoryBackend
 from conveyor.backends.memory.rows import Row
 from conveyor.conf import BackendOptions
-from conveyor.exceptions import ConveyorImproperlyConfigured, SnoozeLimit
+from conveyor.exceptions import ConveyorImproperlyConfigured, InvalidTaskOption, SnoozeLimit
+from conveyor.options import ConveyorTask
 from conveyor.records import Job, Outcome, error_from_exception, new_worker_id
 from conveyor.runtime.middleware import Middleware, Retries
 from conveyor.runtime.recorder import Recorder
@@ -103,6 +104,12 @@ class EagerBackend(MemoryBackend):
         then, and ``refresh()`` reads what became of them.
         """
         if self._at_commit():
+            if isinstance(task, ConveyorTask) and task.unique_enabled:
+                raise InvalidTaskOption(
+                    f"Task {task.module_path} is unique; EagerBackend {self.alias!r} runs tasks "
+                    "at commit (RUN_AT='commit'), where it cannot tell a repeat from a new "
+                    "job before the transaction ends. Use RUN_AT='enqueue' for unique tasks."
+                )
             rows = self._new_rows(task, calls)
             results = self._enqueued(task, rows)
             transaction.on_commit(partial(self._run_rows, task, rows), using=self.database)

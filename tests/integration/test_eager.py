@@ -19,7 +19,11 @@ from django.test import override_settings
 
 import conveyor
 from conveyor.eager import EagerBackend
-from conveyor.exceptions import ConveyorImproperlyConfigured, InvalidTaskArguments
+from conveyor.exceptions import (
+    ConveyorImproperlyConfigured,
+    InvalidTaskArguments,
+    InvalidTaskOption,
+)
 from conveyor.runtime.inprocess import InProcessWorker
 from conveyor.testing import RunSummary, eager_tasks, run_until_done
 from tests.helpers import job, on
@@ -360,3 +364,13 @@ def test_a_unique_task_runs_once_while_its_last_run_counts():
     assert first.status == TaskResultStatus.SUCCESSFUL and first.return_value == "report sales"
     assert again.id == first.id and again.return_value == "report sales"
     assert other.id != first.id
+
+
+@pytest.mark.django_db
+def test_at_commit_a_unique_task_is_refused_not_run_twice(django_capture_on_commit_callbacks):
+    with (
+        django_capture_on_commit_callbacks(execute=True) as callbacks,
+        pytest.raises(InvalidTaskOption, match=r"unique_add is unique.*RUN_AT='enqueue'"),
+    ):
+        on(tasks.unique_add, AT_COMMIT).enqueue(1, 2)
+    assert callbacks == []

@@ -368,3 +368,21 @@ def test_the_worker_logs_what_djangos_backends_log(
     assert logged(caplog, immediate_ok) == logged(caplog, ok)
     assert logged(caplog, immediate_bad) == logged(caplog, bad)
     task_backends["memory"].clear()  # type: ignore[attr-defined]
+
+
+def test_a_running_job_cancelled_in_process_is_told_to_stop(memory, tmp_path: Path):
+    started = tmp_path / "started"
+    result = on(tasks.stops_when_cancelled, memory).enqueue(str(started))
+    worker = InProcessWorker(memory, until_done=True)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_for(started.exists)
+        import conveyor
+
+        assert conveyor.cancel(result) == conveyor.CancelOutcome.STOPPING
+        wait_for(lambda: job(result).status == TaskResultStatus.FAILED, timeout=5)
+    finally:
+        thread.join(timeout=40)
+    [error] = job(result).errors
+    assert error.exception_class_path == "conveyor.exceptions.Cancelled"

@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_INTERRUPTED = 1  # a second stop signal interrupted the worker
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CANCEL_LOOK = 1.0  # how often a running job is checked for a cancel request, in seconds
 KEEPER_JOIN = 5.0  # longest the worker waits for the lease keeper's last heartbeat
 
 
@@ -198,11 +200,31 @@ class LeaseKeeper:
         self.thread.join(timeout=KEEPER_JOIN)
 
     def _run(self) -> None:
+        next_beat = time.monotonic() + self.every
         try:
-            while not self.stopped.wait(self.every):
-                self.beat()
+            while not self.stopped.wait(min(CANCEL_LOOK, self.every)):
+                self.tell_cancels()
+                if time.monotonic() >= next_beat:
+                    self.beat()
+                    next_beat = time.monotonic() + self.every
         finally:
             connections.close_all()  # this thread's own connections only
+
+    def tell_cancels(self) -> None:
+        """Tell the running task if its job was cancelled (``context.cancelled()``).
+
+        In this process nobody stops a task that does not check: it runs to its end.
+        """
+        running = [(d.key, d.token) for d in self.slots.read() if d.executing]
+        if not running:
+            return
+        try:
+            asked = self.backend.cancels(running)
+        except Exception:
+            connections.close_all()
+            return
+        for key, token in asked:
+            self.slots.ask_to_stop(key, token)
 
     def beat(self) -> None:
         """Renew the held delivery and the registry row; give back one never heard of."""

@@ -44,6 +44,7 @@ TICK = 1.0  # longest the supervisor sleeps between looks at its children
 PROGRESS_TICK = 0.25
 MAX_RESPAWN_DELAY = 10.0
 STORE_WAITS = (0.5, 1.0, 2.0, 5.0, 10.0)
+MAX_ANNOUNCERS = 4  # at once: one stuck in a hook does not hold back the next jobs' ends
 ANNOUNCE_WAIT = 10.0  # longest a stopping supervisor waits for jobs' ends to be sent
 KILL_WAIT = 5.0  # longest wait for a SIGKILLed child (one stuck in the kernel) to go
 
@@ -259,9 +260,13 @@ class Supervisor:
             pid = child.process.pid
             if pid is None:
                 continue
-            stopped = {(d.key, d.token): limit_outcome(d, pid) for d in child.slots.overrun(now)}
-            for d in self.leases.overdue_cancels(child, grace):
-                stopped.setdefault((d.key, d.token), cancel_outcome(d, pid, grace))
+            # Cancelled and past its limit: the cancel wins (a time limit may be retried).
+            stopped = {
+                (d.key, d.token): cancel_outcome(d, pid, grace)
+                for d in self.leases.overdue_cancels(child, grace)
+            }
+            for d in child.slots.overrun(now):
+                stopped.setdefault((d.key, d.token), limit_outcome(d, pid))
             if not stopped:
                 continue
             with contextlib.suppress(ProcessLookupError):
@@ -282,14 +287,23 @@ class Supervisor:
         for process in [p for p in self.announcers if not p.is_alive()]:
             process.join()
             self.announcers.remove(process)
-        if not self.leases.ended or self.announcers:
+        if not self.leases.ended or len(self.announcers) >= MAX_ANNOUNCERS:
             return
         ids, self.leases.ended = self.leases.ended, []
-        self.backend.before_fork()
+        # Daemonic: a hook still running when the supervisor exits is cut short then.
         process = self.context.Process(
-            target=announce_main, args=(self.backend.alias, ids), name="conveyor-announcer"
+            target=announce_main,
+            args=(self.backend.alias, ids),
+            name="conveyor-announcer",
+            daemon=True,
         )
-        process.start()
+        try:
+            self.backend.before_fork()
+            process.start()
+        except Exception as e:
+            self.leases.ended = ids + self.leases.ended  # tried again next cycle
+            logger.warning("Could not start a process to announce %d job(s): %s", len(ids), e)
+            return
         self.announcers.append(process)
 
     def _respawn_delay(self, child: Child, crashed: bool, how: str) -> float:

@@ -27,7 +27,7 @@ from conveyor.backends.database.store import (
     per_row,
     to_record,
 )
-from conveyor.backends.database.transitions.outcomes import complete, fail, retry
+from conveyor.backends.database.transitions.outcomes import announce, complete, fail, retry
 from conveyor.backends.database.transitions.retention import expiry
 from conveyor.records import Job as JobRecord
 from conveyor.records import Outcome, PutBack, State, Success, error_from_text
@@ -97,6 +97,8 @@ def requeue(
         f"WHERE id = %s AND delivery = %s AND state = 'running'{guard}",
         [*params, lost, error, job.key, job.delivery, *guard_params],
     )
+    if changed and failed:
+        announce(store)  # it ended: those waiting for its result hear it
     return PutBack(job=job, counted=counts, failed=failed) if changed else None
 
 
