@@ -58,6 +58,8 @@ def wait(result: TaskResult, timeout: float | None = None) -> TaskResult:
     backend = task_backends[result.backend]
     deadline = None if timeout is None else time.monotonic() + timeout
     waiter = getattr(backend, "result_waiter", Waiter)()
+    if hasattr(backend, "await_job"):
+        backend.await_job(result.id)  # before the first look: an end after it is told
     pause = FIRST_LOOK
     try:
         while True:

@@ -97,6 +97,9 @@ class ConveyorBackend(BaseTaskBackend):
         """What ``conveyor.wait()`` sleeps on between looks: woken when jobs end, if it can."""
         return Waiter()
 
+    def await_job(self, result_id: str) -> None:
+        """Note that someone waits for this job's end, where that decides who is told."""
+
     @abstractmethod
     def bulk_enqueue(self, task: Task, calls: Iterable[Call]) -> list[TaskResult]:
         """Store many calls of one task together: all of them, or none."""

@@ -316,6 +316,12 @@ class DatabaseBackend(StoreBackend):
                 )
         return count
 
+    def await_job(self, result_id: str) -> None:
+        if self.vendor == "postgresql":
+            Job.objects.using(self.database).filter(
+                backend_name=self.alias, uuid=uuid.UUID(str(result_id)), awaited=False
+            ).update(awaited=True)
+
     def result_waiter(self) -> Waiter:
         if self.vendor == "postgresql":
             from conveyor.backends.database import waiters

@@ -168,10 +168,12 @@ class PostgreSQLDialect(Dialect):
     lock_rows = " FOR UPDATE SKIP LOCKED"
 
     def returning_ids(self, update: str, channel: str) -> Statement:
+        # Only for jobs someone waits for: PostgreSQL serializes the commits that notify.
         # Delivered on commit, once per transaction however many rows: no extra round trip.
         return (
-            f"WITH done AS ({update} RETURNING id) "
-            "SELECT done.id FROM done, pg_notify(%s, '') AS announced",
+            f"WITH done AS ({update} RETURNING id, awaited) "
+            "SELECT done.id FROM done LEFT JOIN LATERAL "
+            "(SELECT pg_notify(%s, '') WHERE done.awaited) AS announced ON TRUE",
             [channel],
         )
 

@@ -73,6 +73,8 @@ class Job(models.Model):
     options = models.JSONField(_("options"), null=True, default=dict)
     # Asked to stop while running (``conveyor.cancel``); its worker stops it.
     cancel_requested = models.BooleanField(_("cancel requested"), default=False, db_default=False)
+    # Someone waits for this job's end (``conveyor.wait``): saving it notifies them.
+    awaited = models.BooleanField(_("awaited"), default=False, db_default=False)
     # What the task last reported (``context.progress``): {"done", "total", "message"}.
     progress = models.JSONField(_("progress"), null=True, default=None)
     # Deliveries (claims that were not given back), and those lost to a dying worker.
