@@ -14,7 +14,8 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
 from typing import Any, Self, cast
@@ -23,7 +24,7 @@ from django.tasks import Task, TaskResult
 
 from conveyor.conf import MAX_TTL
 from conveyor.exceptions import InvalidTaskOption
-from conveyor.records import PENDING_STATES, State
+from conveyor.records import PENDING_STATES, State, Success
 
 TASK_FIELDS = frozenset(f.name for f in fields(Task))
 HOOKS = ("on_success", "on_failure", "on_complete")
@@ -417,6 +418,23 @@ class Retention:
         """When a job that ended at ``finished_at`` may be deleted; None: it is kept."""
         ttl = self.succeeded if succeeded else self.failed
         return None if ttl is None else finished_at + timedelta(seconds=ttl)
+
+
+TRIM_WINDOW = 100  # older successes of a keep_last task looked at past its newest N
+
+
+def trims(successes: Iterable[Success], saved: Collection[str]) -> dict[tuple[str, int], int]:
+    """The ``keep_last`` trims these saved successes call for.
+
+    For each (task path, N): how many successes from the N-th newest on to let go of; the
+    saved ones pushed that many out, and a window beyond them catches older stragglers.
+    """
+    pushed: Counter[tuple[str, int]] = Counter()
+    for job, _ in successes:
+        keep = job.options.get("keep_last")
+        if keep is not None and job.id in saved:
+            pushed[job.task_path, int(keep)] += 1
+    return {key: TRIM_WINDOW + count for key, count in pushed.items()}
 
 
 def _ttl(value: float | None, default: float | None) -> float | None:

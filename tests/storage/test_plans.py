@@ -25,6 +25,7 @@ from django.utils import timezone
 from conveyor.backends.database import store as store_module
 from conveyor.backends.database.models import Job
 from conveyor.backends.database.transitions import dispatch, retention
+from conveyor.options import TRIM_WINDOW
 from conveyor.records import QueueSelector
 
 ROWS = 100_000
@@ -249,9 +250,7 @@ def _trim_pick(backend: Any) -> tuple[str, list[Any]]:
     """What a save of a ``keep_last`` task reads: its successes just past the newest N."""
     store = backend.store
     with transaction.atomic(using=store.using):  # the rows it lets go of are kept
-        sent = _sent(
-            backend, lambda: retention.trim(store, "tests.plans", KEEP_LAST, retention.TRIM_WINDOW)
-        )
+        sent = _sent(backend, lambda: retention.trim(store, "tests.plans", KEEP_LAST, TRIM_WINDOW))
         transaction.set_rollback(True, using=store.using)
     [pick, _] = sent  # then an UPDATE of the few ids picked, by primary key
     return pick

@@ -12,7 +12,6 @@ import json
 import secrets
 import threading
 import time
-from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -25,7 +24,7 @@ from conveyor import clock
 from conveyor.backends.base import Call, Held, StoreBackend
 from conveyor.backends.memory.rows import Row, line
 from conveyor.backends.memory.tables import clear_all, tables_for
-from conveyor.options import Retention
+from conveyor.options import Retention, trims
 from conveyor.records import (
     PENDING_STATES,
     Job,
@@ -39,8 +38,6 @@ from conveyor.records import (
 )
 
 OPEN = (*PENDING_STATES, State.RUNNING)
-# As the database store: a save looks at this many successes past a task's newest N.
-TRIM_WINDOW = 100
 EXPIRED = "its lease expired without a heartbeat (the worker or its machine stopped)"
 
 
@@ -203,13 +200,8 @@ class MemoryBackend(StoreBackend):
 
     def _let_go(self, successes: Sequence[Success], saved: set[str]) -> None:
         """Expire the successes of ``keep_last`` tasks that the saved ones pushed out."""
-        pushed: Counter[tuple[str, int]] = Counter()
-        for job, _ in successes:
-            keep = job.options.get("keep_last")
-            if keep is not None and job.id in saved:
-                pushed[job.task_path, int(keep)] += 1
-        for (task_path, keep), count in pushed.items():
-            self._tables.trim(task_path, keep, TRIM_WINDOW + count)
+        for (task_path, keep), window in trims(successes, saved).items():
+            self._tables.trim(task_path, keep, window)
 
     def fail(self, job: Job, outcome: Outcome) -> bool:
         state = State.CANCELLED if outcome.cancelled else State.FAILED

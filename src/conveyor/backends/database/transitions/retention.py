@@ -8,19 +8,17 @@ batches.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Collection, Sequence
 from datetime import datetime
 
 from conveyor.backends.database.store import IS_SUCCEEDED, TABLE, Store
-from conveyor.options import Retention
+from conveyor.options import Retention, trims
 from conveyor.records import Job as JobRecord
 from conveyor.records import Success
 
 # Successes just past the newest N that one save looks at. A save lets go of the few it
 # pushed out; a task that had many more (keep_last set on a task with a long history) is
 # trimmed by the saves that follow, as expiry deletes what the earlier ones let go of.
-TRIM_WINDOW = 100
 
 
 def expiry(job: JobRecord, finished_at: datetime, *, succeeded: bool) -> datetime | None:
@@ -30,13 +28,8 @@ def expiry(job: JobRecord, finished_at: datetime, *, succeeded: bool) -> datetim
 
 def let_go(store: Store, successes: Sequence[Success], saved: Collection[str]) -> None:
     """Expire the successes of ``keep_last`` tasks that the saved ones pushed out."""
-    pushed: Counter[tuple[str, int]] = Counter()
-    for job, _ in successes:
-        keep = job.options.get("keep_last")
-        if keep is not None and job.id in saved:
-            pushed[job.task_path, int(keep)] += 1
-    for (task_path, keep), count in pushed.items():
-        trim(store, task_path, keep, TRIM_WINDOW + count)
+    for (task_path, keep), window in trims(successes, saved).items():
+        trim(store, task_path, keep, window)
 
 
 def trim(store: Store, task_path: str, keep: int, window: int) -> int:
