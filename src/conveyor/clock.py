@@ -35,3 +35,17 @@ def set_offset(seconds: float) -> None:
     """Move the stores' clock to ``seconds`` ahead of the real one (for tests)."""
     global _offset
     _offset = float(seconds)
+
+
+def aware(moment: datetime) -> datetime:
+    """A datetime read from a store, as an aware one (naive ones are in ``TIME_ZONE``)."""
+    if timezone.is_aware(moment):
+        return moment
+    return timezone.make_aware(moment) if not settings.USE_TZ else moment.replace(tzinfo=UTC)
+
+
+def stored(moment: datetime | None) -> datetime | None:
+    """An aware datetime as Django stores it: as it is, or naive with ``USE_TZ`` off."""
+    if moment is None or settings.USE_TZ:
+        return moment
+    return timezone.make_naive(moment)

@@ -85,3 +85,15 @@ class Cancelled(ConveyorError):
 
 class TaskNotFound(ConveyorError):
     """A stored job names a task that cannot be imported."""
+
+
+class InvalidSchedule(ConveyorError, ValueError):
+    """A schedule that cannot be declared or saved; the message names it and what is wrong."""
+
+
+class ScheduleExists(InvalidSchedule):
+    """A schedule of that name is already stored for the backend."""
+
+
+class ScheduleNotFound(ConveyorError, LookupError):
+    """No stored schedule has that name."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
-from conveyor.records import QueueStats
+from conveyor.records import QueueStats, ScheduleInfo
 
 
 class Writer(Protocol):
@@ -49,3 +50,31 @@ def render_stats(stats: QueueStats, alias: str, out: Writer) -> None:
         out.write(name.ljust(width) + "".join(str(counts[c]).rjust(12) for c in COLUMNS) + "\n")
     totals = [getattr(stats, c) for c in COLUMNS]
     out.write("total".ljust(width) + "".join(str(t).rjust(12) for t in totals) + "\n")
+
+
+def describe_timetable(info: ScheduleInfo) -> str:
+    """A schedule's timetable in a few words: ``cron 30 2 * * * (Europe/Paris)`` and so on."""
+    tt = info.spec.timetable
+    if tt.kind == "cron":
+        what = f"cron {tt.cron}"
+    elif tt.kind == "every" and tt.every is not None:
+        what = f"every {tt.every}"
+    elif tt.kind == "once" and tt.start is not None:
+        what = f"once at {tt.start.isoformat()}"
+    else:
+        what = tt.kind
+    return f"{what} ({tt.timezone})" if tt.kind in ("cron", "daily", "weekly") else what
+
+
+def render_schedules(schedules: Sequence[ScheduleInfo], alias: str, out: Writer) -> None:
+    """Write one line per schedule: name, task, timetable, state, next and last runs."""
+    out.write(f"Backend '{printable(alias)}': {len(schedules)} schedule(s)\n")
+    for info in schedules:
+        state = "retired" if info.retired else "paused" if info.paused else "active"
+        nxt = info.next_run_at.isoformat(timespec="seconds") if info.next_run_at else "-"
+        last = info.last_run_at.isoformat(timespec="seconds") if info.last_run_at else "-"
+        out.write(
+            f"{printable(info.name)}  {printable(info.spec.task_path)}  "
+            f"{printable(describe_timetable(info))}  [{state}, {info.spec.source}]  "
+            f"next {nxt}  last {last}  runs {info.runs}\n"
+        )

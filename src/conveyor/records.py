@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import socket
@@ -13,6 +15,8 @@ from typing import Any
 
 from django.tasks import TaskResultStatus
 from django.tasks.base import TaskError
+
+from conveyor.cron import CatchUp, Timetable
 
 
 class State(StrEnum):
@@ -247,3 +251,88 @@ def error_from_text(exception_class_path: str, message: str) -> TaskError:
     """An error recorded by Conveyor itself (no Python traceback): ``Class: message``."""
     name = exception_class_path.rpartition(".")[2]
     return TaskError(exception_class_path=exception_class_path, traceback=f"{name}: {message}\n")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScheduleSpec:
+    """What a schedule runs and when: everything about it that is declared, none of its state.
+
+    ``args`` and ``kwargs`` are JSON values; ``queue_name`` and ``priority`` replace the
+    task's own when set. ``due_kwarg`` names a keyword argument that receives each run's
+    due time (ISO 8601). ``source`` is "code" for a schedule declared with ``@schedule``.
+    """
+
+    name: str
+    task_path: str
+    timetable: Timetable
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    queue_name: str = ""
+    priority: int | None = None
+    catch_up: CatchUp = CatchUp.ONCE
+    catch_up_limit: int = 100
+    grace: float = 60.0
+    due_kwarg: str = ""
+    jitter: float = 0.0
+    run_at_creation: bool = False
+    repeats: int | None = None
+    source: str = "database"
+
+    def fingerprint(self) -> str:
+        """A hash of the definition: a code schedule whose hash changed is updated."""
+        tt = self.timetable
+        every = tt.every.total_seconds() if tt.every is not None else None
+        start = tt.start.isoformat() if tt.start is not None else None
+        definition = [
+            self.task_path,
+            list(self.args),
+            dict(self.kwargs),
+            self.queue_name,
+            self.priority,
+            [tt.kind, tt.cron, every, start, tt.timezone],
+            [str(self.catch_up), self.catch_up_limit, self.grace, self.due_kwarg, self.jitter],
+            [self.run_at_creation, self.repeats],
+        ]
+        text = json.dumps(definition, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScheduleInfo:
+    """A stored schedule: its definition and where it stands (times on the store's clock)."""
+
+    spec: ScheduleSpec
+    backend: str
+    paused: bool = False
+    retired: bool = False
+    next_run_at: datetime | None = None
+    last_run_at: datetime | None = None  # the due time of the last run fired
+    last_result_id: str | None = None
+    runs: int = 0
+    repeats_left: int | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fired:
+    """One run of a schedule that was fired: its due time and the job it enqueued."""
+
+    schedule: str
+    task_path: str
+    due_at: datetime
+    result_id: str | None  # None: the task could not be enqueued (the error was logged)
+    on_demand: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncReport:
+    """What syncing the code schedules changed in the store, by schedule name."""
+
+    added: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    retired: tuple[str, ...] = ()

@@ -357,3 +357,16 @@ def unjson_key(account: int) -> None:
 @task(unique_key=account_of, unique_for=60)
 def debounced_account(account: int, note: str = "") -> str:
     return note
+
+
+@task()
+def scheduled_report(label: str, due: str = "") -> str:
+    return f"{label}@{due}"
+
+
+@task()
+def scheduled_line(path: str, label: str, due: str = "") -> str:
+    """Append ``label due`` to ``path``: the runs a schedule fired, as workers ran them."""
+    with Path(path).open("a") as f:
+        f.write(f"{label} {due}\n")
+    return label

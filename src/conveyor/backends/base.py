@@ -10,10 +10,11 @@ The runtime sees only this module, ``conveyor.records`` and ``conveyor.backends.
 
 from __future__ import annotations
 
+import random
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from django.tasks import Task, TaskResult, TaskResultStatus, task_backends
@@ -22,6 +23,7 @@ from django.tasks.exceptions import InvalidTask
 
 from conveyor.backends.tasks import (
     encode_arguments,
+    resolve_task,
     stored_task,
     task_problems,
     unavailable_task,
@@ -29,7 +31,19 @@ from conveyor.backends.tasks import (
 from conveyor.conf import BackendOptions
 from conveyor.exceptions import ConveyorImproperlyConfigured, InvalidTaskOption, TaskNotFound
 from conveyor.options import ConveyorTask, Retention, RetryPolicy, TimeLimits, Uniqueness
-from conveyor.records import Job, Outcome, PutBack, QueueSelector, QueueStats, Success, WorkerInfo
+from conveyor.records import (
+    Fired,
+    Job,
+    Outcome,
+    PutBack,
+    QueueSelector,
+    QueueStats,
+    ScheduleInfo,
+    ScheduleSpec,
+    Success,
+    SyncReport,
+    WorkerInfo,
+)
 
 Call = tuple[Sequence[Any], Mapping[str, Any]]
 # A delivery a worker holds: job key, token, and when its task started (None: not yet).
@@ -125,6 +139,27 @@ class ConveyorBackend(BaseTaskBackend):
         """Validate ``task`` and return its arguments as plain JSON values, or raise."""
         self.validate_task(task)
         return encode_arguments(task, args, kwargs, self.conveyor_options)
+
+    def scheduled_call(self, spec: ScheduleSpec, due: datetime, now: datetime) -> tuple[Task, Call]:
+        """The task and encoded call that the run of ``spec`` due at ``due`` enqueues.
+
+        Raise (``TaskNotFound``, ``InvalidTask``, ``InvalidTaskArguments``) if the schedule
+        names no registered task, a queue the backend does not have, or arguments that
+        cannot be stored.
+        """
+        task = resolve_task(spec.task_path)
+        changes: dict[str, Any] = {"backend": self.alias}
+        if spec.queue_name:
+            changes["queue_name"] = spec.queue_name
+        if spec.priority is not None:
+            changes["priority"] = spec.priority
+        if spec.jitter > 0:
+            changes["run_after"] = now + timedelta(seconds=random.uniform(0, spec.jitter))
+        task = task.using(**changes)
+        kwargs = dict(spec.kwargs)
+        if spec.due_kwarg:
+            kwargs[spec.due_kwarg] = due.isoformat()
+        return task, self.encode_call(task, list(spec.args), kwargs)
 
     def load_task(self, job: Job) -> Task:
         """Import the module-level task a job names, with the job's own settings.
@@ -332,6 +367,57 @@ class WorkerStore(ABC):
         A job's retention (``result_ttl``, ``failed_ttl``, ``keep_last``) is stored with it.
         ``limit`` bounds the jobs one call deletes (a worker deletes a little at a time);
         return how many were deleted.
+        """
+
+    # --- schedules ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def add_schedule(self, spec: ScheduleSpec, *, paused: bool = False) -> ScheduleInfo:
+        """Store a new schedule; raise ``ScheduleExists`` if one has its name."""
+
+    @abstractmethod
+    def change_schedule(self, spec: ScheduleSpec) -> ScheduleInfo:
+        """Replace the definition of the stored schedule of that name; its next run is
+        worked out again, never at or before its last. Raise ``ScheduleNotFound``."""
+
+    @abstractmethod
+    def sync_schedules(self, specs: Sequence[ScheduleSpec]) -> SyncReport:
+        """Make the stored code schedules these: add new ones, change changed ones, retire
+        those no longer declared (kept, with their history, but never run)."""
+
+    @abstractmethod
+    def pause_schedule(self, name: str, paused: bool) -> bool:
+        """Pause or resume a schedule; a resumed one skips the runs missed while paused.
+
+        Return False if no schedule has that name.
+        """
+
+    @abstractmethod
+    def delete_schedule(self, name: str) -> bool:
+        """Delete a schedule and its firings; its jobs stay. False if none has that name."""
+
+    @abstractmethod
+    def schedules(self, *, retired: bool = False) -> list[ScheduleInfo]:
+        """The stored schedules of this backend by name (retired ones too, if asked)."""
+
+    @abstractmethod
+    def get_schedule(self, name: str) -> ScheduleInfo | None:
+        """The stored schedule of that name, or None."""
+
+    @abstractmethod
+    def fire_schedules(self, limit: int = 100) -> list[Fired]:
+        """Enqueue the runs of up to ``limit`` schedules that are due (store clock).
+
+        Each due time of a schedule fires once, whatever number of workers call this at
+        once: it is recorded under a unique key in the same transaction as its job, and
+        its schedule's next run moves past it.
+        """
+
+    @abstractmethod
+    def run_schedule(self, name: str) -> Fired:
+        """Enqueue one run of a schedule now, outside its timetable (paused or not).
+
+        Raise ``ScheduleNotFound``.
         """
 
     # --- process life ----------------------------------------------------------------------

@@ -4,7 +4,7 @@ It reads each child's slots (``channel.py``) to renew exactly the deliveries the
 holds, and, when a child dies, to count only what it was executing. It is the only process
 that acts on signals: the first SIGTERM, SIGINT or SIGHUP stops gracefully, a second one
 (or the grace period) stops at once. It also deletes, a batch at a time, the finished jobs
-kept past their retention (``retention.py``).
+kept past their retention (``retention.py``), and fires due schedules (``scheduler.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from conveyor.runtime.leases import Leases, cancel_outcome, limit_outcome
 from conveyor.runtime.loop import EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED, WorkerConfig
 from conveyor.runtime.progress import Progress
 from conveyor.runtime.retention import Expiry
+from conveyor.runtime.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class WorkerSettings:
     until_done: bool = False
     grace: float = 30.0
     progress: bool = False
+    scheduler: bool = True  # fire due schedules (each due time fires once, fleet-wide)
 
 
 @dataclass(slots=True)
@@ -98,6 +100,7 @@ class Supervisor:
         self.crash_streak = 0
         self.leases = Leases(backend, self.host, settings.threads)
         self.expiry = Expiry(backend)
+        self.scheduler = Scheduler(backend) if settings.scheduler else None
 
     def run(self) -> int:
         """Supervise until stopped (or, with ``until_done``, until the queue is empty)."""
@@ -112,6 +115,8 @@ class Supervisor:
             self.backend.alias,
         )
         self._start_progress()
+        if self.scheduler is not None:
+            self.scheduler.sync()
         for _ in range(self.settings.processes):
             self._spawn()
         while self.children or (self.respawn_at and not self.signals):
@@ -129,6 +134,8 @@ class Supervisor:
         self._announce()
         if not self.signals:
             self.expiry.tick()
+            if self.scheduler is not None:
+                self.scheduler.tick()
         self._update_progress()
 
     def _finish(self) -> None:

@@ -18,10 +18,11 @@ from django.tasks.exceptions import TaskResultDoesNotExist
 from django.tasks.signals import task_enqueued
 
 from conveyor import clock
-from conveyor.backends.base import Call, Held, StoreBackend, Waiter
+from conveyor.backends.base import Call, Held, Waiter
 from conveyor.backends.database import operations, registry, store, transitions
 from conveyor.backends.database.dialects import SUPPORTED_VENDORS, dialect_for
 from conveyor.backends.database.models import Job
+from conveyor.backends.database.scheduled import DatabaseSchedules
 from conveyor.backends.tasks import due_later
 from conveyor.conf import BackendOptions
 from conveyor.exceptions import NotMigrated
@@ -47,7 +48,7 @@ class DatabaseOptions(BackendOptions):
     database: str = "default"
 
 
-class DatabaseBackend(StoreBackend):
+class DatabaseBackend(DatabaseSchedules):
     """Store jobs in a Django database; workers claim them with row locks and leases."""
 
     options_class: ClassVar[type[BackendOptions]] = DatabaseOptions

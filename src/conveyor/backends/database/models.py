@@ -183,3 +183,90 @@ class Worker(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.id}"
+
+
+class Schedule(models.Model):
+    """A task run on a timetable: declared in code (kept in sync) or made at run time."""
+
+    id = models.BigAutoField(primary_key=True)
+    backend_name = models.CharField(_("backend"), max_length=100)
+    name = models.CharField(_("name"), max_length=200)
+    task_path = models.CharField(_("task"), max_length=255)
+    args = models.JSONField(_("positional arguments"), default=list)
+    kwargs = models.JSONField(_("keyword arguments"), default=dict)
+    # Where its jobs go, if not where the task sends them.
+    queue_name = models.CharField(_("queue"), max_length=100, blank=True, default="")
+    priority = models.SmallIntegerField(_("priority"), null=True, blank=True)
+    # The timetable: its kind and what that kind needs (see ``conveyor.cron``).
+    kind = models.CharField(_("kind"), max_length=12)
+    cron = models.CharField(_("cron expression"), max_length=200, blank=True, default="")
+    every = models.DurationField(_("interval"), null=True, blank=True)
+    # The first run of fixed-step kinds (each run a whole number of steps from it).
+    start_at = models.DateTimeField(_("first run"), null=True, blank=True)
+    timezone = models.CharField(_("time zone"), max_length=64)
+    catch_up = models.CharField(_("catch-up"), max_length=8, default="once")
+    catch_up_limit = models.PositiveIntegerField(_("catch-up limit"), default=100)
+    grace = models.FloatField(_("grace (seconds)"), default=60.0)
+    due_kwarg = models.CharField(_("due time argument"), max_length=100, blank=True, default="")
+    jitter = models.FloatField(_("jitter (seconds)"), default=0.0)
+    run_at_creation = models.BooleanField(_("run at creation"), default=False)
+    # How many runs it makes in all, and how many are left; NULL: no end.
+    repeats = models.PositiveIntegerField(_("repeats"), null=True, blank=True)
+    repeats_left = models.PositiveIntegerField(_("runs left"), null=True, blank=True)
+    # "code": declared with @schedule and kept in sync at start-up; "database": made at run time.
+    source = models.CharField(_("source"), max_length=10, default="database")
+    fingerprint = models.CharField(_("definition hash"), max_length=64, blank=True, default="")
+    paused = models.BooleanField(_("paused"), default=False)
+    # A code schedule no longer declared: kept (with its history) but never run.
+    retired_at = models.DateTimeField(_("retired at"), null=True, blank=True)
+    # Store clock. NULL next run: it runs only when asked to (or it has ended).
+    next_run_at = models.DateTimeField(_("next run"), null=True, blank=True)
+    last_run_at = models.DateTimeField(_("last run due"), null=True, blank=True)
+    last_result_id = models.UUIDField(_("last job"), null=True, blank=True)
+    runs = models.PositiveBigIntegerField(_("runs"), default=0)
+    created_at = models.DateTimeField(_("created at"))
+    updated_at = models.DateTimeField(_("updated at"))
+
+    class Meta:
+        verbose_name = _("schedule")
+        verbose_name_plural = _("schedules")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["backend_name", "name"], name="conveyor_schedule_name_unique"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["backend_name", "next_run_at"], name="conveyor_schedule_due_idx")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ScheduleFiring(models.Model):
+    """One due time of a schedule that was fired: the key that keeps it from firing twice.
+
+    Kept apart from the job it enqueued, so that deleting the job never frees its slot.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    schedule = models.ForeignKey(
+        Schedule, on_delete=models.CASCADE, related_name="firings", verbose_name=_("schedule")
+    )
+    due_at = models.DateTimeField(_("due at"))
+    result_id = models.UUIDField(_("job"), null=True, blank=True)
+    fired_at = models.DateTimeField(_("fired at"))
+    # Asked for (``conveyor schedules run``), not a run of the timetable.
+    on_demand = models.BooleanField(_("on demand"), default=False)
+
+    class Meta:
+        verbose_name = _("schedule firing")
+        verbose_name_plural = _("schedule firings")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["schedule", "due_at", "on_demand"], name="conveyor_firing_unique"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.schedule_id} @ {self.due_at}"

@@ -13,6 +13,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import DEFERRED
 from django.tasks.base import TaskError
 
+from conveyor import clock
 from conveyor.backends.database.dialects import Dialect, dialect_for
 from conveyor.backends.database.models import Job, Worker
 from conveyor.options import UNIQUE_STATES
@@ -99,6 +100,13 @@ class Store:
 
     def time(self, value: datetime | None) -> Any:
         return self.connection.ops.adapt_datetimefield_value(value)
+
+    def now(self) -> datetime:
+        """The store's clock, read from the database (aware)."""
+        value = self.fetch(f"SELECT {self.dialect.now()}")[0][0]
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        return clock.aware(value)
 
 
 Converter = Callable[[tuple[Any, ...], BaseDatabaseWrapper], list[Any]]

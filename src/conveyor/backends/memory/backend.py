@@ -21,8 +21,9 @@ from django.tasks import Task, TaskResult
 from django.tasks.signals import task_enqueued
 
 from conveyor import clock
-from conveyor.backends.base import Call, Held, StoreBackend
+from conveyor.backends.base import Call, Held
 from conveyor.backends.memory.rows import Row, line
+from conveyor.backends.memory.schedules import MemorySchedules
 from conveyor.backends.memory.tables import clear_all, tables_for
 from conveyor.options import Retention, trims
 from conveyor.records import (
@@ -41,7 +42,7 @@ OPEN = (*PENDING_STATES, State.RUNNING)
 EXPIRED = "its lease expired without a heartbeat (the worker or its machine stopped)"
 
 
-class MemoryBackend(StoreBackend):
+class MemoryBackend(MemorySchedules):
     """Keep jobs in this process; a worker thread in the same process can run them."""
 
     supports_defer = True  # run_after is honoured.

@@ -36,6 +36,7 @@ class Tables:
         # Unique keys to the row that took each; stale once that row lets go of its key.
         self.slots: dict[str, Row] = {}
         self.workers: dict[str, WorkerInfo] = {}
+        self.schedules: dict[str, Any] = {}  # name -> ``schedules.Kept``
         self.seq = itertools.count(1)  # 0 marks an empty slot in the worker channel
 
     def clear(self) -> None:
@@ -45,6 +46,7 @@ class Tables:
             self.by_key.clear()
             self.slots.clear()
             self.workers.clear()
+            self.schedules.clear()
 
     # --- jobs -------------------------------------------------------------------------------
 

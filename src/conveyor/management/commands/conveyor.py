@@ -1,4 +1,4 @@
-"""``manage.py conveyor worker|status|cancel|prune``: parse arguments, then call the runtime."""
+"""``manage.py conveyor worker|status|schedules|cancel|prune``: parse arguments, then act."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from django.utils import timezone
 
 from conveyor.backends.base import StoreBackend
 from conveyor.control import CancelOutcome, cancel
-from conveyor.monitoring import printable, render_stats
+from conveyor.exceptions import InvalidSchedule, ScheduleNotFound
+from conveyor.monitoring import printable, render_schedules, render_stats
 from conveyor.records import QueueSelector
 
 MAX_PROCESSES = 512
@@ -25,6 +26,7 @@ MAX_GRACE = 86400.0  # a day
 MAX_DAYS = 36500.0  # a century: within datetime's range, and older than any job
 MAX_BATCH = 10000  # ids in one DELETE stay under every engine's limit on parameters
 DEFAULT_GRACE = 30.0
+SCHEDULE_VERBS = ("list", "run", "pause", "resume", "sync")
 # Worker options that only mean something for a supervised pool of processes.
 POOL_OPTIONS = {
     "processes": "--processes",
@@ -96,6 +98,23 @@ class Command(BaseCommand):
             help="Delete N jobs per transaction (default: 1000).",
         )
 
+        schedules = sub.add_parser(
+            "schedules", help="List schedules and their next runs; run, pause or resume one."
+        )
+        self._backend_argument(schedules)
+        schedules.add_argument(
+            "verb",
+            nargs="?",
+            choices=SCHEDULE_VERBS,
+            default="list",
+            help="list (the default), run NAME now, pause NAME, resume NAME, or sync the "
+            "code schedules into the store.",
+        )
+        schedules.add_argument("name", nargs="?", metavar="NAME", help="A schedule's name.")
+        schedules.add_argument(
+            "--retired", action="store_true", help="Also list code schedules no longer declared."
+        )
+
         cancel = sub.add_parser("cancel", help="Cancel jobs by id (running ones are stopped).")
         self._backend_argument(cancel)
         cancel.add_argument("ids", nargs="+", metavar="ID", help="The result id of a job.")
@@ -128,6 +147,11 @@ class Command(BaseCommand):
         )
         worker.add_argument(
             "--progress", action="store_true", help="Show a progress bar and a summary at the end."
+        )
+        worker.add_argument(
+            "--no-scheduler",
+            action="store_true",
+            help="Do not fire due schedules from this worker (others still do).",
         )
         worker.add_argument(
             "--in-process",
@@ -172,6 +196,8 @@ class Command(BaseCommand):
             self._cancel(backend, options["ids"])
         elif action == "prune":
             self._prune(backend, options["older_than"], options["batch"])
+        elif action == "schedules":
+            self._schedules(backend, options["verb"], options["name"], options["retired"])
 
     def _backend(self, alias: str) -> StoreBackend:
         try:
@@ -218,6 +244,7 @@ class Command(BaseCommand):
             until_done=options["until_done"],
             grace=options["grace"] or DEFAULT_GRACE,
             progress=options["progress"],
+            scheduler=not options["no_scheduler"],
         )
         return Supervisor(settings).run()
 
@@ -269,6 +296,32 @@ class Command(BaseCommand):
         if days is not None:
             deleted = backend.prune(timezone.now() - timedelta(days=days), batch=batch)
             self.stdout.write(f"Deleted {deleted} finished job(s) older than {days:g} day(s).")
+
+    def _schedules(self, backend: StoreBackend, verb: str, name: str | None, retired: bool) -> None:
+        from conveyor import schedules
+
+        if verb in ("list", "sync"):
+            if name:
+                raise CommandError(f"`schedules {verb}` takes no NAME.")
+            if verb == "sync":
+                report = schedules.sync(backend.alias)
+                self.stdout.write(
+                    f"Added {len(report.added)}, updated {len(report.changed)}, retired "
+                    f"{len(report.retired)} code schedule(s)."
+                )
+            render_schedules(backend.schedules(retired=retired), backend.alias, self.stdout)
+            return
+        if not name:
+            raise CommandError(f"`schedules {verb}` needs the NAME of a schedule.")
+        try:
+            if verb == "run":
+                result = schedules.run(name, backend=backend.alias)
+                self.stdout.write(f"Schedule {printable(name)!r}: enqueued job {result.id}.")
+            else:
+                getattr(schedules, verb)(name, backend=backend.alias)
+                self.stdout.write(f"Schedule {printable(name)!r}: {verb}d.")
+        except (ScheduleNotFound, InvalidSchedule) as e:
+            raise CommandError(printable(str(e))) from e
 
     def _status(self, backend: StoreBackend, queues: QueueSelector) -> None:
         render_stats(backend.stats(queues), backend.alias, self.stdout)

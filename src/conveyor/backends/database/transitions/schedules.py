@@ -1,0 +1,350 @@
+"""Schedules: saving them, and firing each due time once, whatever number of workers try.
+
+A tick locks one due schedule's row (skipping rows another worker holds; SQLite takes its
+one write lock), works out the due times to fire (``conveyor.backends.scheduling``),
+inserts a firing per due time under the unique key (schedule, due time), enqueues its job,
+and moves the schedule's next run past them, all in one transaction: a worker killed
+half-way leaves nothing, and the next tick of any worker fires the same due times. The
+firings are kept apart from the jobs, so that deleting a job never frees its due time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from django.db import IntegrityError
+from django.db.models import QuerySet
+
+from conveyor import clock
+from conveyor.backends import scheduling
+from conveyor.backends.database.models import Schedule, ScheduleFiring
+from conveyor.backends.database.store import Store
+from conveyor.cron import CatchUp, Timetable
+from conveyor.exceptions import InvalidSchedule, ScheduleExists, ScheduleNotFound
+from conveyor.records import Fired, ScheduleInfo, ScheduleSpec, SyncReport
+
+SYNC_TRIES = 3  # a code schedule two workers add at once: the loser reads it and goes on
+
+# Enqueues the runs due at these times of a schedule; returns each one's result id, or
+# None where the run could not be enqueued (the error was logged).
+Enqueue = Callable[[ScheduleSpec, Sequence[datetime], datetime], list[str | None]]
+
+
+def _rows(store: Store) -> QuerySet[Schedule]:
+    return Schedule.objects.using(store.using).filter(backend_name=store.backend)
+
+
+def _locked(store: Store) -> QuerySet[Schedule]:
+    skip = store.connection.features.has_select_for_update_skip_locked
+    return _rows(store).select_for_update(skip_locked=skip)
+
+
+def _stored(moment: datetime | None) -> Any:
+    return clock.stored(moment)
+
+
+def _read(moment: datetime | None) -> datetime | None:
+    return None if moment is None else clock.aware(moment)
+
+
+def timetable_of(row: Schedule) -> Timetable:
+    return Timetable(
+        kind=row.kind,
+        cron=row.cron,
+        every=row.every,
+        start=_read(row.start_at),
+        timezone=row.timezone,
+        hash_id=row.name,
+    )
+
+
+def spec_of(row: Schedule) -> ScheduleSpec:
+    return ScheduleSpec(
+        name=row.name,
+        task_path=row.task_path,
+        timetable=timetable_of(row),
+        args=tuple(row.args),
+        kwargs=dict(row.kwargs),
+        queue_name=row.queue_name,
+        priority=row.priority,
+        catch_up=CatchUp(row.catch_up),
+        catch_up_limit=row.catch_up_limit,
+        grace=row.grace,
+        due_kwarg=row.due_kwarg,
+        jitter=row.jitter,
+        run_at_creation=row.run_at_creation,
+        repeats=row.repeats,
+        source=row.source,
+    )
+
+
+def info_of(row: Schedule) -> ScheduleInfo:
+    return ScheduleInfo(
+        spec=spec_of(row),
+        backend=row.backend_name,
+        paused=row.paused,
+        retired=row.retired_at is not None,
+        next_run_at=_read(row.next_run_at),
+        last_run_at=_read(row.last_run_at),
+        last_result_id=str(row.last_result_id) if row.last_result_id else None,
+        runs=row.runs,
+        repeats_left=row.repeats_left,
+        created_at=_read(row.created_at),
+        updated_at=_read(row.updated_at),
+    )
+
+
+def _definition(spec: ScheduleSpec, timetable: Timetable) -> dict[str, Any]:
+    """The columns that hold ``spec``'s definition."""
+    return {
+        "task_path": spec.task_path,
+        "args": list(spec.args),
+        "kwargs": dict(spec.kwargs),
+        "queue_name": spec.queue_name,
+        "priority": spec.priority,
+        "kind": timetable.kind,
+        "cron": timetable.cron,
+        "every": timetable.every,
+        "start_at": _stored(timetable.start),
+        "timezone": timetable.timezone,
+        "catch_up": str(spec.catch_up),
+        "catch_up_limit": spec.catch_up_limit,
+        "grace": spec.grace,
+        "due_kwarg": spec.due_kwarg,
+        "jitter": spec.jitter,
+        "run_at_creation": spec.run_at_creation,
+        "repeats": spec.repeats,
+        "source": spec.source,
+        "fingerprint": spec.fingerprint(),
+    }
+
+
+def _create(store: Store, spec: ScheduleSpec, now: datetime, paused: bool) -> Schedule:
+    timetable = scheduling.anchored(spec, now)
+    first = scheduling.first_run(spec, timetable, now, new=True)
+    return Schedule.objects.using(store.using).create(
+        backend_name=store.backend,
+        name=spec.name,
+        paused=paused,
+        repeats_left=spec.repeats,
+        next_run_at=_stored(first),
+        created_at=_stored(now),
+        updated_at=_stored(now),
+        **_definition(spec, timetable),
+    )
+
+
+def _redefine(row: Schedule, spec: ScheduleSpec, now: datetime) -> None:
+    """Give ``row`` the definition ``spec``; its next run is worked out again."""
+    timetable = scheduling.anchored(spec, now)
+    for name, value in _definition(spec, timetable).items():
+        setattr(row, name, value)
+    row.next_run_at = _stored(scheduling.first_run(spec, timetable, now, _read(row.last_run_at)))
+    row.repeats_left = spec.repeats
+    row.retired_at = None
+    row.updated_at = _stored(now)
+
+
+def add(store: Store, spec: ScheduleSpec, paused: bool) -> ScheduleInfo:
+    with store.dialect.write_transaction():
+        try:
+            return info_of(_create(store, spec, store.now(), paused))
+        except IntegrityError as e:
+            raise ScheduleExists(
+                f"Schedule {spec.name!r} already exists on backend {store.backend!r}; "
+                "change it, or delete it first."
+            ) from e
+
+
+def change(store: Store, spec: ScheduleSpec) -> ScheduleInfo:
+    with store.dialect.write_transaction():
+        row = _locked(store).filter(name=spec.name).first()
+        if row is None:
+            raise ScheduleNotFound(f"No schedule {spec.name!r} on backend {store.backend!r}.")
+        if row.source == "code" and spec.source != "code":
+            raise InvalidSchedule(
+                f"Schedule {spec.name!r} is declared in code (@schedule): change it there."
+            )
+        _redefine(row, spec, store.now())
+        row.save(using=store.using)
+        return info_of(row)
+
+
+def sync(store: Store, specs: Sequence[ScheduleSpec]) -> SyncReport:
+    """Make the stored code schedules ``specs``; tried again if another worker added one."""
+    for attempt in range(SYNC_TRIES):
+        try:
+            with store.dialect.write_transaction():
+                return _sync(store, specs)
+        except IntegrityError:
+            if attempt == SYNC_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _sync(store: Store, specs: Sequence[ScheduleSpec]) -> SyncReport:
+    now = store.now()
+    names = {spec.name for spec in specs}
+    stored = {row.name: row for row in _locked(store).filter(name__in=names)}
+    added, changed = [], []
+    for spec in specs:
+        row = stored.get(spec.name)
+        if row is None:
+            _create(store, spec, now, paused=False)
+            added.append(spec.name)
+        elif row.source != "code":
+            raise InvalidSchedule(
+                f"Schedule {spec.name!r} is declared in code (@schedule) but a schedule made "
+                f"at run time on backend {store.backend!r} has that name; rename one of them."
+            )
+        elif row.fingerprint != spec.fingerprint() or row.retired_at is not None:
+            _redefine(row, spec, now)
+            row.save(using=store.using)
+            changed.append(spec.name)
+    gone = _rows(store).filter(source="code", retired_at=None).exclude(name__in=names)
+    retired = sorted(gone.values_list("name", flat=True))
+    gone.update(retired_at=_stored(now), next_run_at=None, updated_at=_stored(now))
+    return SyncReport(added=tuple(added), changed=tuple(changed), retired=tuple(retired))
+
+
+def pause(store: Store, name: str, paused: bool) -> bool:
+    with store.dialect.write_transaction():
+        row = _locked(store).filter(name=name).first()
+        if row is None:
+            return False
+        if row.paused and not paused:
+            now = store.now()
+            nxt = scheduling.resumed_run(timetable_of(row), _read(row.next_run_at), now)
+            row.next_run_at = _stored(nxt)
+        row.paused = paused
+        row.updated_at = _stored(store.now())
+        row.save(using=store.using)
+        return True
+
+
+def delete(store: Store, name: str) -> bool:
+    with store.dialect.write_transaction():
+        row = _rows(store).filter(name=name).first()
+        if row is None:
+            return False
+        if row.source == "code" and row.retired_at is None:
+            raise InvalidSchedule(
+                f"Schedule {name!r} is declared in code (@schedule): remove it there; it is "
+                "retired at the next start-up, and can be deleted then."
+            )
+        row.delete()
+        return True
+
+
+def listing(store: Store, retired: bool) -> list[ScheduleInfo]:
+    rows = _rows(store).order_by("name")
+    if not retired:
+        rows = rows.filter(retired_at=None)
+    return [info_of(row) for row in rows]
+
+
+def get(store: Store, name: str) -> ScheduleInfo | None:
+    row = _rows(store).filter(name=name).first()
+    return info_of(row) if row is not None else None
+
+
+def due(store: Store, limit: int) -> list[int]:
+    """The keys of schedules whose next run is due (store clock), the most overdue first."""
+    sql = (
+        f"SELECT id FROM {Schedule._meta.db_table} WHERE backend_name = %s "
+        f"AND next_run_at <= {store.dialect.now()} AND paused = %s AND retired_at IS NULL "
+        "ORDER BY next_run_at LIMIT %s"
+    )
+    return [row[0] for row in store.fetch(sql, [store.backend, False, limit])]
+
+
+def fire(store: Store, key: int, enqueue: Enqueue) -> list[Fired]:
+    """Fire the due times of one schedule, if it is still due and no other worker holds it."""
+    with store.dialect.write_transaction():
+        row = _locked(store).filter(pk=key, paused=False, retired_at=None).first()
+        now = store.now()
+        next_run = _read(row.next_run_at) if row is not None else None
+        if row is None or next_run is None or next_run > now:
+            return []  # another worker fired it, or holds it now
+        spec, timetable = spec_of(row), timetable_of(row)
+        owed = scheduling.firing(spec, timetable, next_run, now, row.repeats_left, set())
+        taken = _taken(store, row, owed.due)
+        due = [slot for slot in owed.due if slot not in taken]
+        ids = enqueue(spec, due, now)
+        ScheduleFiring.objects.using(store.using).bulk_create(
+            ScheduleFiring(
+                schedule=row, due_at=_stored(slot), result_id=result_id, fired_at=_stored(now)
+            )
+            for slot, result_id in zip(due, ids, strict=True)
+        )
+        _advance(row, owed, due, ids, now)
+        row.save(using=store.using)
+        if row.runs % scheduling.FIRINGS_KEPT < len(due):
+            _trim(store, row)
+    return [
+        Fired(schedule=row.name, task_path=row.task_path, due_at=slot, result_id=result_id)
+        for slot, result_id in zip(due, ids, strict=True)
+    ]
+
+
+def _taken(store: Store, row: Schedule, slots: Sequence[datetime]) -> set[datetime]:
+    if not slots:
+        return set()
+    found = ScheduleFiring.objects.using(store.using).filter(
+        schedule=row, on_demand=False, due_at__in=[_stored(slot) for slot in slots]
+    )
+    return {clock.aware(moment) for moment in found.values_list("due_at", flat=True)}
+
+
+def _advance(
+    row: Schedule,
+    owed: scheduling.Firing,
+    due: Sequence[datetime],
+    ids: Sequence[str | None],
+    now: datetime,
+) -> None:
+    row.next_run_at = _stored(owed.next_run)
+    row.repeats_left = owed.repeats_left
+    if due:
+        row.last_run_at = _stored(max(due))
+        row.runs += len(due)
+        row.last_result_id = next((i for i in reversed(ids) if i), row.last_result_id)
+    row.updated_at = _stored(now)
+
+
+def _trim(store: Store, row: Schedule) -> None:
+    """Forget firings older than the last ``FIRINGS_KEPT`` (the next run is past them)."""
+    firings = ScheduleFiring.objects.using(store.using).filter(schedule=row, on_demand=False)
+    keep = list(
+        firings.order_by("-due_at").values_list("due_at", flat=True)[: scheduling.FIRINGS_KEPT]
+    )
+    if len(keep) == scheduling.FIRINGS_KEPT:
+        firings.filter(due_at__lt=keep[-1]).delete()
+
+
+def run_now(store: Store, name: str, enqueue: Enqueue) -> Fired:
+    """Fire one run of a schedule now, outside its timetable."""
+    with store.dialect.write_transaction():
+        row = _locked(store).filter(name=name, retired_at=None).first()
+        if row is None:
+            raise ScheduleNotFound(f"No schedule {name!r} on backend {store.backend!r}.")
+        now = store.now()
+        spec = replace(spec_of(row), jitter=0.0)
+        (result_id,) = enqueue(spec, [now], now)
+        ScheduleFiring.objects.using(store.using).create(
+            schedule=row,
+            due_at=_stored(now),
+            result_id=result_id,
+            fired_at=_stored(now),
+            on_demand=True,
+        )
+        row.runs += 1
+        row.last_result_id = result_id or row.last_result_id
+        row.updated_at = _stored(now)
+        row.save(using=store.using)
+    return Fired(
+        schedule=name, task_path=row.task_path, due_at=now, result_id=result_id, on_demand=True
+    )

@@ -1,0 +1,92 @@
+"""Firing schedules from every supervisor: no leader, no "run only one scheduler".
+
+At start-up the supervisor syncs the code schedules into the store. Then, about once a
+second, it asks the store to fire the schedules that are due; the store fires each due
+time once however many supervisors ask at the same moment (``fire_schedules``), so any
+number of workers on any number of machines may run this. Due times are read on the
+store's clock, never this machine's. An error is logged and the next look tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from django.db import connections
+
+from conveyor.backends.base import StoreBackend
+from conveyor.records import Fired
+
+logger = logging.getLogger(__name__)
+
+EVERY = 1.0  # seconds between looks for due schedules
+LIMIT = 100  # schedules one look fires at most (more are fired at the next)
+
+
+class Scheduler:
+    """Fire ``backend``'s due schedules, a look every ``every`` seconds (``now``: a clock)."""
+
+    def __init__(
+        self,
+        backend: StoreBackend,
+        *,
+        every: float = EVERY,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.every = every
+        self.now = now
+        self.next_look = now()
+        self.synced = False
+        self.failing = False
+
+    def sync(self) -> bool:
+        """Make the store's code schedules those this code declares; False if it failed."""
+        from conveyor.schedules import declared
+
+        try:
+            report = self.backend.sync_schedules(declared(self.backend.alias))
+        except Exception as e:
+            connections.close_all()
+            logger.error(
+                "Could not sync the code schedules of backend %r: %s: %s. They fire as "
+                "stored; trying again in a moment.",
+                self.backend.alias,
+                type(e).__name__,
+                e,
+            )
+            return False
+        self.synced = True
+        for verb, names in (
+            ("Added", report.added),
+            ("Updated", report.changed),
+            ("Retired", report.retired),
+        ):
+            if names:
+                logger.info("%s schedule(s) %s.", verb, ", ".join(names))
+        return True
+
+    def tick(self) -> list[Fired]:
+        """Fire the due schedules, if a look is due; return the runs fired."""
+        now = self.now()
+        if now < self.next_look:
+            return []
+        self.next_look = now + self.every * random.uniform(0.8, 1.0)
+        if not self.synced and not self.sync():
+            self.next_look = now + 10 * self.every
+        try:
+            fired = self.backend.fire_schedules(LIMIT)
+        except Exception as e:
+            connections.close_all()
+            log = logger.debug if self.failing else logger.warning
+            log("Could not fire schedules (%s: %s); trying again.", type(e).__name__, e)
+            self.failing = True
+            return []
+        if self.failing:
+            logger.info("Schedules fire again.")
+            self.failing = False
+        if len(fired) >= LIMIT:
+            self.next_look = now  # more are due
+        return fired
