@@ -159,12 +159,13 @@ class Timetable:
         if self.start is not None or self.kind in (CRON, ONCE, MANUAL):
             return self
         if (step := self.step) is not None:
-            start = now + step
-        elif self.kind in DAY_STEPS:
-            start = now + timedelta(days=DAY_STEPS[self.kind])
-        else:
+            start = now.astimezone(UTC) + step
+        else:  # the same wall time, days or months later
             wall = now.astimezone(self.zone).replace(tzinfo=None)
-            wall = _add_months(wall, MONTH_STEPS[self.kind])
+            if self.kind in DAY_STEPS:
+                wall += timedelta(days=DAY_STEPS[self.kind])
+            else:
+                wall = _add_months(wall, MONTH_STEPS[self.kind])
             start = wall.replace(tzinfo=self.zone, fold=0)
         return replace(self, start=start.astimezone(UTC))
 
@@ -179,8 +180,10 @@ class Timetable:
     def _nth(self, index: int) -> datetime:
         """The run ``index`` steps after ``start``."""
         assert self.start is not None
-        if (step := self.step) is not None:
-            return (self.start + step * index).astimezone(UTC)
+        if (step := self.step) is not None:  # real time, whatever the start's zone
+            return self.start.astimezone(UTC) + step * index
+        if index == 0:
+            return self.start.astimezone(UTC)  # the second of two equal wall times, too
         wall = self.start.astimezone(self.zone).replace(tzinfo=None)
         if self.kind in DAY_STEPS:
             wall += timedelta(days=DAY_STEPS[self.kind] * index)
@@ -227,7 +230,31 @@ class Timetable:
             return [first.astimezone(UTC), second.astimezone(UTC)]
         return [first.astimezone(UTC)]
 
+    def _steady(self, earlier: datetime, later: datetime) -> bool:
+        """Say whether no clock change falls between two moments less than a day apart."""
+        if later - earlier > timedelta(days=1):
+            return False
+        before, after = (
+            (earlier - SHIFT).astimezone(self.zone),
+            (later + SHIFT).astimezone(self.zone),
+        )
+        return before.utcoffset() == after.utcoffset()
+
+    def _cron_quick(self, moment: datetime, *, backwards: bool) -> datetime | None:
+        """The run next to ``moment`` when no clock change is near: one croniter step."""
+        wall = moment.astimezone(self.zone).replace(tzinfo=None)
+        start = wall + timedelta(microseconds=1) if backwards else wall
+        try:
+            found = next(self._iterate(start, backwards=backwards))
+        except CroniterBadDateError:
+            return None
+        run = found.replace(tzinfo=self.zone).astimezone(UTC)
+        earlier, later = (run, moment) if backwards else (moment, run)
+        return run if self._steady(earlier, later) else None
+
     def _cron_next(self, moment: datetime) -> datetime | None:
+        if (quick := self._cron_quick(moment, backwards=False)) is not None and quick > moment:
+            return quick
         wall = moment.astimezone(self.zone).replace(tzinfo=None)
         best: datetime | None = None
         try:
@@ -242,6 +269,8 @@ class Timetable:
         return best
 
     def _cron_last(self, moment: datetime) -> datetime | None:
+        if (quick := self._cron_quick(moment, backwards=True)) is not None and quick <= moment:
+            return quick
         wall = moment.astimezone(self.zone).replace(tzinfo=None)
         best: datetime | None = None
         try:

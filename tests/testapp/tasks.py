@@ -364,9 +364,9 @@ def scheduled_report(label: str, due: str = "") -> str:
     return f"{label}@{due}"
 
 
-@task()
-def scheduled_line(path: str, label: str, due: str = "") -> str:
-    """Append ``label due`` to ``path``: the runs a schedule fired, as workers ran them."""
+@task(takes_context=True)
+def scheduled_line(context: TaskContext, path: str, label: str, due: str = "") -> str:
+    """Append ``label due job-id`` to ``path``: the runs schedules fired, as workers ran them."""
     with Path(path).open("a") as f:
-        f.write(f"{label} {due}\n")
+        f.write(f"{label} {due} {context.task_result.id}\n")
     return label

@@ -1,0 +1,136 @@
+"""Schedules fired by many real workers at once: each due time once, supervisors killed too."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import signal
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from conveyor import schedules
+from tests.helpers import Worker, lines, wait_for
+
+pytestmark = pytest.mark.acceptance
+
+LINE = "tests.testapp.tasks.scheduled_line"
+SUPERVISORS, PROCESSES = 8, 4  # 32 worker processes, every supervisor firing schedules
+
+
+def declare(alias: str, log: Path) -> list[str]:
+    """Three schedules due every second or two; each run appends "label due" to ``log``.
+
+    Each catches up every missed due time, so that a due time not fired shows as a gap.
+    """
+    made = [
+        ("each-second", {"every": 1}),
+        ("every-two", {"every": 2}),
+        ("cron-seconds", {"cron": "* * * * * *"}),
+    ]
+    for name, timing in made:
+        schedules.create(
+            name,
+            LINE,
+            args=[str(log), name],
+            due_kwarg="due",
+            catch_up="all",
+            backend=alias,
+            **timing,
+        )
+    return [name for name, _ in made]
+
+
+def fired(log: Path) -> dict[str, dict[datetime, set[str]]]:
+    """For each schedule, the jobs that ran for each of its due times."""
+    runs: dict[str, dict[datetime, set[str]]] = {}
+    for line in lines(log):
+        name, due, job_id = line.split(" ")
+        runs.setdefault(name, {}).setdefault(datetime.fromisoformat(due), set()).add(job_id)
+    return runs
+
+
+def assert_each_due_time_once(alias: str, log: Path, names: list[str]) -> int:
+    """Check each due time got one job, with no due time skipped; return the runs repeated.
+
+    A job runs again only when the process running it was killed (at-least-once
+    delivery); a due time that got two jobs would be a schedule firing twice.
+    """
+    runs = fired(log)
+    for name in names:
+        dues = runs.get(name, {})
+        assert len(dues) >= 3, (name, dues)
+        doubled = {due: jobs for due, jobs in dues.items() if len(jobs) > 1}
+        assert doubled == {}, f"{name}: due times fired twice: {doubled}"
+        ordered = sorted(dues)
+        step = 2 if name == "every-two" else 1
+        gaps = [(a, b) for a, b in itertools.pairwise(ordered) if (b - a).total_seconds() != step]
+        assert gaps == [], f"{name}: due times skipped between {gaps}"
+        info = schedules.get(name, backend=alias)
+        assert info.runs == len(dues) and info.last_run_at == ordered[-1]
+    seen = Counter(line.rsplit(" ", 1)[1] for line in lines(log))
+    return sum(count - 1 for count in seen.values())
+
+
+def start(alias: str, count: int) -> list[Worker]:
+    return [
+        Worker(alias, "--processes", str(PROCESSES), options={"LEASE": 10.0}) for _ in range(count)
+    ]
+
+
+def stop(workers: list[Worker]) -> None:
+    for worker in workers:
+        if worker.proc.poll() is None:
+            worker.signal(signal.SIGTERM)
+    for worker in workers:
+        worker.wait(timeout=30)
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"], indirect=True)
+def test_many_workers_fire_each_due_time_once(backend, backend_alias, tmp_path: Path):
+    log = tmp_path / "runs.log"
+    names = declare(backend_alias, log)
+    workers = start(backend_alias, SUPERVISORS)
+    try:
+        wait_for(
+            lambda: all(len(v) >= 4 for v in fired(log).values()) and len(fired(log)) == 3,
+            timeout=60,
+            every=0.2,
+        )
+        time.sleep(2)
+    finally:
+        stop(workers)
+    # Jobs fired just before the stop may still be waiting: run them with one worker.
+    finisher = Worker(backend_alias, "--processes", "1", "--until-done", "--no-scheduler")
+    assert finisher.wait(timeout=60) == 0, finisher.output
+    assert assert_each_due_time_once(backend_alias, log, names) == 0  # nothing ran twice
+    for worker in workers:
+        assert "Traceback" not in worker.output, worker.output
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"], indirect=True)
+def test_supervisors_killed_mid_tick_neither_lose_nor_double_a_due_time(
+    backend, backend_alias, tmp_path: Path
+):
+    log = tmp_path / "runs.log"
+    names = declare(backend_alias, log)
+    workers = start(backend_alias, SUPERVISORS)
+    try:
+        wait_for(lambda: len(fired(log)) == 3, timeout=60, every=0.1)
+        victims = random.sample(workers, 3)
+        for victim in victims:  # at random moments of their ticks, with their children
+            time.sleep(random.uniform(0.3, 1.2))
+            victim.kill_group()
+        count = len(lines(log))
+        wait_for(lambda: len(lines(log)) >= count + 9, timeout=30, every=0.1)
+    finally:
+        for victim in workers:
+            if victim.proc.poll() is not None:
+                victim.wait(timeout=5)
+        stop([w for w in workers if w.proc.poll() is None])
+    finisher = Worker(backend_alias, "--processes", "1", "--until-done", "--no-scheduler")
+    assert finisher.wait(timeout=60) == 0, finisher.output
+    assert_each_due_time_once(backend_alias, log, names)
