@@ -69,11 +69,13 @@ def firing(
     now: datetime,
     repeats_left: int | None,
     fired: set[datetime],
+    last_run: datetime | None = None,
 ) -> Firing:
     """The due times to fire for a schedule whose ``next_run`` is at or before ``now``.
 
     ``fired`` holds those of its due times already fired (a slot is fired once, whatever
-    else changed); a schedule with ``repeats_left`` runs no more than that.
+    else changed), and none at or before ``last_run`` fires; a schedule with
+    ``repeats_left`` runs no more than that.
     """
     chosen = plan(
         timetable,
@@ -83,7 +85,9 @@ def firing(
         limit=spec.catch_up_limit,
         grace=spec.grace,
     )
-    due = tuple(slot for slot in chosen.fire if slot not in fired)
+    due = tuple(
+        slot for slot in chosen.fire if slot not in fired and (last_run is None or slot > last_run)
+    )
     following = chosen.next_run
     if repeats_left is not None:
         due = due[:repeats_left]

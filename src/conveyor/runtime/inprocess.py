@@ -38,6 +38,7 @@ from conveyor.records import Job, Outcome, QueueSelector, WorkerInfo, new_worker
 from conveyor.runtime.channel import Slots
 from conveyor.runtime.loop import Loop, WorkerConfig
 from conveyor.runtime.middleware import DEFAULT_MIDDLEWARE, Middleware
+from conveyor.runtime.scheduler import SchedulerThread
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,10 @@ class InProcessWorker:
         until_done: bool = True,
         max_tasks: int | None = None,
         stop_on_signals: bool = False,
+        scheduler: bool = False,
     ) -> None:
         self.alias = backend_alias
+        self.scheduler = scheduler  # fire due schedules from a thread beside the jobs
         self.queues = queues or QueueSelector()
         self.until_done = until_done
         self.max_tasks = max_tasks
@@ -106,6 +109,7 @@ class InProcessWorker:
             loop.request_stop()
         backend.register_worker(self._info(backend))
         keeper = None if _in_transaction() else LeaseKeeper(backend, self.worker_id, slots)
+        scheduler = SchedulerThread(backend) if self.scheduler else None
         ended, counts = "crashed", True
         try:
             with _stopped_by_signals(loop, enabled=self.stop_on_signals):
@@ -117,6 +121,8 @@ class InProcessWorker:
                 raise
             return EXIT_INTERRUPTED
         finally:
+            if scheduler is not None:
+                scheduler.stop()
             if keeper is not None:
                 keeper.stop()
             self._put_back(backend, slots, ended, counts)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 
@@ -90,3 +91,25 @@ class Scheduler:
         if len(fired) >= LIMIT:
             self.next_look = now  # more are due
         return fired
+
+
+class SchedulerThread:
+    """A daemon thread firing due schedules beside an in-process worker."""
+
+    def __init__(self, backend: StoreBackend, *, every: float = EVERY) -> None:
+        self.scheduler = Scheduler(backend, every=every)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="conveyor-scheduler", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.scheduler.sync()
+            while not self.stopped.wait(max(0.0, self.scheduler.next_look - time.monotonic())):
+                self.scheduler.tick()
+        finally:
+            connections.close_all()  # this thread's own connections
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=timeout)

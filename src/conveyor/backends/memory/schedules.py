@@ -188,7 +188,9 @@ class MemorySchedules(StoreBackend):
     def _fire(self, kept: Kept, now: datetime) -> list[Fired]:
         assert kept.next_run is not None
         spec, timetable = kept.spec, kept.spec.timetable
-        owed = scheduling.firing(spec, timetable, kept.next_run, now, kept.repeats_left, kept.fired)
+        owed = scheduling.firing(
+            spec, timetable, kept.next_run, now, kept.repeats_left, kept.fired, kept.last_run
+        )
         ids = [self._enqueue_run(spec, slot, now) for slot in owed.due]
         kept.fired.update(owed.due)
         if len(kept.fired) > scheduling.FIRINGS_KEPT:

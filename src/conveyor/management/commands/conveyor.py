@@ -263,6 +263,7 @@ class Command(BaseCommand):
             until_done=options["until_done"],
             max_tasks=options["max_tasks_per_child"],
             stop_on_signals=True,
+            scheduler=not options["no_scheduler"],
         )
         code = worker.run()
         done = worker.summary

@@ -270,7 +270,9 @@ def fire(store: Store, key: int, enqueue: Enqueue) -> list[Fired]:
         if row is None or next_run is None or next_run > now:
             return []  # another worker fired it, or holds it now
         spec, timetable = spec_of(row), timetable_of(row)
-        owed = scheduling.firing(spec, timetable, next_run, now, row.repeats_left, set())
+        owed = scheduling.firing(
+            spec, timetable, next_run, now, row.repeats_left, set(), _read(row.last_run_at)
+        )
         taken = _taken(store, row, owed.due)
         due = [slot for slot in owed.due if slot not in taken]
         ids = enqueue(spec, due, now)
