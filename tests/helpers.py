@@ -59,6 +59,7 @@ class Worker:
         env["CONVEYOR_TEST_OPTIONS"] = json.dumps({**FAST, **(options or {})})
         env.pop("DJANGO_SETTINGS_MODULE", None)
         self.args = [sys.executable, str(MANAGE), "conveyor", "worker", "--backend", backend, *args]
+        self.env, self.cwd = env, ROOT
         self.proc = subprocess.Popen(
             self.args,
             env=env,

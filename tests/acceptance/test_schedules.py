@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import select
 import signal
+import subprocess
 import time
 from collections import Counter
 from datetime import datetime
@@ -134,3 +137,82 @@ def test_supervisors_killed_mid_tick_neither_lose_nor_double_a_due_time(
     finisher = Worker(backend_alias, "--processes", "1", "--until-done", "--no-scheduler")
     assert finisher.wait(timeout=60) == 0, finisher.output
     assert_each_due_time_once(backend_alias, log, names)
+
+
+HANG_INSIDE_A_FIRING = """
+import os, sys, time
+from django.tasks import task_backends
+backend = task_backends[sys.argv[1]]
+insert_run = backend._insert_run
+
+def insert_then_hang(task, call, now):
+    result_id = insert_run(task, call, now)
+    print("INSIDE", result_id, flush=True)
+    time.sleep(600)  # killed here: the job and its firing are written, not committed
+
+backend._insert_run = insert_then_hang
+backend.fire_schedules()
+"""
+
+
+def read_until(proc: subprocess.Popen, start: str, timeout: float) -> str:
+    """What ``proc`` printed, up to the first line starting with ``start``."""
+    assert proc.stdout is not None
+    said, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+        line = proc.stdout.readline() if ready else ""
+        said += line
+        if line.startswith(start) or (ready and not line):
+            break
+    return said
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres", "mysql"], indirect=True)
+def test_a_firer_killed_inside_its_transaction_leaves_its_due_time_to_others(
+    backend, backend_alias, tmp_path: Path
+):
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_INSIDE_A_FIRING)
+    schedules.create(
+        "due-now",
+        LINE,
+        args=[str(tmp_path / "x"), "x"],
+        every=3600,
+        run_at_creation=True,
+        backend=backend_alias,
+    )
+    firer = Worker(backend_alias)  # for its environment: the test databases
+    firer.stop()
+    env_args = firer.args[:2]
+    hung = subprocess.Popen(
+        [
+            *env_args,
+            "shell",
+            "-c",
+            f"import runpy, sys; sys.argv = ['x', {backend_alias!r}]; "
+            f"runpy.run_path({str(script)!r})",
+        ],
+        env=firer.env,
+        cwd=firer.cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        said = read_until(hung, "INSIDE", timeout=30)
+        assert said.splitlines()[-1].startswith("INSIDE"), said
+        # While it holds the schedule, another firer skips it (or, on SQLite, waits its turn).
+        if backend.vendor != "sqlite":
+            assert backend.fire_schedules() == []
+    finally:
+        if hung.poll() is None:
+            os.killpg(hung.pid, signal.SIGKILL)
+        hung.communicate(timeout=10)
+    [fired] = wait_for(backend.fire_schedules, timeout=30, every=0.2)
+    assert fired.schedule == "due-now" and fired.result_id is not None
+    assert backend.fire_schedules() == []
+    info = schedules.get("due-now", backend=backend_alias)
+    assert info.runs == 1 and info.last_result_id == fired.result_id
+    assert backend.stats().pending == 1  # the killed firer's job was never committed

@@ -370,3 +370,22 @@ def scheduled_line(context: TaskContext, path: str, label: str, due: str = "") -
     with Path(path).open("a") as f:
         f.write(f"{label} {due} {context.task_result.id}\n")
     return label
+
+
+# --- a code schedule, synced by workers at start-up (tests/acceptance/test_schedule_sync.py) ---
+
+from django.conf import settings  # noqa: E402
+
+from conveyor.schedules import schedule  # noqa: E402
+
+
+@task()
+def manual_ping(label: str) -> str:
+    """Run by the code schedule "testapp-manual": it has no timetable, so only on demand."""
+    return label
+
+
+# Declared on each database backend the tests have, so that a worker of any engine syncs it.
+for _alias in ("default", "postgres", "mysql"):
+    if _alias in settings.TASKS:
+        schedule("testapp-manual", args=["manual"], backend=_alias)(manual_ping)

@@ -112,7 +112,9 @@ class SQLiteDialect(Dialect):
     def _clock(self, shift: str = "") -> str:
         moved = f", '{clock.offset():+.6f} seconds'" if clock.offset() else ""
         zone = "" if self.use_tz else ", 'localtime'"
-        return f"strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now'{moved}{zone}{shift})"
+        # %f has milliseconds; Django writes microseconds, and the columns compare as text:
+        # "...:25.963412" sorts after "...:25.963". The clock reads as the millisecond's end.
+        return f"(strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now'{moved}{zone}{shift}) || '999')"
 
     def now(self) -> str:
         return self._clock()
