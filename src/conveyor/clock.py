@@ -8,6 +8,7 @@ for the code of one test, so "two leases later" or "an hour later" takes no time
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import overload
 
 from django.conf import settings
 from django.utils import timezone
@@ -44,6 +45,10 @@ def aware(moment: datetime) -> datetime:
     return timezone.make_aware(moment) if not settings.USE_TZ else moment.replace(tzinfo=UTC)
 
 
+@overload
+def stored(moment: datetime) -> datetime: ...
+@overload
+def stored(moment: None) -> None: ...
 def stored(moment: datetime | None) -> datetime | None:
     """An aware datetime as Django stores it: as it is, or naive with ``USE_TZ`` off."""
     if moment is None or settings.USE_TZ:

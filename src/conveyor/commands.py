@@ -26,11 +26,11 @@ def allowed_commands() -> set[str]:
 def command_problem(name: str) -> str | None:
     """Why ``name`` cannot be run as a scheduled command, or None if it can."""
     if name not in get_commands():
-        return f"there is no management command {name!r}."
+        return f"There is no management command {name!r}."
     if name not in allowed_commands():
         return (
-            f"management command {name!r} is not in the CONVEYOR_COMMANDS setting, and no "
-            "code schedule (schedule_command) runs it."
+            f"Management command {name!r} may not run as a task: it is not in the "
+            "CONVEYOR_COMMANDS setting, and no code schedule (schedule_command) runs it."
         )
     return None
 
@@ -49,7 +49,7 @@ def _queue(alias: str) -> str:
 def run_command(name: str, *args: str) -> str:
     """Run management command ``name`` with ``args``; return what it wrote (the end of it)."""
     if (problem := command_problem(name)) is not None:
-        raise PermissionError(f"Cannot run {problem}")
+        raise PermissionError(problem)
     out = io.StringIO()
     call_command(name, *args, stdout=out, stderr=out)
     return out.getvalue()[-4000:]

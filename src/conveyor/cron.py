@@ -43,6 +43,7 @@ EVERY_HOUR = ("*", "*/1", "0-23")
 # Longest a DST change moves the wall clock (Lord Howe is 30 minutes, most are an hour).
 SHIFT = timedelta(hours=3)
 MIN_EVERY = timedelta(seconds=1)
+CRON_LENGTH = 200
 
 
 class CatchUp(StrEnum):
@@ -94,6 +95,10 @@ class Timetable:
             raise InvalidTimetable("a schedule that runs once needs the moment it runs at")
 
     def _validate_cron(self) -> None:
+        if not self.cron.strip():
+            raise InvalidTimetable("its cron expression is empty")
+        if len(self.cron) > CRON_LENGTH:
+            raise InvalidTimetable(f"its cron expression is over {CRON_LENGTH} characters")
         fields = self.expression.split()
         if len(fields) not in (5, 6):
             raise InvalidTimetable(
@@ -170,7 +175,12 @@ class Timetable:
         return replace(self, start=start.astimezone(UTC))
 
     def first(self, now: datetime) -> datetime | None:
-        """The first run of a timetable set now: its start, if that is still ahead."""
+        """The first run of a timetable set now: its start, if that is still ahead.
+
+        A single run whose moment has passed runs at once (it is owed).
+        """
+        if self.start is not None and self.kind == ONCE:
+            return self.start.astimezone(UTC)
         if self.start is not None and self.start > now and self.kind != CRON:
             return self.start.astimezone(UTC)
         return self.next_after(now)

@@ -9,7 +9,7 @@ due ones; each due time fires once (see ``WorkerStore.fire_schedules``).
 
 from __future__ import annotations
 
-import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,12 +21,16 @@ from django.utils import timezone as dj_timezone
 
 from conveyor import clock
 from conveyor.backends.base import worker_store
-from conveyor.backends.tasks import json_problem, resolve_task
+from conveyor.backends.tasks import call_problem, json_problem, resolve_task
 from conveyor.cron import CRON, EVERY, KINDS, MANUAL, ONCE, CatchUp, InvalidTimetable, Timetable
 from conveyor.exceptions import InvalidSchedule, ScheduleNotFound, TaskNotFound
 from conveyor.records import Fired, ScheduleInfo, ScheduleSpec, SyncReport
 
 COMMAND_TASK = "conveyor.commands.run_command"
+MIN_EVERY, MAX_EVERY = 1, 10 * 365 * 86400  # seconds
+MIN_GRACE = 5.0  # a look for due schedules comes about once a second, later under load
+MAX_JITTER = 86400.0
+MAX_CATCH_UP = 1000  # runs one schedule fires at once, at most
 NAME_LENGTH = 200
 # Declared with @schedule or schedule_command: backend alias -> schedule name -> spec.
 _DECLARED: dict[str, dict[str, ScheduleSpec]] = {}
@@ -47,7 +51,7 @@ def timetable_for(
     timezone: str | None = None,
 ) -> Timetable:
     """The timetable those arguments describe; raise ``InvalidSchedule`` naming ``name``."""
-    given = [what for what, value in (("cron", cron), ("every", every), ("at", at)) if value]
+    given = [w for w, value in (("cron", cron), ("every", every), ("at", at)) if value is not None]
     if len(given) > 1 or (given and kind and kind not in (CRON, EVERY, ONCE)):
         raise InvalidSchedule(
             f"Schedule {name!r}: give one of cron=, every=, at= or kind=, not "
@@ -55,8 +59,17 @@ def timetable_for(
         )
     zone = timezone or settings.TIME_ZONE or "UTC"
     if isinstance(every, int | float) and not isinstance(every, bool):
+        if not math.isfinite(every) or not MIN_EVERY <= every <= MAX_EVERY:
+            raise InvalidSchedule(
+                f"Schedule {name!r}: its interval must be from {MIN_EVERY} second to "
+                f"{MAX_EVERY:.0f} seconds (ten years), not {every!r}. Nothing was stored."
+            )
         every = timedelta(seconds=every)
-    if cron:
+    if isinstance(every, timedelta) and every.total_seconds() > MAX_EVERY:
+        raise InvalidSchedule(
+            f"Schedule {name!r}: its interval must be ten years at most. Nothing was stored."
+        )
+    if cron is not None:
         kind = CRON
     elif every is not None:
         kind = EVERY
@@ -178,20 +191,11 @@ def _check_call(spec: ScheduleSpec, task: Task) -> None:
     kwargs = dict(spec.kwargs)
     if spec.due_kwarg:
         kwargs[spec.due_kwarg] = ""
-    try:
-        signature = inspect.signature(task.func)
-    except (TypeError, ValueError):  # a builtin or C function: nothing to check
-        return
-    params = list(signature.parameters.values())
-    if task.takes_context and params:
-        params = params[1:]
-    try:
-        signature.replace(parameters=params).bind(*spec.args, **kwargs)
-    except TypeError as e:
+    if (problem := call_problem(task, spec.args, kwargs)) is not None:
         raise InvalidSchedule(
             f"Schedule {spec.name!r} (task {spec.task_path}): its arguments do not fit the "
-            f"task: {e}. Nothing was stored."
-        ) from e
+            f"task: {problem}. Nothing was stored."
+        )
 
 
 def _check_queue(spec: ScheduleSpec, task: Task, alias: str) -> None:
@@ -382,11 +386,15 @@ def update(name: str, *, backend: str | None = None, **changes: Any) -> Schedule
     if info is None or info.retired:
         raise ScheduleNotFound(f"No schedule {name!r} on backend {alias!r}.")
     spec = info.spec
+    if spec.source == "code":
+        raise InvalidSchedule(
+            f"Schedule {name!r} is declared in code (@schedule): change it there. Nothing "
+            "was stored."
+        )
     timing = {k: changes.pop(k) for k in list(changes) if k in _TIMING}
     timetable = spec.timetable
     if timing:
-        timing.setdefault("timezone", timetable.timezone)
-        timetable = timetable_for(name, **timing)
+        timetable = timetable_for(name, **(_timing_of(timetable, timing) | timing))
     task = changes.pop("task", spec.task_path)
     path = task.module_path if isinstance(task, Task) else str(task)
     fields = {
@@ -405,6 +413,29 @@ def update(name: str, *, backend: str | None = None, **changes: Any) -> Schedule
     new = spec_for(name, path, timetable, source=spec.source, **fields)
     _check_runnable(new, alias)
     return store.change_schedule(new)
+
+
+def _timing_of(timetable: Timetable, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments that make ``timetable``, less what ``given`` replaces.
+
+    A new cron=, every=, at= or kind= replaces the old one (with its start, unless given).
+    """
+    kept: dict[str, Any] = {"timezone": timetable.timezone}
+    if any(key in given for key in ("cron", "every", "at", "kind")):
+        return kept
+    if timetable.kind == CRON:
+        kept["cron"] = timetable.cron
+    elif timetable.kind == EVERY:
+        kept["every"] = timetable.every
+    elif timetable.kind == ONCE:
+        kept["at"] = timetable.start
+    elif timetable.kind != MANUAL:
+        kept["kind"] = timetable.kind
+    if timetable.kind not in (ONCE, MANUAL) and timetable.start is not None:
+        kept["start"] = timetable.start
+    if timetable.kind == ONCE and "start" in given:
+        kept["at"] = given["start"]
+    return kept
 
 
 def pause(name: str, *, backend: str | None = None) -> None:

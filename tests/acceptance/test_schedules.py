@@ -143,14 +143,14 @@ HANG_INSIDE_A_FIRING = """
 import os, sys, time
 from django.tasks import task_backends
 backend = task_backends[sys.argv[1]]
-insert_run = backend._insert_run
+insert_runs = backend._insert_runs
 
-def insert_then_hang(task, call, now):
-    result_id = insert_run(task, call, now)
-    print("INSIDE", result_id, flush=True)
-    time.sleep(600)  # killed here: the job and its firing are written, not committed
+def insert_then_hang(rows, period):
+    stored = insert_runs(rows, period)
+    print("INSIDE", stored[0].uuid, flush=True)
+    time.sleep(600)  # killed here: the job is written, not committed
 
-backend._insert_run = insert_then_hang
+backend._insert_runs = insert_then_hang
 backend.fire_schedules()
 """
 

@@ -540,7 +540,7 @@ def test_once_runs_at_its_start_only():
     assert timetable.last_until(at) == at
     assert timetable.last_until(at + timedelta(days=300)) == at
     assert timetable.first(at - HOUR) == at
-    assert timetable.first(at + HOUR) is None
+    assert timetable.first(at + HOUR) == at  # owed: a single run whose moment passed runs at once
 
 
 def test_manual_never_runs():
@@ -806,7 +806,7 @@ def test_a_seconds_cron_looks_at_a_few_candidates_for_a_run_seconds_away(monkeyp
         ({"kind": "cron", "cron": "0 25 * * *"}, ["invalid cron expression '0 25 * * *'"]),
         ({"kind": "cron", "cron": "* * *"}, ["'* * *'", "3 fields", "5", "6 with seconds"]),
         ({"kind": "cron", "cron": "* * * * * * *"}, ["7 fields"]),
-        ({"kind": "cron", "cron": ""}, ["0 fields"]),
+        ({"kind": "cron", "cron": ""}, ["empty"]),
         ({"kind": "cron", "cron": "0 0 30 2 *"}, ["invalid cron expression '0 0 30 2 *'"]),
         ({"kind": "every", "every": timedelta(milliseconds=500)}, ["at least one second"]),
         ({"kind": "every", "every": timedelta(seconds=-5)}, ["at least one second"]),

@@ -22,6 +22,7 @@ from django.tasks.backends.base import BaseTaskBackend
 from django.tasks.exceptions import InvalidTask
 
 from conveyor.backends.tasks import (
+    call_problem,
     encode_arguments,
     resolve_task,
     stored_task,
@@ -29,7 +30,12 @@ from conveyor.backends.tasks import (
     unavailable_task,
 )
 from conveyor.conf import BackendOptions
-from conveyor.exceptions import ConveyorImproperlyConfigured, InvalidTaskOption, TaskNotFound
+from conveyor.exceptions import (
+    ConveyorImproperlyConfigured,
+    InvalidTaskArguments,
+    InvalidTaskOption,
+    TaskNotFound,
+)
 from conveyor.options import ConveyorTask, Retention, RetryPolicy, TimeLimits, Uniqueness
 from conveyor.records import (
     Fired,
@@ -143,9 +149,10 @@ class ConveyorBackend(BaseTaskBackend):
     def scheduled_call(self, spec: ScheduleSpec, due: datetime, now: datetime) -> tuple[Task, Call]:
         """The task and encoded call that the run of ``spec`` due at ``due`` enqueues.
 
-        Raise (``TaskNotFound``, ``InvalidTask``, ``InvalidTaskArguments``) if the schedule
-        names no registered task, a queue the backend does not have, or arguments that
-        cannot be stored.
+        ``now`` is as Django keeps datetimes (naive with ``USE_TZ`` off). Raise
+        (``TaskNotFound``, ``InvalidTask``, ``InvalidTaskArguments``) if the schedule names no
+        registered task, a queue the backend does not have, or arguments that the task
+        cannot take or a store cannot keep.
         """
         task = resolve_task(spec.task_path)
         changes: dict[str, Any] = {"backend": self.alias}
@@ -159,6 +166,10 @@ class ConveyorBackend(BaseTaskBackend):
         kwargs = dict(spec.kwargs)
         if spec.due_kwarg:
             kwargs[spec.due_kwarg] = due.isoformat()
+        if (problem := call_problem(task, spec.args, kwargs)) is not None:
+            raise InvalidTaskArguments(
+                f"Task {spec.task_path!r} cannot take the schedule's arguments: {problem}."
+            )
         return task, self.encode_call(task, list(spec.args), kwargs)
 
     def load_task(self, job: Job) -> Task:

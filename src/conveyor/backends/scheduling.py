@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from conveyor.cron import Timetable, plan
+from conveyor.cron import MANUAL, Timetable, plan
 from conveyor.records import ScheduleSpec
 
 FIRINGS_KEPT = 100  # due times remembered per schedule, besides its last run
@@ -43,6 +43,30 @@ def first_run(
     if first is not None and last_run is not None and first <= last_run:
         first = timetable.next_after(last_run)
     return first
+
+
+def changed_run(
+    spec: ScheduleSpec,
+    timetable: Timetable,
+    now: datetime,
+    last_run: datetime | None,
+    pending: datetime | None,
+) -> datetime | None:
+    """The next run of a schedule whose definition just changed.
+
+    A run that fell due and was not fired yet (``pending``: the workers were down while the
+    change was deployed) stays owed, for the catch-up policy; otherwise, as for a new
+    schedule, never at or before its last run.
+    """
+    owed = pending is not None and pending <= now and (last_run is None or pending > last_run)
+    if owed and timetable.kind != MANUAL and spec.repeats != 0:
+        return pending
+    return first_run(spec, timetable, now, last_run)
+
+
+def repeats_after_change(before: int | None, left: int | None, after: int | None) -> int | None:
+    """Runs left once ``repeats`` went from ``before`` to ``after``: a new count, or as was."""
+    return left if before == after else after
 
 
 def resumed_run(timetable: Timetable, next_run: datetime | None, now: datetime) -> datetime | None:

@@ -8,6 +8,7 @@ anything is stored.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -89,6 +90,22 @@ def unavailable_task(path: str, alias: str, queue_name: str, priority: int) -> T
     for field_name, value in values.items():
         object.__setattr__(task, field_name, value)
     return task
+
+
+def call_problem(task: Task, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
+    """Why the task's function cannot take these arguments, or None if it can."""
+    try:
+        signature = inspect.signature(task.func)
+    except (TypeError, ValueError):  # a builtin or C function: nothing to check
+        return None
+    params = list(signature.parameters.values())
+    if task.takes_context and params:
+        params = params[1:]
+    try:
+        signature.replace(parameters=params).bind(*args, **kwargs)
+    except TypeError as e:
+        return str(e)
+    return None
 
 
 def due_later(task: Task, now: datetime) -> datetime | None:

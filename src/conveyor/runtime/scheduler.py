@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 EVERY = 1.0  # seconds between looks for due schedules
 LIMIT = 100  # schedules one look fires at most (more are fired at the next)
+WARN_EVERY = 60.0  # seconds between warnings while schedules cannot be fired
 
 
 class Scheduler:
@@ -41,7 +42,8 @@ class Scheduler:
         self.now = now
         self.next_look = now()
         self.synced = False
-        self.failing = False
+        self.failing_since: float | None = None
+        self.warned = 0.0
 
     def sync(self) -> bool:
         """Make the store's code schedules those this code declares; False if it failed."""
@@ -81,15 +83,24 @@ class Scheduler:
             fired = self.backend.fire_schedules(LIMIT)
         except Exception as e:
             connections.close_all()
-            log = logger.debug if self.failing else logger.warning
-            log("Could not fire schedules (%s: %s); trying again.", type(e).__name__, e)
-            self.failing = True
+            if self.failing_since is None or now - self.warned >= WARN_EVERY:
+                logger.warning(
+                    "Could not fire schedules (%s: %s); trying again every second%s.",
+                    type(e).__name__,
+                    e,
+                    ""
+                    if self.failing_since is None
+                    else f" (failing for {now - self.failing_since:.0f}s)",
+                )
+                self.warned = now
+            if self.failing_since is None:
+                self.failing_since = now
             return []
-        if self.failing:
+        if self.failing_since is not None:
             logger.info("Schedules fire again.")
-            self.failing = False
-        if len(fired) >= LIMIT:
-            self.next_look = now  # more are due
+            self.failing_since = None
+        if fired:
+            self.next_look = now  # a look that fired may have left more for the next tick
         return fired
 
 

@@ -98,6 +98,9 @@ class Dialect:
         """A statement telling ``channel``'s listeners that jobs ended; None if none listen."""
         return None
 
+    def bound_transaction(self) -> None:
+        """Have the server end this transaction if its client goes quiet in it for long."""
+
     @contextmanager
     def write_transaction(self) -> Iterator[None]:
         """A transaction that may write; on SQLite it takes the write lock at once."""
@@ -181,6 +184,12 @@ class PostgreSQLDialect(Dialect):
 
     def announce(self, channel: str) -> Statement | None:
         return "SELECT pg_notify(%s, '')", [channel]
+
+    def bound_transaction(self) -> None:
+        # A client that vanished (its machine, or the network to it) inside the transaction
+        # would hold its row locks until TCP gives up, hours later.
+        with self.connection.cursor() as cursor:
+            cursor.execute("SET LOCAL idle_in_transaction_session_timeout = '30s'")
 
     def now(self) -> str:
         if clock.offset():

@@ -7,6 +7,7 @@ from typing import Any
 
 from django.db import models
 from django.db.models import Q
+from django.utils.timezone import now as time_now
 from django.utils.translation import gettext_lazy as _
 
 from conveyor.records import State
@@ -224,8 +225,8 @@ class Schedule(models.Model):
     last_run_at = models.DateTimeField(_("last run due"), null=True, blank=True)
     last_result_id = models.UUIDField(_("last job"), null=True, blank=True)
     runs = models.PositiveBigIntegerField(_("runs"), default=0)
-    created_at = models.DateTimeField(_("created at"))
-    updated_at = models.DateTimeField(_("updated at"))
+    created_at = models.DateTimeField(_("created at"), default=time_now)
+    updated_at = models.DateTimeField(_("updated at"), default=time_now)
 
     class Meta:
         verbose_name = _("schedule")

@@ -3,29 +3,35 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from django.db import DatabaseError
-from django.tasks import Task
+from django.tasks import Task, TaskResult
 from django.tasks.exceptions import InvalidTask
 from django.tasks.signals import task_enqueued
 
+from conveyor import clock
 from conveyor.backends.base import StoreBackend
-from conveyor.backends.database import transitions
+from conveyor.backends.database import store, transitions
+from conveyor.backends.database.models import Job
 from conveyor.backends.database.transitions import schedules
 from conveyor.exceptions import TaskNotFound
-from conveyor.records import Fired, ScheduleInfo, ScheduleSpec, SyncReport
+from conveyor.records import Fired, ScheduleInfo, ScheduleSpec, State, SyncReport
 
 if TYPE_CHECKING:
-    from conveyor.backends.database.models import Job
     from conveyor.backends.database.store import Store
     from conveyor.options import Uniqueness
 
 logger = logging.getLogger(__name__)
 # What may keep one run of a schedule from being enqueued: it is skipped and logged.
 UNRUNNABLE = (TaskNotFound, InvalidTask, TypeError, ValueError)
+FIRE_BUDGET = 1.0  # seconds one look spends firing schedules, at most (about)
+QUIET = 600  # seconds between two log lines about the same broken schedule
+_LOGGED: dict[str, float] = {}
 
 
 class DatabaseSchedules(StoreBackend):
@@ -73,15 +79,35 @@ class DatabaseSchedules(StoreBackend):
         return self._schedules_call(schedules.get, name)
 
     def fire_schedules(self, limit: int = 100) -> list[Fired]:
+        """Fire due schedules, each in its own transaction; one that fails is logged, skipped.
+
+        Stops after ``FIRE_BUDGET`` seconds (the rest are fired at the next look), so that
+        a supervisor's heartbeats never wait long on a backlog of runs.
+        """
         fired: list[Fired] = []
+        deadline = time.monotonic() + FIRE_BUDGET
         for key in schedules.due(self.worker_store, limit):
-            fired += schedules.fire(self.worker_store, key, self._enqueue_runs)
-        self._announce_runs(fired)
+            enqueued: list[TaskResult] = []
+            try:
+                fired += schedules.fire(
+                    self.worker_store, key, partial(self._enqueue_runs, enqueued)
+                )
+            except DatabaseError:
+                raise  # the store is in trouble: every schedule would fail alike
+            except Exception as e:
+                unfired(key, e)
+                continue
+            for result in enqueued:
+                task_enqueued.send(type(self), task_result=result)
+            if time.monotonic() > deadline:
+                break
         return fired
 
     def run_schedule(self, name: str) -> Fired:
-        fired = self._schedules_call(schedules.run_now, name, self._enqueue_runs)
-        self._announce_runs([fired])
+        enqueued: list[TaskResult] = []
+        fired = self._schedules_call(schedules.run_now, name, partial(self._enqueue_runs, enqueued))
+        for result in enqueued:
+            task_enqueued.send(type(self), task_result=result)
         return fired
 
     def _schedules_call(self, verb: Any, *args: Any) -> Any:
@@ -92,49 +118,83 @@ class DatabaseSchedules(StoreBackend):
             raise
 
     def _enqueue_runs(
-        self, spec: ScheduleSpec, due: Sequence[datetime], now: datetime
+        self,
+        enqueued: list[TaskResult],
+        spec: ScheduleSpec,
+        due: Sequence[datetime],
+        now: datetime,
     ) -> list[str | None]:
-        """Insert the job of each run (inside the firing's transaction); its result id."""
-        ids: list[str | None] = []
+        """Insert the jobs of these runs (inside the firing's transaction); their result ids.
+
+        A run whose job cannot be made (its task is gone, its arguments no longer fit) is
+        logged and skipped: None. The results of new jobs are added to ``enqueued``.
+        """
+        at = clock.stored(now)  # as Django keeps datetimes: naive with USE_TZ off
+        made: list[tuple[Task, Job] | None] = []
+        period: float | None = None
         for slot in due:
             try:
-                task, call = self.scheduled_call(spec, slot, now)
+                task, call = self.scheduled_call(spec, slot, at)
+                unique = self.uniqueness(task, call)
+                row = self._new_row(task, call, at, self.job_options(task), unique)
+                period = unique.period if unique is not None else period
             except UNRUNNABLE as e:
-                logger.error(
-                    "Schedule %r: its run due %s cannot be enqueued (task %s): %s. The run "
-                    "is skipped.",
-                    spec.name,
-                    slot.isoformat(),
-                    spec.task_path,
-                    e,
-                )
+                unrunnable(spec, slot, e)
+                made.append(None)
+                continue
+            made.append((task, row))
+        rows = [pair[1] for pair in made if pair is not None]
+        stored = iter(self._insert_runs(rows, period) if rows else [])
+        ids: list[str | None] = []
+        for pair in made:
+            if pair is None:
                 ids.append(None)
                 continue
-            ids.append(self._insert_run(task, call, now))
+            task, row = pair
+            kept = next(stored)
+            ids.append(str(kept.uuid))
+            if kept.uuid == row.uuid:
+                record = store.to_record(kept)
+                enqueued.append(self.to_task_result(record, task, State.READY.django_status))
         return ids
 
-    def _insert_run(self, task: Task, call: Any, now: datetime) -> str:
-        unique = self.uniqueness(task, call)
-        row = self._new_row(task, call, now, self.job_options(task), unique)
-        notify = (self.channel, task.queue_name) if self.vendor == "postgresql" else None
-        period = unique.period if unique is not None else None
-        (stored,) = transitions.insert(self.worker_store, [row], notify, period)
-        return str(stored.uuid)
+    def _insert_runs(self, rows: list[Job], period: float | None) -> list[Job]:
+        """Store the jobs of one schedule's runs in one statement (per 500)."""
+        notify = (self.channel, rows[0].queue_name) if self.vendor == "postgresql" else None
+        return transitions.insert(self.worker_store, rows, notify, period)
 
-    def _announce_runs(self, fired: Sequence[Fired]) -> None:
-        """Send ``task_enqueued`` for the jobs the runs enqueued, once they are committed."""
-        for run in fired:
-            if run.result_id is None:
-                continue
-            try:
-                result = self.get_result(run.result_id)
-            except Exception:  # pruned already, or the store went away: nothing to tell
-                continue
-            task_enqueued.send(type(self), task_result=result)
-            logger.info(
-                "Schedule %r fired its run due %s: job %s (%s).",
-                run.schedule,
-                run.due_at.isoformat(),
-                run.result_id,
-                run.task_path,
-            )
+
+def unrunnable(spec: ScheduleSpec, due: datetime, error: Exception) -> None:
+    """Log, at most every ``QUIET`` seconds per schedule, that a run was skipped."""
+    if _quiet(f"run:{spec.name}"):
+        return
+    logger.error(
+        "Schedule %r: its run due %s cannot be enqueued (task %s): %s. The run is skipped "
+        "(repeats of this are logged every %d minutes).",
+        spec.name,
+        due.isoformat(),
+        spec.task_path,
+        error,
+        QUIET // 60,
+    )
+
+
+def unfired(key: int, error: Exception) -> None:
+    if _quiet(f"fire:{key}"):
+        return
+    logger.error(
+        "Could not fire schedule #%d (%s: %s); the others go on, and it is tried again.",
+        key,
+        type(error).__name__,
+        error,
+        exc_info=error,
+    )
+
+
+def _quiet(what: str) -> bool:
+    """Say whether ``what`` was logged less than ``QUIET`` seconds ago (else note it now)."""
+    now = time.monotonic()
+    if now - _LOGGED.get(what, -QUIET) < QUIET:
+        return True
+    _LOGGED[what] = now
+    return False

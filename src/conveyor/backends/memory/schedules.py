@@ -59,12 +59,26 @@ class Kept:
 
     def define(self, spec: ScheduleSpec, now: datetime, *, new: bool = False) -> None:
         timetable = scheduling.anchored(spec, now)
+        if new:
+            self.next_run = scheduling.first_run(spec, timetable, now, new=True)
+            self.repeats_left = spec.repeats
+        else:
+            before, pending = self.spec.repeats, None if self.retired else self.next_run
+            self.next_run = scheduling.changed_run(spec, timetable, now, self.last_run, pending)
+            self.repeats_left = scheduling.repeats_after_change(
+                before, self.repeats_left, spec.repeats
+            )
+            if self.repeats_left == 0:
+                self.next_run = None
         self.spec = replace(spec, timetable=timetable)
         self.fingerprint = spec.fingerprint()
-        self.next_run = scheduling.first_run(spec, timetable, now, self.last_run, new=new)
-        self.repeats_left = spec.repeats
         self.retired = False
         self.updated_at = now
+
+
+def _now() -> datetime:
+    """The store's clock, aware (what timetables take), whatever ``USE_TZ`` says."""
+    return clock.aware(clock.now())
 
 
 class MemorySchedules(StoreBackend):
@@ -80,7 +94,7 @@ class MemorySchedules(StoreBackend):
                     f"Schedule {spec.name!r} already exists on backend {self.alias!r}; "
                     "change it, or delete it first."
                 )
-            kept = self._keep(spec, clock.now(), paused=paused)
+            kept = self._keep(spec, _now(), paused=paused)
             return kept.info(self.alias)
 
     def _keep(self, spec: ScheduleSpec, now: datetime, *, paused: bool) -> Kept:
@@ -98,24 +112,24 @@ class MemorySchedules(StoreBackend):
                 raise InvalidSchedule(
                     f"Schedule {spec.name!r} is declared in code (@schedule): change it there."
                 )
-            kept.define(spec, clock.now())
+            kept.define(spec, _now())
             return kept.info(self.alias)
 
     def sync_schedules(self, specs: Sequence[ScheduleSpec]) -> SyncReport:
-        now, added, changed = clock.now(), [], []
+        now, added, changed = _now(), [], []
         with self._tables.lock:
             kept_all = self._tables.schedules
             for spec in specs:
                 kept = kept_all.get(spec.name)
                 if kept is not None and kept.spec.source != "code":
-                    raise InvalidSchedule(
-                        f"Schedule {spec.name!r} is declared in code (@schedule) but a schedule "
-                        f"made at run time on backend {self.alias!r} has that name; rename one "
-                        "of them."
+                    logger.error(
+                        "Schedule %r is declared in code (@schedule) but a schedule made at run "
+                        "time on backend %r has that name: the code one is left out; rename "
+                        "one of them.",
+                        spec.name,
+                        self.alias,
                     )
-            for spec in specs:
-                kept = kept_all.get(spec.name)
-                if kept is None:
+                elif kept is None:
                     self._keep(spec, now, paused=False)
                     added.append(spec.name)
                 elif kept.fingerprint != spec.fingerprint() or kept.retired:
@@ -137,7 +151,7 @@ class MemorySchedules(StoreBackend):
             kept = self._tables.schedules.get(name)
             if kept is None:
                 return False
-            now = clock.now()
+            now = _now()
             if kept.paused and not paused:
                 kept.next_run = scheduling.resumed_run(kept.spec.timetable, kept.next_run, now)
             kept.paused, kept.updated_at = paused, now
@@ -170,7 +184,7 @@ class MemorySchedules(StoreBackend):
             return kept.info(self.alias) if kept is not None else None
 
     def fire_schedules(self, limit: int = 100) -> list[Fired]:
-        now, fired = clock.now(), []
+        now, fired = _now(), []
         with self._tables.lock:
             due = sorted(
                 (kept.next_run, name)
@@ -198,7 +212,7 @@ class MemorySchedules(StoreBackend):
         kept.next_run, kept.repeats_left, kept.updated_at = owed.next_run, owed.repeats_left, now
         if owed.due:
             kept.last_run = max(owed.due)
-            kept.runs += len(owed.due)
+            kept.runs += sum(1 for result_id in ids if result_id)
             kept.last_result_id = next((i for i in reversed(ids) if i), kept.last_result_id)
         return [
             Fired(schedule=spec.name, task_path=spec.task_path, due_at=slot, result_id=result_id)
@@ -207,8 +221,10 @@ class MemorySchedules(StoreBackend):
 
     def _enqueue_run(self, spec: ScheduleSpec, due: datetime, now: datetime) -> str | None:
         """Store the job of one run (the tables' lock held); its result id, or None."""
+        now = clock.stored(now)  # as Django keeps datetimes: naive with USE_TZ off
         try:
             task, (args, kwargs) = self.scheduled_call(spec, due, now)
+            how = self.uniqueness(task, (args, kwargs))
         except (TaskNotFound, InvalidTask, TypeError, ValueError) as e:
             logger.error(
                 "Schedule %r: its run due %s cannot be enqueued (task %s): %s. The run is skipped.",
@@ -218,7 +234,6 @@ class MemorySchedules(StoreBackend):
                 e,
             )
             return None
-        how = self.uniqueness(task, (args, kwargs))
         held = self._tables.holder(how, now) if how is not None else None
         if held is not None:
             return held.id
@@ -231,8 +246,13 @@ class MemorySchedules(StoreBackend):
             kept = self._tables.schedules.get(name)
             if kept is None or kept.retired:
                 raise ScheduleNotFound(f"No schedule {name!r} on backend {self.alias!r}.")
-            now = clock.now()
+            now = _now()
             result_id = self._enqueue_run(replace(kept.spec, jitter=0.0), now, now)
+            if result_id is None:
+                raise InvalidSchedule(
+                    f"Schedule {name!r}: its task {kept.spec.task_path} could not be enqueued "
+                    "(see the log); nothing was stored."
+                )
             kept.runs += 1
             kept.last_result_id = result_id or kept.last_result_id
             kept.updated_at = now

@@ -10,13 +10,16 @@ firings are kept apart from the jobs, so that deleting a job never frees its due
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from django.db import IntegrityError
-from django.db.models import QuerySet
+from django.db import IntegrityError, OperationalError
+from django.db.models import Q, QuerySet
 
 from conveyor import clock
 from conveyor.backends import scheduling
@@ -26,7 +29,9 @@ from conveyor.cron import CatchUp, Timetable
 from conveyor.exceptions import InvalidSchedule, ScheduleExists, ScheduleNotFound
 from conveyor.records import Fired, ScheduleInfo, ScheduleSpec, SyncReport
 
-SYNC_TRIES = 3  # a code schedule two workers add at once: the loser reads it and goes on
+logger = logging.getLogger(__name__)
+
+SYNC_TRIES = 5  # a code schedule two workers add at once: the loser reads it and goes on
 
 # Enqueues the runs due at these times of a schedule; returns each one's result id, or
 # None where the run could not be enqueued (the error was logged).
@@ -37,8 +42,9 @@ def _rows(store: Store) -> QuerySet[Schedule]:
     return Schedule.objects.using(store.using).filter(backend_name=store.backend)
 
 
-def _locked(store: Store) -> QuerySet[Schedule]:
-    skip = store.connection.features.has_select_for_update_skip_locked
+def _locked(store: Store, *, skip: bool = False) -> QuerySet[Schedule]:
+    """Rows locked for an update: waiting for other holders, or, ``skip``, passing them by."""
+    skip = skip and store.connection.features.has_select_for_update_skip_locked
     return _rows(store).select_for_update(skip_locked=skip)
 
 
@@ -140,10 +146,15 @@ def _create(store: Store, spec: ScheduleSpec, now: datetime, paused: bool) -> Sc
 def _redefine(row: Schedule, spec: ScheduleSpec, now: datetime) -> None:
     """Give ``row`` the definition ``spec``; its next run is worked out again."""
     timetable = scheduling.anchored(spec, now)
+    left = scheduling.repeats_after_change(row.repeats, row.repeats_left, spec.repeats)
+    pending = None if row.retired_at is not None else _read(row.next_run_at)
     for name, value in _definition(spec, timetable).items():
         setattr(row, name, value)
-    row.next_run_at = _stored(scheduling.first_run(spec, timetable, now, _read(row.last_run_at)))
-    row.repeats_left = spec.repeats
+    last_run = _read(row.last_run_at)
+    row.next_run_at = _stored(scheduling.changed_run(spec, timetable, now, last_run, pending))
+    row.repeats_left = left
+    if left == 0:
+        row.next_run_at = None
     row.retired_at = None
     row.updated_at = _stored(now)
 
@@ -179,26 +190,36 @@ def sync(store: Store, specs: Sequence[ScheduleSpec]) -> SyncReport:
         try:
             with store.dialect.write_transaction():
                 return _sync(store, specs)
-        except IntegrityError:
-            if attempt == SYNC_TRIES - 1:
+        except (IntegrityError, OperationalError) as e:
+            retry = isinstance(e, IntegrityError) or store.dialect.deadlock(e)
+            if not retry or attempt == SYNC_TRIES - 1:
                 raise
+            time.sleep(random.uniform(0, 0.05 * 2**attempt))
     raise AssertionError("unreachable")
 
 
 def _sync(store: Store, specs: Sequence[ScheduleSpec]) -> SyncReport:
     now = store.now()
     names = {spec.name for spec in specs}
-    stored = {row.name: row for row in _locked(store).filter(name__in=names)}
-    added, changed = [], []
+    # One order for every syncer: two of them never wait on each other's rows in a circle.
+    locked = _locked(store).filter(Q(name__in=names) | Q(fingerprint="")).order_by("name")
+    stored = {row.name: row for row in locked}
+    added: list[str] = []
+    changed: list[str] = []
+    for loose in stored.values():
+        if loose.fingerprint == "" and loose.name not in names:
+            _complete(store, loose, now)
     for spec in specs:
         row = stored.get(spec.name)
         if row is None:
             _create(store, spec, now, paused=False)
             added.append(spec.name)
         elif row.source != "code":
-            raise InvalidSchedule(
-                f"Schedule {spec.name!r} is declared in code (@schedule) but a schedule made "
-                f"at run time on backend {store.backend!r} has that name; rename one of them."
+            logger.error(
+                "Schedule %r is declared in code (@schedule) but a schedule made at run time "
+                "on backend %r has that name: the code one is left out; rename one of them.",
+                spec.name,
+                store.backend,
             )
         elif row.fingerprint != spec.fingerprint() or row.retired_at is not None:
             _redefine(row, spec, now)
@@ -208,6 +229,20 @@ def _sync(store: Store, specs: Sequence[ScheduleSpec]) -> SyncReport:
     retired = sorted(gone.values_list("name", flat=True))
     gone.update(retired_at=_stored(now), next_run_at=None, updated_at=_stored(now))
     return SyncReport(added=tuple(added), changed=tuple(changed), retired=tuple(retired))
+
+
+def _complete(store: Store, row: Schedule, now: datetime) -> None:
+    """Work out what a row written without Conveyor's API (a data migration) lacks."""
+    try:
+        spec = spec_of(row)
+        spec.timetable.validate()
+    except Exception as e:
+        logger.error("Schedule %r cannot run: %s. Fix or delete it.", row.name, e)
+        return
+    _redefine(row, spec, now)
+    row.created_at = row.created_at or _stored(now)
+    row.save(using=store.using)
+    logger.info("Schedule %r (written directly to the table) is set up.", row.name)
 
 
 def pause(store: Store, name: str, paused: bool) -> bool:
@@ -264,7 +299,8 @@ def due(store: Store, limit: int) -> list[int]:
 def fire(store: Store, key: int, enqueue: Enqueue) -> list[Fired]:
     """Fire the due times of one schedule, if it is still due and no other worker holds it."""
     with store.dialect.write_transaction():
-        row = _locked(store).filter(pk=key, paused=False, retired_at=None).first()
+        store.dialect.bound_transaction()
+        row = _locked(store, skip=True).filter(pk=key, paused=False, retired_at=None).first()
         now = store.now()
         next_run = _read(row.next_run_at) if row is not None else None
         if row is None or next_run is None or next_run > now:
@@ -284,12 +320,32 @@ def fire(store: Store, key: int, enqueue: Enqueue) -> list[Fired]:
         )
         _advance(row, owed, due, ids, now)
         row.save(using=store.using)
+        _log_firing(row.name, owed, due, ids)
         if row.runs % scheduling.FIRINGS_KEPT < len(due):
             _trim(store, row)
     return [
         Fired(schedule=row.name, task_path=row.task_path, due_at=slot, result_id=result_id)
         for slot, result_id in zip(due, ids, strict=True)
     ]
+
+
+def _log_firing(
+    name: str, owed: scheduling.Firing, due: Sequence[datetime], ids: Sequence[str | None]
+) -> None:
+    if owed.missed:
+        logger.info(
+            "Schedule %r: %d run(s) or more missed, left out by its catch-up.", name, owed.missed
+        )
+    jobs = [i for i in ids if i]
+    if jobs:
+        logger.info(
+            "Schedule %r fired %d run(s), due %s%s: job(s) %s.",
+            name,
+            len(jobs),
+            due[0].isoformat(),
+            f" to {due[-1].isoformat()}" if len(due) > 1 else "",
+            ", ".join(jobs[:5]) + (", ..." if len(jobs) > 5 else ""),
+        )
 
 
 def _taken(store: Store, row: Schedule, slots: Sequence[datetime]) -> set[datetime]:
@@ -312,14 +368,14 @@ def _advance(
     row.repeats_left = owed.repeats_left
     if due:
         row.last_run_at = _stored(max(due))
-        row.runs += len(due)
+        row.runs += sum(1 for result_id in ids if result_id)
         row.last_result_id = next((i for i in reversed(ids) if i), row.last_result_id)
     row.updated_at = _stored(now)
 
 
 def _trim(store: Store, row: Schedule) -> None:
     """Forget firings older than the last ``FIRINGS_KEPT`` (the next run is past them)."""
-    firings = ScheduleFiring.objects.using(store.using).filter(schedule=row, on_demand=False)
+    firings = ScheduleFiring.objects.using(store.using).filter(schedule=row)
     keep = list(
         firings.order_by("-due_at").values_list("due_at", flat=True)[: scheduling.FIRINGS_KEPT]
     )
@@ -336,6 +392,11 @@ def run_now(store: Store, name: str, enqueue: Enqueue) -> Fired:
         now = store.now()
         spec = replace(spec_of(row), jitter=0.0)
         (result_id,) = enqueue(spec, [now], now)
+        if result_id is None:
+            raise InvalidSchedule(
+                f"Schedule {name!r}: its task {row.task_path} could not be enqueued (see the "
+                "log); nothing was stored."
+            )
         ScheduleFiring.objects.using(store.using).create(
             schedule=row,
             due_at=_stored(now),
