@@ -278,6 +278,22 @@ class ScheduleSpec:
     repeats: int | None = None
     source: str = "database"
 
+    def options(self) -> dict[str, Any]:
+        """What it runs and how it catches up, as plain values (``spec_for`` takes them)."""
+        return {
+            "args": list(self.args),
+            "kwargs": dict(self.kwargs),
+            "queue_name": self.queue_name,
+            "priority": self.priority,
+            "catch_up": str(self.catch_up),
+            "catch_up_limit": self.catch_up_limit,
+            "grace": self.grace,
+            "due_kwarg": self.due_kwarg,
+            "jitter": self.jitter,
+            "run_at_creation": self.run_at_creation,
+            "repeats": self.repeats,
+        }
+
     def fingerprint(self) -> str:
         """A hash of the definition: a code schedule whose hash changed is updated."""
         tt = self.timetable

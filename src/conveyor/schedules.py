@@ -136,37 +136,33 @@ def spec_for(
         )
     if not isinstance(args, list | tuple):
         raise refuse(f"args must be a list, not {type(args).__name__}")
-    named = [(f"positional argument {i}", v) for i, v in enumerate(args)]
-    named += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
-    for where, value in named:
-        if (problem := json_problem(value)) is not None:
-            raise refuse(f"{where} ({type(value).__name__}) is not JSON: {problem}")
     try:
         catch = CatchUp(catch_up)
     except ValueError:
         choices = ", ".join(c.value for c in CatchUp)
         raise refuse(f"catch_up must be one of {choices}, not {catch_up!r}") from None
-    checks: list[tuple[bool, str]] = [
-        (
-            isinstance(catch_up_limit, int) and catch_up_limit >= 1,
-            "catch_up_limit must be 1 or more",
-        ),
-        (isinstance(grace, int | float) and grace >= 0, "grace must be 0 seconds or more"),
-        (isinstance(jitter, int | float) and jitter >= 0, "jitter must be 0 seconds or more"),
-        (
-            repeats is None or (isinstance(repeats, int) and repeats >= 1),
-            "repeats must be 1 or more",
-        ),
-        (not due_kwarg or due_kwarg.isidentifier(), f"due_kwarg {due_kwarg!r} is not a name"),
-        (not due_kwarg or due_kwarg not in kwargs, f"due_kwarg {due_kwarg!r} is in kwargs too"),
-        (
-            priority is None or (isinstance(priority, int) and -100 <= priority <= 100),
-            "priority must be -100 to 100",
-        ),
+    problems = _json_problems(args, kwargs) + [
+        problem
+        for ok, problem in [
+            (
+                _whole(catch_up_limit, 1, MAX_CATCH_UP),
+                f"catch_up_limit must be 1 to {MAX_CATCH_UP}",
+            ),
+            (
+                _seconds(grace, MIN_GRACE, 7 * 86400),
+                f"grace must be {MIN_GRACE:g} seconds (a look for due schedules comes about "
+                "once a second) to a week",
+            ),
+            (_seconds(jitter, 0, MAX_JITTER), f"jitter must be 0 to {MAX_JITTER:g} seconds"),
+            (repeats is None or _whole(repeats, 1, 2**31 - 1), "repeats must be 1 or more"),
+            (not due_kwarg or due_kwarg.isidentifier(), f"due_kwarg {due_kwarg!r} is not a name"),
+            (not due_kwarg or due_kwarg not in kwargs, f"due_kwarg {due_kwarg!r} is in kwargs too"),
+            (priority is None or _whole(priority, -100, 100), "priority must be -100 to 100"),
+        ]
+        if not ok
     ]
-    for ok, problem in checks:
-        if not ok:
-            raise refuse(problem)
+    if problems:
+        raise refuse(problems[0])
     return ScheduleSpec(
         name=name,
         task_path=task_path,
@@ -184,6 +180,25 @@ def spec_for(
         repeats=repeats,
         source=source,
     )
+
+
+def _json_problems(args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[str]:
+    named = [(f"positional argument {i}", v) for i, v in enumerate(args)]
+    named += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+    return [
+        f"{where} ({type(value).__name__}) is not JSON: {problem}"
+        for where, value in named
+        if (problem := json_problem(value)) is not None
+    ]
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _seconds(value: Any, low: float, high: float) -> bool:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and math.isfinite(value) and low <= value <= high
 
 
 def _check_call(spec: ScheduleSpec, task: Task) -> None:
@@ -397,19 +412,7 @@ def update(name: str, *, backend: str | None = None, **changes: Any) -> Schedule
         timetable = timetable_for(name, **(_timing_of(timetable, timing) | timing))
     task = changes.pop("task", spec.task_path)
     path = task.module_path if isinstance(task, Task) else str(task)
-    fields = {
-        "args": spec.args,
-        "kwargs": spec.kwargs,
-        "queue_name": spec.queue_name,
-        "priority": spec.priority,
-        "catch_up": str(spec.catch_up),
-        "catch_up_limit": spec.catch_up_limit,
-        "grace": spec.grace,
-        "due_kwarg": spec.due_kwarg,
-        "jitter": spec.jitter,
-        "run_at_creation": spec.run_at_creation,
-        "repeats": spec.repeats,
-    } | changes
+    fields = spec.options() | changes
     new = spec_for(name, path, timetable, source=spec.source, **fields)
     _check_runnable(new, alias)
     return store.change_schedule(new)

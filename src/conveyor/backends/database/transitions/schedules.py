@@ -105,24 +105,13 @@ def info_of(row: Schedule) -> ScheduleInfo:
 
 def _definition(spec: ScheduleSpec, timetable: Timetable) -> dict[str, Any]:
     """The columns that hold ``spec``'s definition."""
-    return {
+    return spec.options() | {
         "task_path": spec.task_path,
-        "args": list(spec.args),
-        "kwargs": dict(spec.kwargs),
-        "queue_name": spec.queue_name,
-        "priority": spec.priority,
         "kind": timetable.kind,
         "cron": timetable.cron,
         "every": timetable.every,
         "start_at": _stored(timetable.start),
         "timezone": timetable.timezone,
-        "catch_up": str(spec.catch_up),
-        "catch_up_limit": spec.catch_up_limit,
-        "grace": spec.grace,
-        "due_kwarg": spec.due_kwarg,
-        "jitter": spec.jitter,
-        "run_at_creation": spec.run_at_creation,
-        "repeats": spec.repeats,
         "source": spec.source,
         "fingerprint": spec.fingerprint(),
     }
