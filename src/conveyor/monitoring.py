@@ -63,7 +63,7 @@ def describe_timetable(info: ScheduleInfo) -> str:
         what = f"once at {tt.start.isoformat()}"
     else:
         what = tt.kind
-    return f"{what} ({tt.timezone})" if tt.kind in ("cron", "daily", "weekly") else what
+    return what if tt.kind in ("every", "hourly", "once", "manual") else f"{what} ({tt.timezone})"
 
 
 def render_schedules(schedules: Sequence[ScheduleInfo], alias: str, out: Writer) -> None:
