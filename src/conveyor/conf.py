@@ -26,6 +26,8 @@ class BackendOptions:
     ``result_ttl``: seconds a succeeded job is kept after it finished (None: until pruned).
     ``failed_ttl``: seconds a failed or cancelled job is kept (None: until pruned); both for
     tasks that set none of their own.
+    ``processes``: worker processes a ``conveyor worker`` runs: a number, or a dict of queue
+    name to processes; the command line overrides it.
     """
 
     lease: float = 30.0
@@ -42,6 +44,8 @@ class BackendOptions:
     cancel_grace: float = 10.0
     result_ttl: float | None = None
     failed_ttl: float | None = None
+    # Worker processes: a number, or a dict of queue name to processes (``conveyor.fleet``).
+    processes: int | dict[str, int] | None = None
 
     # name -> (smallest, largest) allowed; whole numbers for int fields.
     ranges: ClassVar[dict[str, tuple[float, float]]] = {
@@ -108,6 +112,10 @@ class BackendOptions:
                 raise ConveyorImproperlyConfigured(
                     f"{where}[{name.upper()!r}] must be {kind} {bounds}, not {value!r}."
                 )
+        if self.processes is not None:
+            from conveyor.fleet import counts_of
+
+            counts_of(self.processes, f"{where}['PROCESSES']")
         if self.timeout and self.soft_timeout and self.soft_timeout >= self.timeout:
             raise ConveyorImproperlyConfigured(
                 f"{where}['SOFT_TIMEOUT'] ({self.soft_timeout:g}s) must be shorter than "

@@ -83,6 +83,14 @@ class QueueSelector:
         return QueueSelector(include=frozenset(names - self.exclude))
 
 
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """Worker processes of one supervisor that take jobs from the same queues."""
+
+    queues: QueueSelector
+    processes: int
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Job:
     """One delivery of a job, as the runtime sees it."""

@@ -56,6 +56,7 @@ class WorkerConfig:
     queues: QueueSelector
     threads: int = 1
     max_tasks: int | None = None
+    max_memory: int | None = None  # bytes of memory (resident) past which it is replaced
     until_done: bool = False
     parent_pid: int | None = None
 
@@ -85,6 +86,7 @@ class Loop:
         self.stopping = threading.Event()
         self.closed = False
         self.started = 0
+        self.memory_looked, self.memory_over = -1, False
         self.recent: deque[float] = deque(maxlen=RECENT)
         self.waiter: Waiter = Waiter()
         self.wakeups = False
@@ -197,7 +199,31 @@ class Loop:
         return max(room, 0)
 
     def _budget_spent(self) -> bool:
-        return self.config.max_tasks is not None and self.started >= self.config.max_tasks
+        if self.config.max_tasks is not None and self.started >= self.config.max_tasks:
+            return True
+        return self._over_memory()
+
+    def _over_memory(self) -> bool:
+        """Say whether the process outgrew ``max_memory`` (looked at once per task started).
+
+        Never before its first task: a limit below what a fresh process holds still lets
+        each process run one.
+        """
+        if self.config.max_memory is None or self.started == 0:
+            return False
+        if self.memory_looked != self.started:
+            self.memory_looked = self.started
+            used = resident_memory()
+            if used is not None and used > self.config.max_memory and not self.memory_over:
+                logger.info(
+                    "Worker %s uses %d MiB, over its limit of %d MiB: it is replaced once its "
+                    "running tasks end.",
+                    self.worker_id,
+                    used // 2**20,
+                    self.config.max_memory // 2**20,
+                )
+                self.memory_over = True
+        return self.memory_over
 
     def _orphaned(self) -> bool:
         return self.config.parent_pid is not None and os.getppid() != self.config.parent_pid
@@ -489,3 +515,13 @@ class Loop:
         self.recorder.give_up_all()
         self.waiter.close()
         self.backend.close()
+
+
+def resident_memory() -> int | None:
+    """Bytes of memory this process has resident now (Linux); None where that is unknown."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")

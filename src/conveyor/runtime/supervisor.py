@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from conveyor.backends.base import StoreBackend, worker_store
 from conveyor.exceptions import NotMigrated
-from conveyor.records import QueueSelector, WorkerInfo, new_worker_id
+from conveyor.records import Pool, QueueSelector, WorkerInfo, new_worker_id
 from conveyor.runtime.announcer import announce_main
 from conveyor.runtime.channel import Slots
 from conveyor.runtime.child import STOP_SIGNALS, child_main
@@ -63,6 +63,13 @@ class WorkerSettings:
     grace: float = 30.0
     progress: bool = False
     scheduler: bool = True  # fire due schedules (each due time fires once, fleet-wide)
+    # Processes per set of queues (a fleet); empty: ``processes`` processes on ``queues``.
+    pools: tuple[Pool, ...] = ()
+    max_memory: int | None = None  # bytes resident past which a process is replaced
+
+    @property
+    def all_pools(self) -> tuple[Pool, ...]:
+        return self.pools or (Pool(self.queues, self.processes),)
 
 
 @dataclass(slots=True)
@@ -72,6 +79,7 @@ class Child:
     process: BaseProcess
     worker_id: str
     slots: Slots
+    pool: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -96,7 +104,7 @@ class Supervisor:
         self.progress: Progress | None = None
         self.tick = min(TICK, self.lease / 3, PROGRESS_TICK if settings.progress else TICK)
         self.wake_read, self.wake_write = os.pipe()
-        self.respawn_at: list[float] = []
+        self.respawn_at: list[tuple[float, int]] = []  # when, and into which pool
         self.crash_streak = 0
         self.leases = Leases(backend, self.host, settings.threads)
         self.expiry = Expiry(backend)
@@ -107,18 +115,21 @@ class Supervisor:
         self._install_signals()
         if not self._wait_for_store():
             return EXIT_NOT_MIGRATED if not self.signals else EXIT_OK
-        logger.info(
-            "Conveyor supervisor %s: %d process(es) x %d thread(s) on backend %r",
-            self.host,
-            self.settings.processes,
-            self.settings.threads,
-            self.backend.alias,
-        )
+        for pool in self.settings.all_pools:
+            logger.info(
+                "Conveyor supervisor %s: %d process(es) x %d thread(s) on backend %r, queues %s",
+                self.host,
+                pool.processes,
+                self.settings.threads,
+                self.backend.alias,
+                pool.queues.describe(),
+            )
         self._start_progress()
         if self.scheduler is not None:
             self.scheduler.sync()
-        for _ in range(self.settings.processes):
-            self._spawn()
+        for index, pool in enumerate(self.settings.all_pools):
+            for _ in range(pool.processes):
+                self._spawn(index)
         while self.children or (self.respawn_at and not self.signals):
             self._cycle()
         self._finish()
@@ -180,14 +191,15 @@ class Supervisor:
 
     # --- children ------------------------------------------------------------------------
 
-    def _spawn(self) -> None:
+    def _spawn(self, pool: int = 0) -> None:
         self.spawned += 1
         worker_id = f"{self.host}:{self.spawned}"
         config = WorkerConfig(
             worker_id=worker_id,
-            queues=self.settings.queues,
+            queues=self.settings.all_pools[pool].queues,
             threads=self.settings.threads,
             max_tasks=self.settings.max_tasks_per_child,
+            max_memory=self.settings.max_memory,
             until_done=self.settings.until_done,
             parent_pid=os.getpid(),
         )
@@ -207,10 +219,11 @@ class Supervisor:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         slots.stamp()
-        self.children.append(Child(process=process, worker_id=worker_id, slots=slots))
+        self.children.append(Child(process=process, worker_id=worker_id, slots=slots, pool=pool))
         logger.info("Started worker process %s (%s)", process.pid, worker_id)
         with contextlib.suppress(Exception):
-            self.backend.register_worker(self._info(worker_id, "process", process.pid or 0))
+            queues = self.settings.all_pools[pool].queues
+            self.backend.register_worker(self._info(worker_id, "process", process.pid or 0, queues))
 
     def _sleep(self, timeout: float | None = None) -> None:
         # Wakes when a child exits, a signal arrives (through the wake-up pipe), or a tick.
@@ -218,7 +231,8 @@ class Supervisor:
         if timeout is None:
             timeout = min(self.tick, max(self.leases.next_beat - time.monotonic(), 0.0))
             if self.respawn_at:
-                timeout = max(0.0, min(timeout, min(self.respawn_at) - time.monotonic()))
+                soonest = min(at for at, _ in self.respawn_at)
+                timeout = max(0.0, min(timeout, soonest - time.monotonic()))
             timeout = self._until_deadline(timeout)
         with contextlib.suppress(InterruptedError):
             if self.wake_read in wait_for_sentinels(waitables, timeout=timeout):
@@ -254,7 +268,8 @@ class Supervisor:
             self._end(child.worker_id, how)
             if self.signals or code == EXIT_DONE:
                 continue
-            self.respawn_at.append(time.monotonic() + self._respawn_delay(child, crashed, how))
+            delay = self._respawn_delay(child, crashed, how)
+            self.respawn_at.append((time.monotonic() + delay, child.pool))
         self._respawn_due()
 
     def _enforce_time_limits(self) -> None:
@@ -287,7 +302,7 @@ class Supervisor:
             )
             self._end(child.worker_id, "stopped: a task ran past its time limit or was cancelled")
             if not self.signals:
-                self.respawn_at.append(time.monotonic())
+                self.respawn_at.append((time.monotonic(), child.pool))
 
     def _announce(self) -> None:
         """Send the ends of jobs that ended here from a process of their own (one at a time)."""
@@ -336,9 +351,9 @@ class Supervisor:
             self.respawn_at.clear()
             return
         now = time.monotonic()
-        for at in [at for at in self.respawn_at if at <= now]:
-            self.respawn_at.remove(at)
-            self._spawn()
+        for due in [due for due in self.respawn_at if due[0] <= now]:
+            self.respawn_at.remove(due)
+            self._spawn(due[1])
 
     # --- stopping --------------------------------------------------------------------------
 
@@ -395,7 +410,14 @@ class Supervisor:
 
     # --- the workers registry and progress -----------------------------------------------
 
-    def _info(self, worker_id: str, kind: str, pid: int) -> WorkerInfo:
+    def _info(
+        self, worker_id: str, kind: str, pid: int, queues: QueueSelector | None = None
+    ) -> WorkerInfo:
+        shown = (
+            queues.describe()
+            if queues is not None
+            else " | ".join(pool.queues.describe() for pool in self.settings.all_pools)
+        )
         return WorkerInfo(
             id=worker_id,
             backend=self.backend.alias,
@@ -403,7 +425,7 @@ class Supervisor:
             host=self.hostname,
             pid=pid,
             supervisor=None if kind == "supervisor" else self.host,
-            queues=self.settings.queues.describe(),
+            queues=shown,
             threads=self.settings.threads,
             started_at=timezone.now(),
         )
@@ -415,10 +437,17 @@ class Supervisor:
             logger.warning("Could not mark worker %s stopped in the registry (%s).", worker_id, e)
             connections.close_all()
 
+    def _served(self) -> QueueSelector:
+        """The queues some process of this supervisor takes jobs from."""
+        pools = self.settings.all_pools
+        if len(pools) == 1 or any(pool.queues.include is None for pool in pools):
+            return pools[0].queues if len(pools) == 1 else QueueSelector()
+        return QueueSelector(include=frozenset().union(*(p.queues.include or () for p in pools)))
+
     def _start_progress(self) -> None:
         if self.settings.progress:
             try:
-                self.progress = Progress(self.backend, self.settings.queues)
+                self.progress = Progress(self.backend, self._served())
             except Exception as e:
                 logger.warning("No progress bar: %s: %s", type(e).__name__, e)
                 connections.close_all()

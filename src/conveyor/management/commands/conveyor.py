@@ -13,9 +13,10 @@ from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, task_backends
 from django.tasks.exceptions import TaskResultDoesNotExist
 from django.utils import timezone
 
+from conveyor import fleet
 from conveyor.backends.base import StoreBackend
 from conveyor.control import CancelOutcome, cancel
-from conveyor.exceptions import InvalidSchedule, ScheduleNotFound
+from conveyor.exceptions import ConveyorImproperlyConfigured, InvalidSchedule, ScheduleNotFound
 from conveyor.monitoring import printable, render_schedules, render_stats
 from conveyor.records import QueueSelector
 
@@ -30,6 +31,10 @@ SCHEDULE_VERBS = ("list", "run", "pause", "resume", "sync")
 # Worker options that only mean something for a supervised pool of processes.
 POOL_OPTIONS = {
     "processes": "--processes",
+    "machine": "--machine",
+    "machines": "--of",
+    "config": "--config",
+    "max_memory": "--max-memory",
     "threads": "--threads",
     "grace": "--grace",
     "progress": "--progress",
@@ -66,6 +71,21 @@ def number(low: float, high: float, *, above: bool = False) -> Callable[[str], f
         return value
 
     return parse
+
+
+def process_counts(text: str) -> int | dict[str, int]:
+    """``--processes``: a number, or ``queue=N,...``."""
+    try:
+        return fleet.parse_counts(text)
+    except ConveyorImproperlyConfigured as e:
+        raise ArgumentTypeError(str(e)) from e
+
+
+def _as_text(value: Any) -> str:
+    """A config file's value as the command line would give it."""
+    if isinstance(value, dict):
+        return ",".join(f"{queue}={count}" for queue, count in value.items())
+    return str(value)
 
 
 class Command(BaseCommand):
@@ -124,8 +144,33 @@ class Command(BaseCommand):
         self._queue_arguments(worker)
         worker.add_argument(
             "--processes",
+            type=process_counts,
+            metavar="N|QUEUE=N,...",
+            help="Worker processes to run, or per queue, e.g. emails=2,reports=1 (default: "
+            "OPTIONS['PROCESSES'], else the CPU count).",
+        )
+        worker.add_argument(
+            "--machine",
             type=whole(1, MAX_PROCESSES),
-            help="Worker processes to run (default: the CPU count).",
+            help="This machine's number, from 1, when --of machines share the processes.",
+        )
+        worker.add_argument(
+            "--of",
+            type=whole(1, MAX_PROCESSES),
+            dest="machines",
+            help="How many machines share the processes (each runs its share).",
+        )
+        worker.add_argument(
+            "--config",
+            metavar="FILE",
+            help="A Python file of worker options for this host (PROCESSES, THREADS, ...); "
+            "the command line overrides them.",
+        )
+        worker.add_argument(
+            "--max-memory",
+            type=number(1, 2**30, above=False),
+            metavar="MIB",
+            help="Replace a worker process once it holds more than MIB of memory.",
         )
         worker.add_argument(
             "--threads",
@@ -235,18 +280,68 @@ class Command(BaseCommand):
             return self._in_process(backend, options)
         from conveyor.runtime.supervisor import Supervisor, WorkerSettings
 
+        options = self._with_host_config(options)
+        counts = (
+            options["processes"]
+            or backend.conveyor_options.processes
+            or min(os.cpu_count() or 1, MAX_PROCESSES)
+        )
+        queues = self._queues(backend, options)
+        try:
+            pools = fleet.pools_for(
+                counts, queues, backend.queues, options["machine"] or 1, options["machines"] or 1
+            )
+        except ConveyorImproperlyConfigured as e:
+            raise CommandError(str(e)) from e
+        memory = options["max_memory"]
         settings = WorkerSettings(
             backend=backend.alias,
-            queues=self._queues(backend, options),
-            processes=options["processes"] or min(os.cpu_count() or 1, MAX_PROCESSES),
+            queues=queues,
+            processes=sum(pool.processes for pool in pools),
+            pools=pools,
             threads=options["threads"] or 1,
             max_tasks_per_child=options["max_tasks_per_child"],
+            max_memory=int(memory * 2**20) if memory else None,
             until_done=options["until_done"],
             grace=options["grace"] or DEFAULT_GRACE,
             progress=options["progress"],
             scheduler=not options["no_scheduler"],
         )
         return Supervisor(settings).run()
+
+    def _with_host_config(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with what ``--config FILE`` sets wherever the command line is silent."""
+        if not options.get("config"):
+            return options
+        try:
+            host = fleet.load_host_config(options["config"])
+        except ConveyorImproperlyConfigured as e:
+            raise CommandError(str(e)) from e
+        parsers: dict[str, tuple[str, Callable[[str], Any]]] = {
+            "PROCESSES": ("processes", process_counts),
+            "THREADS": ("threads", whole(1, MAX_THREADS)),
+            "MAX_TASKS_PER_CHILD": ("max_tasks_per_child", whole(1, MAX_TASKS)),
+            "MAX_MEMORY": ("max_memory", number(1, 2**30)),
+            "GRACE": ("grace", number(0, MAX_GRACE, above=True)),
+            "MACHINE": ("machine", whole(1, MAX_PROCESSES)),
+            "MACHINES": ("machines", whole(1, MAX_PROCESSES)),
+        }
+        merged = dict(options)
+        for key, value in host.items():
+            if key == "SCHEDULER":
+                if not isinstance(value, bool):
+                    raise CommandError(f"--config: SCHEDULER must be True or False, not {value!r}.")
+                merged["no_scheduler"] = options["no_scheduler"] or not value
+                continue
+            name, parse = parsers[key]
+            if merged.get(name) not in (None, False):
+                continue  # the command line wins
+            text = value if isinstance(value, str) else _as_text(value)
+            try:
+                merged[name] = parse(text)
+            except ArgumentTypeError as e:
+                raise CommandError(f"--config: {key} {e}") from e
+        return merged
 
     def _in_process(self, backend: StoreBackend, options: dict[str, Any]) -> int:
         from conveyor.runtime.inprocess import InProcessWorker
