@@ -41,6 +41,23 @@ def wait_for(condition: Callable[[], Any], timeout: float = 15.0, every: float =
     raise AssertionError(f"condition not met within {timeout}s")
 
 
+def subprocess_env(
+    options: dict[str, Any] | None = None, names: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a ``manage.py`` subprocess that uses the test databases.
+
+    ``options`` are added to every backend's ``OPTIONS`` (with short leases and polls);
+    ``names`` replace the names of some databases.
+    """
+    env = dict(os.environ)
+    env["CONVEYOR_TEST_DB_NAMES"] = json.dumps(
+        {alias: connections[alias].settings_dict["NAME"] for alias in connections} | (names or {})
+    )
+    env["CONVEYOR_TEST_OPTIONS"] = json.dumps({**FAST, **(options or {})})
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    return env
+
+
 class Worker:
     """``manage.py conveyor worker`` in a subprocess, against the test databases."""
 
@@ -51,13 +68,7 @@ class Worker:
         options: dict[str, Any] | None = None,
         names: dict[str, str] | None = None,
     ) -> None:
-        env = dict(os.environ)
-        env["CONVEYOR_TEST_DB_NAMES"] = json.dumps(
-            {alias: connections[alias].settings_dict["NAME"] for alias in connections}
-            | (names or {})
-        )
-        env["CONVEYOR_TEST_OPTIONS"] = json.dumps({**FAST, **(options or {})})
-        env.pop("DJANGO_SETTINGS_MODULE", None)
+        env = subprocess_env(options, names)
         self.args = [sys.executable, str(MANAGE), "conveyor", "worker", "--backend", backend, *args]
         self.env, self.cwd = env, ROOT
         self.proc = subprocess.Popen(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from argparse import ArgumentParser, ArgumentTypeError
 from collections.abc import Callable
@@ -13,10 +14,11 @@ from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, task_backends
 from django.tasks.exceptions import TaskResultDoesNotExist
 from django.utils import timezone
 
+from conveyor import clock
 from conveyor.backends.base import StoreBackend
 from conveyor.control import CancelOutcome, cancel
 from conveyor.exceptions import InvalidSchedule, ScheduleNotFound
-from conveyor.monitoring import printable, render_schedules, render_stats
+from conveyor.monitoring import printable, render_schedules, render_stats, status_document
 from conveyor.records import QueueSelector
 
 MAX_PROCESSES = 512
@@ -77,6 +79,11 @@ class Command(BaseCommand):
         status = sub.add_parser("status", help="Show how many jobs are in each state.")
         self._backend_argument(status)
         self._queue_arguments(status)
+        status.add_argument(
+            "--json",
+            action="store_true",
+            help="Print one JSON document: counts per queue, workers, schedules.",
+        )
         prune = sub.add_parser(
             "prune",
             help="Delete finished jobs past their retention, and any older than a number of days.",
@@ -191,7 +198,7 @@ class Command(BaseCommand):
             if code:
                 raise SystemExit(code)
         elif action == "status":
-            self._status(backend, self._queues(backend, options))
+            self._status(backend, self._queues(backend, options), options["json"])
         elif action == "cancel":
             self._cancel(backend, options["ids"])
         elif action == "prune":
@@ -324,5 +331,18 @@ class Command(BaseCommand):
         except (ScheduleNotFound, InvalidSchedule) as e:
             raise CommandError(printable(str(e))) from e
 
-    def _status(self, backend: StoreBackend, queues: QueueSelector) -> None:
-        render_stats(backend.stats(queues), backend.alias, self.stdout)
+    def _status(self, backend: StoreBackend, queues: QueueSelector, as_json: bool) -> None:
+        if not as_json:
+            render_stats(backend.stats(queues), backend.alias, self.stdout)
+            return
+        document = status_document(
+            backend.stats(queues),
+            backend.workers(),
+            backend.schedules(),
+            backend=backend.alias,
+            queues=[name for name in backend.queues if queues.allows(name)],
+            now=clock.now(),
+            lease=backend.conveyor_options.lease,
+        )
+        # ASCII only: a name cannot reach the terminal as anything but a JSON escape.
+        self.stdout.write(json.dumps(document, indent=2, sort_keys=True))
