@@ -107,6 +107,7 @@ def render_schedules(schedules: Sequence[ScheduleInfo], alias: str, out: Writer)
 
 WINDOW = 60.0  # seconds: the rates and the pickup latency are those of the last minute
 BOX = box.SIMPLE_HEAD  # a line under the headers only: more rows fit on the screen
+WORKERS_SHOWN = 20
 NARROW = 110  # columns: on a screen narrower than this, tables go one under another
 
 
@@ -263,7 +264,15 @@ def _running(s: Snapshot) -> Table:
 
 
 def _workers(s: Snapshot) -> Table:
-    table = _table(f"Workers ({len(s.workers)})")
+    up = {w.id for w in s.workers if online(w, s.checked_at, s.lease)}
+    down = len(s.workers) - len(up)
+    # Online first: rows of workers whose machine vanished stay until someone deletes them.
+    shown = sorted(s.workers, key=lambda w: (w.id not in up, w.id))[:WORKERS_SHOWN]
+    more = len(s.workers) - len(shown)
+    table = _table(
+        f"Workers ({len(up)} online{f', {down} not' if down else ''})",
+        caption=f"and {more} more" if more else None,
+    )
     table.add_column("id", overflow="ellipsis", no_wrap=True, ratio=2)
     table.add_column("kind", no_wrap=True)
     table.add_column("host", overflow="ellipsis", no_wrap=True, ratio=1)
@@ -271,8 +280,7 @@ def _workers(s: Snapshot) -> Table:
     table.add_column("queues", overflow="fold", ratio=1)
     table.add_column("last beat", justify="right", no_wrap=True)
     table.add_column("online", no_wrap=True)
-    for worker in s.workers:
-        up = online(worker, s.checked_at, s.lease)
+    for worker in shown:
         beat = _since(worker.last_beat_at, s.checked_at) if worker.last_beat_at else None
         table.add_row(
             safe(worker.id),
@@ -281,7 +289,7 @@ def _workers(s: Snapshot) -> Table:
             str(worker.pid),
             safe(worker.queues),
             "-" if beat is None else f"{duration(beat)} ago",
-            Text("yes", "green") if up else Text("no", "bold red"),
+            Text("yes", "green") if worker.id in up else Text("no", "bold red"),
         )
     return table
 
@@ -305,7 +313,7 @@ def _schedules(s: Snapshot) -> Table:
 def _failures(s: Snapshot) -> Table:
     table = _table("Recent failures")
     table.add_column("when", justify="right", no_wrap=True)
-    table.add_column("task", overflow="fold", ratio=2)
+    table.add_column("task", overflow="fold", ratio=3)
     table.add_column("error", overflow="ellipsis", no_wrap=True, ratio=1)
     table.add_column("message", overflow="ellipsis", no_wrap=True, ratio=2)
     for failed in s.failures:

@@ -166,6 +166,7 @@ def test_every_panel_is_drawn():
     assert "3/10 30% step 3" in text
     assert re.search(r"shop.tasks.send_mail .*starting", text)
     # Workers: the one that stopped beating a lease ago is not online.
+    assert "Workers (1 online, 1 not)" in text
     assert re.search(r"host:10:aaaa\s+process\s+host\s+10\s+\*\s+4.0s ago\s+yes", text)
     assert re.search(r"host:11:bbbb .*5m 00s ago\s+no", text)
     # Failures and schedules.
@@ -224,6 +225,19 @@ def test_a_store_that_cannot_be_reached_is_said_so():
 def test_more_running_jobs_than_shown_are_counted():
     stats = replace(_snapshot().stats, running=25)
     assert "and 23 more" in _text(render(_snapshot(stats=stats)))
+
+
+def test_workers_online_come_first_and_a_long_list_is_cut():
+    gone = [
+        WorkerInfo(id=f"a-gone:{i}", backend="default", kind="process", host="old", pid=i)
+        for i in range(25)
+    ]
+    alive = WorkerInfo(
+        id="z-alive", backend="default", kind="process", host="new", pid=1, last_beat_at=NOW
+    )
+    text = _text(render(_snapshot(workers=(*gone, alive))))
+    assert "Workers (1 online, 25 not)" in text and "and 6 more" in text
+    assert text.index("z-alive") < text.index("a-gone:0")
 
 
 def test_a_narrow_screen_puts_the_tables_one_under_another():

@@ -388,4 +388,4 @@ class Command(BaseCommand):
             lease=backend.conveyor_options.lease,
         )
         # ASCII only: a name cannot reach the terminal as anything but a JSON escape.
-        self.stdout.write(json.dumps(document, indent=2, sort_keys=True))
+        self.stdout.write(json.dumps(document, indent=2))
