@@ -42,9 +42,11 @@ def test_the_live_view_shows_the_running_job_and_its_progress(backend_alias, tmp
         assert worker.wait() == 0, worker.output
 
 
-def test_sigint_ends_the_view_with_status_zero(backend_alias):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_ends_the_view_with_status_zero(backend_alias, signum: int):
     with Terminal("conveyor", "monitor", "--backend", backend_alias, "--interval", "0.2") as term:
         wait_for(lambda: "Ctrl-C to quit" in term.screen(), timeout=30)
-        term.proc.send_signal(signal.SIGINT)
+        term.proc.send_signal(signum)
         assert term.wait() == 0, term.screen()
         assert "Traceback" not in term.output
+        assert term.output.rstrip().endswith("\x1b[?1049l")
