@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -240,6 +241,71 @@ class WorkerInfo:
     last_beat_at: datetime | None = None
     stopped_at: datetime | None = None
     ended: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunningJob:
+    """A delivery a worker holds now, as a monitor shows it."""
+
+    id: str
+    task_path: str
+    queue_name: str
+    worker_id: str
+    attempt: int
+    enqueued_at: datetime
+    # When its task started, as its worker reports it (a heartbeat after the start);
+    # None: claimed but not started yet.
+    started_at: datetime | None = None
+    # What the task last reported with ``context.progress()``: done, total, message.
+    progress: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FailedJob:
+    """A job that ended failed or cancelled, and the error it ended with."""
+
+    id: str
+    task_path: str
+    queue_name: str
+    finished_at: datetime
+    attempt: int
+    cancelled: bool = False
+    error_class: str = ""  # the dotted path of the exception class
+    message: str = ""  # the last line of its traceback: ``ValueError: boom``
+
+    @staticmethod
+    def last_error(errors: Sequence[TaskError]) -> tuple[str, str]:
+        """The class path and last traceback line of the newest of ``errors``."""
+        if not errors:
+            return "", ""
+        error = errors[-1]
+        lines = [line for line in error.traceback.splitlines() if line.strip()]
+        return error.exception_class_path, lines[-1].strip() if lines else ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PickupLatency:
+    """How long jobs that started lately waited, from when they could run to their start.
+
+    In seconds; ``samples`` says how many starts were measured (None values: none were).
+    """
+
+    samples: int = 0
+    p50: float | None = None
+    p95: float | None = None
+    longest: float | None = None
+
+    @classmethod
+    def of(cls, waits: Iterable[float]) -> PickupLatency:
+        """The percentiles (nearest rank) of ``waits``; a negative wait (clock skew) is 0."""
+        ordered = sorted(max(wait, 0.0) for wait in waits)
+        if not ordered:
+            return cls()
+
+        def rank(share: float) -> float:
+            return ordered[max(math.ceil(share * len(ordered)) - 1, 0)]
+
+        return cls(samples=len(ordered), p50=rank(0.5), p95=rank(0.95), longest=ordered[-1])
 
 
 def new_worker_id() -> str:

@@ -389,3 +389,14 @@ def manual_ping(label: str) -> str:
 for _alias in ("default", "postgres", "mysql"):
     if _alias in settings.TASKS:
         schedule("testapp-manual", args=["manual"], backend=_alias)(manual_ping)
+
+
+@task(takes_context=True)
+def reports_progress(context: TaskContext, path: str, steps: int = 600) -> int:
+    """Work in steps of a tenth of a second, reporting each, until ``path`` exists."""
+    for step in range(1, steps + 1):
+        context.progress(step, steps, f"step {step}")  # type: ignore[attr-defined]
+        if Path(path).exists():
+            return step
+        time.sleep(0.1)
+    return steps

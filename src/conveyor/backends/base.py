@@ -3,7 +3,8 @@
 ``ConveyorBackend`` is the ``django.tasks`` face every Conveyor backend has: enqueue, bulk
 enqueue, get_result. ``WorkerStore`` is what a worker drives: claim, stage, complete, fail,
 retry, give back, requeue, heartbeat, recover, cancel, stats, prune, expire, the workers
-registry and fork hooks. A backend that runs no worker of its own (an HTTP push backend) is only a
+registry and fork hooks; and what a monitor reads (running jobs, recent failures, pickup
+latency). A backend that runs no worker of its own (an HTTP push backend) is only a
 ``ConveyorBackend``; the runtime accepts a backend only if it is also a ``WorkerStore``.
 The runtime sees only this module, ``conveyor.records`` and ``conveyor.backends.tasks``.
 """
@@ -38,12 +39,15 @@ from conveyor.exceptions import (
 )
 from conveyor.options import ConveyorTask, Retention, RetryPolicy, TimeLimits, Uniqueness
 from conveyor.records import (
+    FailedJob,
     Fired,
     Job,
     Outcome,
+    PickupLatency,
     PutBack,
     QueueSelector,
     QueueStats,
+    RunningJob,
     ScheduleInfo,
     ScheduleSpec,
     Success,
@@ -366,6 +370,30 @@ class WorkerStore(ABC):
         self, queues: QueueSelector | None = None, *, finished_since: datetime | None = None
     ) -> QueueStats:
         """Count jobs by queue and state (finished ones only since ``finished_since``)."""
+
+    @abstractmethod
+    def running(self, queues: QueueSelector | None = None, *, limit: int = 100) -> list[RunningJob]:
+        """The deliveries workers hold now, longest running first, at most ``limit``.
+
+        Those whose task has not started yet come last.
+        """
+
+    @abstractmethod
+    def recent_failures(
+        self, since: datetime, queues: QueueSelector | None = None, *, limit: int = 20
+    ) -> list[FailedJob]:
+        """Jobs that failed or were cancelled since ``since``, newest first, at most ``limit``."""
+
+    @abstractmethod
+    def pickup_latency(
+        self, since: datetime, queues: QueueSelector | None = None, *, limit: int = 500
+    ) -> PickupLatency:
+        """How long jobs that started since ``since`` waited to start.
+
+        Each wait runs from when the job could run (enqueued, or due) to the start of its
+        latest run. Measured over the running jobs and up to ``limit`` of those that
+        finished since then, the newest first.
+        """
 
     @abstractmethod
     def prune(self, finished_before: datetime, *, batch: int = 1000, pause: float = 0.01) -> int:

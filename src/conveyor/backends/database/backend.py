@@ -27,16 +27,19 @@ from conveyor.backends.tasks import due_later
 from conveyor.conf import BackendOptions
 from conveyor.exceptions import NotMigrated
 from conveyor.options import Uniqueness
-from conveyor.records import Job as JobRecord
 from conveyor.records import (
+    FailedJob,
     Outcome,
+    PickupLatency,
     PutBack,
     QueueSelector,
     QueueStats,
+    RunningJob,
     State,
     Success,
     WorkerInfo,
 )
+from conveyor.records import Job as JobRecord
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +296,19 @@ class DatabaseBackend(DatabaseSchedules):
         self, queues: QueueSelector | None = None, *, finished_since: datetime | None = None
     ) -> QueueStats:
         return operations.stats(self.worker_store, queues, finished_since)
+
+    def running(self, queues: QueueSelector | None = None, *, limit: int = 100) -> list[RunningJob]:
+        return operations.running(self.worker_store, queues, limit)
+
+    def recent_failures(
+        self, since: datetime, queues: QueueSelector | None = None, *, limit: int = 20
+    ) -> list[FailedJob]:
+        return operations.recent_failures(self.worker_store, since, queues, limit)
+
+    def pickup_latency(
+        self, since: datetime, queues: QueueSelector | None = None, *, limit: int = 500
+    ) -> PickupLatency:
+        return operations.pickup_latency(self.worker_store, since, queues, limit)
 
     def prune(self, finished_before: datetime, *, batch: int = 1000, pause: float = 0.01) -> int:
         return operations.prune(self.worker_store, finished_before, batch, pause)

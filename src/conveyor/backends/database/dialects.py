@@ -36,6 +36,9 @@ class Dialect:
     # A claim looks (a read) before it writes: its UPDATE would take the write lock even
     # when it matches nothing.
     probe_before_claim = False
+    # ``StateIndex`` makes indexes led by the state (the engine has no partial indexes): a
+    # read of the newest finished rows in some states goes one state at a time.
+    state_led_indexes = False
 
     def __init__(self, connection: BaseDatabaseWrapper) -> None:
         self.connection = connection
@@ -242,6 +245,7 @@ class MySQLDialect(Dialect):
     # A locking read sees the latest committed rows at any isolation level (REPEATABLE READ
     # included); MariaDB has no FOR SHARE.
     read_latest = " LOCK IN SHARE MODE"
+    state_led_indexes = True
 
     def now(self) -> str:
         now = "UTC_TIMESTAMP(6)" if self.use_tz else "NOW(6)"

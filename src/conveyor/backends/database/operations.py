@@ -1,12 +1,16 @@
-"""Reads and maintenance: one result, counts, pruning and expiry, a liveness probe."""
+"""Reads and upkeep: a result, counts, what a monitor shows, pruning, expiry, a probe."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from django.tasks.base import TaskError
+
+from conveyor import clock
 from conveyor.backends.database.models import Job
 from conveyor.backends.database.store import (
     FINISHED,
@@ -17,7 +21,15 @@ from conveyor.backends.database.store import (
     TABLE,
     Store,
 )
-from conveyor.records import QueueSelector, QueueStats
+from conveyor.records import (
+    FINISHED_STATES,
+    FailedJob,
+    PickupLatency,
+    QueueSelector,
+    QueueStats,
+    RunningJob,
+    State,
+)
 
 FIND = f"SELECT {RESULT_COLUMNS} FROM {TABLE} WHERE backend_name = %s AND uuid = %s"
 
@@ -33,8 +45,8 @@ def reachable(store: Store) -> bool:
     return bool(store.fetch("SELECT 1"))
 
 
-def stats(store: Store, queues: QueueSelector | None, since: datetime | None) -> QueueStats:
-    """Count jobs by queue and state, each group through the index that holds it."""
+def _scope(store: Store, queues: QueueSelector | None) -> tuple[str, list[Any]]:
+    """``backend_name = %s AND queue_name ...``: this backend's rows in ``queues``."""
     where, params = "backend_name = %s", [store.backend]
     if queues is not None and queues.include is not None:
         marks = ", ".join(["%s"] * len(queues.include))
@@ -44,6 +56,12 @@ def stats(store: Store, queues: QueueSelector | None, since: datetime | None) ->
         marks = ", ".join(["%s"] * len(queues.exclude))
         where += f" AND queue_name NOT IN ({marks})"
         params += sorted(queues.exclude)
+    return where, params
+
+
+def stats(store: Store, queues: QueueSelector | None, since: datetime | None) -> QueueStats:
+    """Count jobs by queue and state, each group through the index that holds it."""
+    where, params = _scope(store, queues)
     finished = f"state IN {FINISHED}"
     finished_params = list(params)
     if since is not None:
@@ -62,6 +80,129 @@ def stats(store: Store, queues: QueueSelector | None, since: datetime | None) ->
     )
     rows = store.fetch(sql, [p for _, group in groups for p in group])
     return QueueStats.from_counts({(queue, state): count for queue, state, count in rows})
+
+
+# --- what a monitor reads: running rows (few), and finished ones within a time and a LIMIT ---
+
+RUNNING = "id, uuid, task_path, queue_name, lease_owner, attempts, enqueued_at, last_attempted_at"
+FAILED = "id, uuid, task_path, queue_name, state, attempts, finished_at, errors"
+STARTS = "id, available_at, last_attempted_at, finished_at"
+
+
+def running(store: Store, queues: QueueSelector | None, limit: int) -> list[RunningJob]:
+    """The running jobs, longest running first, through the running rows' index."""
+    where, params = _scope(store, queues)
+    rows = store.rows(
+        f"SELECT {RUNNING}, progress FROM {TABLE} WHERE {IS_RUNNING} AND {where} "
+        "ORDER BY CASE WHEN last_attempted_at IS NULL THEN 1 ELSE 0 END, last_attempted_at, id "
+        "LIMIT %s",
+        [*params, limit],
+        f"{RUNNING}, progress",
+    )
+    return [
+        RunningJob(
+            id=str(row.uuid),
+            task_path=row.task_path,
+            queue_name=row.queue_name,
+            worker_id=row.lease_owner or "",
+            attempt=row.attempts,
+            enqueued_at=row.enqueued_at,
+            started_at=row.last_attempted_at,
+            progress=row.progress,
+        )
+        for row in rows
+    ]
+
+
+def recent_failures(
+    store: Store, since: datetime, queues: QueueSelector | None, limit: int
+) -> list[FailedJob]:
+    """Failed and cancelled jobs that ended since ``since``, newest first."""
+    where, params = _scope(store, queues)
+    sql, sql_params = _newest_finished(
+        store, FAILED, (State.FAILED, State.CANCELLED), (where, params), since, limit
+    )
+    return [_failed(row) for row in store.rows(sql, sql_params, FAILED)]
+
+
+def _failed(row: Job) -> FailedJob:
+    assert row.finished_at is not None  # every finished row has its time
+    error_class, message = FailedJob.last_error([TaskError(**error) for error in row.errors])
+    return FailedJob(
+        id=str(row.uuid),
+        task_path=row.task_path,
+        queue_name=row.queue_name,
+        finished_at=row.finished_at,
+        attempt=row.attempts,
+        cancelled=row.state == State.CANCELLED,
+        error_class=error_class,
+        message=message,
+    )
+
+
+def pickup_latency(
+    store: Store, since: datetime, queues: QueueSelector | None, limit: int
+) -> PickupLatency:
+    """The waits of jobs that started since ``since``: running ones, and finished ones."""
+    where, params = _scope(store, queues)
+    running = (
+        f"SELECT {STARTS} FROM {TABLE} WHERE {IS_RUNNING} AND {where} "
+        "AND last_attempted_at >= %s LIMIT %s"
+    )
+    running_params = [*params, store.time(since), limit]
+    # The newest finished rows, filtered here: a condition on the start time would make the
+    # read go on past ``limit`` rows while it finds too few.
+    finished, finished_params = _newest_finished(
+        store, STARTS, FINISHED_STATES, (where, params), since, limit
+    )
+    rows = store.rows(
+        f"SELECT {STARTS} FROM ({running}) AS r UNION ALL SELECT {STARTS} FROM ({finished}) AS f",
+        [*running_params, *finished_params],
+        STARTS,
+    )
+    after = clock.aware(since)
+    return PickupLatency.of(
+        (row.last_attempted_at - row.available_at).total_seconds()
+        for row in rows
+        if row.last_attempted_at is not None and row.last_attempted_at >= after
+    )
+
+
+def _newest_finished(
+    store: Store,
+    columns: str,
+    states: Sequence[State],
+    scope: tuple[str, list[Any]],
+    since: datetime,
+    limit: int,
+) -> tuple[str, list[Any]]:
+    """A SELECT of the newest ``limit`` jobs in ``states`` that finished since ``since``.
+
+    Through the finished rows' index, newest first within the time bound: one read where
+    that index holds just the finished rows, else (MySQL/MariaDB, whose index leads with
+    the state) one read per state, merged.
+    """
+    where, params = scope
+    head = (
+        f"SELECT {columns} FROM {TABLE} WHERE state IN {FINISHED} AND {where} AND finished_at >= %s"
+    )
+    tail = " ORDER BY finished_at DESC LIMIT %s"
+    after = store.time(since)
+    if not store.dialect.state_led_indexes:
+        only = "" if set(states) == set(FINISHED_STATES) else f" AND state IN {_listed(states)}"
+        return f"{head}{only}{tail}", [*params, after, limit]
+    arms = " UNION ALL ".join(
+        f"SELECT {columns} FROM ({head} AND state = '{state}'{tail}) AS f{i}"
+        for i, state in enumerate(states)
+    )
+    return (
+        f"SELECT {columns} FROM ({arms}) AS newest{tail}",
+        [*(p for _ in states for p in (*params, after, limit)), limit],
+    )
+
+
+def _listed(states: Sequence[State]) -> str:
+    return "(" + ", ".join(f"'{state}'" for state in states) + ")"
 
 
 def prune(store: Store, before: datetime, batch: int, pause: float) -> int:

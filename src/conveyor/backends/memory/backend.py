@@ -22,17 +22,21 @@ from django.tasks.signals import task_enqueued
 
 from conveyor import clock
 from conveyor.backends.base import Call, Held
+from conveyor.backends.memory import watching
 from conveyor.backends.memory.rows import Row, line
 from conveyor.backends.memory.schedules import MemorySchedules
 from conveyor.backends.memory.tables import clear_all, tables_for
 from conveyor.options import Retention, trims
 from conveyor.records import (
     PENDING_STATES,
+    FailedJob,
     Job,
     Outcome,
+    PickupLatency,
     PutBack,
     QueueSelector,
     QueueStats,
+    RunningJob,
     State,
     Success,
     WorkerInfo,
@@ -415,6 +419,22 @@ class MemoryBackend(MemorySchedules):
         with self._tables.lock:
             counts = self._tables.counts(queues, finished_since)
         return QueueStats.from_counts(dict(counts))
+
+    def running(self, queues: QueueSelector | None = None, *, limit: int = 100) -> list[RunningJob]:
+        with self._tables.lock:
+            return watching.running(self._tables, queues, limit)
+
+    def recent_failures(
+        self, since: datetime, queues: QueueSelector | None = None, *, limit: int = 20
+    ) -> list[FailedJob]:
+        with self._tables.lock:
+            return watching.recent_failures(self._tables, since, queues, limit)
+
+    def pickup_latency(
+        self, since: datetime, queues: QueueSelector | None = None, *, limit: int = 500
+    ) -> PickupLatency:
+        with self._tables.lock:
+            return watching.pickup_latency(self._tables, since, queues, limit)
 
     def prune(self, finished_before: datetime, *, batch: int = 1000, pause: float = 0.01) -> int:
         deleted = 0

@@ -1,8 +1,10 @@
-"""``manage.py conveyor worker|status|schedules|cancel|prune``: parse arguments, then act."""
+"""``manage.py conveyor worker|status|monitor|schedules|cancel|prune``: parse, then act."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from argparse import ArgumentParser, ArgumentTypeError
 from collections.abc import Callable
 from datetime import timedelta
@@ -13,7 +15,7 @@ from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, task_backends
 from django.tasks.exceptions import TaskResultDoesNotExist
 from django.utils import timezone
 
-from conveyor import fleet
+from conveyor import clock, fleet
 from conveyor.backends.base import StoreBackend
 from conveyor.control import CancelOutcome, cancel
 from conveyor.exceptions import ConveyorImproperlyConfigured, InvalidSchedule, ScheduleNotFound
@@ -27,6 +29,7 @@ MAX_GRACE = 86400.0  # a day
 MAX_DAYS = 36500.0  # a century: within datetime's range, and older than any job
 MAX_BATCH = 10000  # ids in one DELETE stay under every engine's limit on parameters
 DEFAULT_GRACE = 30.0
+MIN_INTERVAL, MAX_INTERVAL, DEFAULT_INTERVAL = 0.1, 3600.0, 2.0  # monitor --interval
 SCHEDULE_VERBS = ("list", "run", "pause", "resume", "sync")
 # Worker options that only mean something for a supervised pool of processes.
 POOL_OPTIONS = {
@@ -97,6 +100,16 @@ class Command(BaseCommand):
         status = sub.add_parser("status", help="Show how many jobs are in each state.")
         self._backend_argument(status)
         self._queue_arguments(status)
+        status.add_argument(
+            "--json",
+            action="store_true",
+            help="Print one JSON document: counts per queue, workers, schedules.",
+        )
+        monitor = sub.add_parser(
+            "monitor",
+            help="Watch the queue live: workers, queues, running jobs, rates, failures, schedules.",
+        )
+        self._monitor_arguments(monitor)
         prune = sub.add_parser(
             "prune",
             help="Delete finished jobs past their retention, and any older than a number of days.",
@@ -205,6 +218,20 @@ class Command(BaseCommand):
             "scripts); a first Ctrl-C lets the running task finish.",
         )
 
+    def _monitor_arguments(self, monitor: ArgumentParser) -> None:
+        self._backend_argument(monitor)
+        self._queue_arguments(monitor)
+        monitor.add_argument(
+            "--interval",
+            type=number(MIN_INTERVAL, MAX_INTERVAL),
+            default=DEFAULT_INTERVAL,
+            metavar="SECONDS",
+            help=f"Seconds between two looks at the store (default: {DEFAULT_INTERVAL:g}).",
+        )
+        monitor.add_argument(
+            "--once", action="store_true", help="Print one view and exit (for scripts)."
+        )
+
     def _backend_argument(self, parser: ArgumentParser) -> None:
         parser.add_argument(
             "--backend",
@@ -236,7 +263,11 @@ class Command(BaseCommand):
             if code:
                 raise SystemExit(code)
         elif action == "status":
-            self._status(backend, self._queues(backend, options))
+            self._status(backend, self._queues(backend, options), options["json"])
+        elif action == "monitor":
+            code = self._monitor(backend, options)
+            if code:
+                raise SystemExit(code)
         elif action == "cancel":
             self._cancel(backend, options["ids"])
         elif action == "prune":
@@ -368,6 +399,22 @@ class Command(BaseCommand):
         )
         return code
 
+    def _monitor(self, backend: StoreBackend, options: dict[str, Any]) -> int:
+        from rich.console import Console
+
+        from conveyor.monitor import Monitor
+
+        # The stream itself, not Django's wrapper, which would end each of rich's writes
+        # with a newline.
+        console = Console(file=options.get("stdout") or sys.stdout)
+        return Monitor(
+            backend,
+            self._queues(backend, options),
+            interval=options["interval"],
+            once=options["once"],
+            console=console,
+        ).run()
+
     def _cancel(self, backend: StoreBackend, ids: list[str]) -> None:
         unknown = []
         for result_id in ids:
@@ -419,5 +466,20 @@ class Command(BaseCommand):
         except (ScheduleNotFound, InvalidSchedule) as e:
             raise CommandError(printable(str(e))) from e
 
-    def _status(self, backend: StoreBackend, queues: QueueSelector) -> None:
-        render_stats(backend.stats(queues), backend.alias, self.stdout)
+    def _status(self, backend: StoreBackend, queues: QueueSelector, as_json: bool) -> None:
+        if not as_json:
+            render_stats(backend.stats(queues), backend.alias, self.stdout)
+            return
+        from conveyor.monitor import status_document
+
+        document = status_document(
+            backend.stats(queues),
+            backend.workers(),
+            backend.schedules(),
+            backend=backend.alias,
+            queues=[name for name in backend.queues if queues.allows(name)],
+            now=clock.now(),
+            lease=backend.conveyor_options.lease,
+        )
+        # ASCII only: a name cannot reach the terminal as anything but a JSON escape.
+        self.stdout.write(json.dumps(document, indent=2))
