@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-from argparse import ArgumentParser, ArgumentTypeError
-from collections.abc import Callable
+from argparse import ArgumentParser
 from datetime import timedelta
 from typing import Any
 
@@ -15,80 +13,30 @@ from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, task_backends
 from django.tasks.exceptions import TaskResultDoesNotExist
 from django.utils import timezone
 
-from conveyor import clock, fleet
+from conveyor import clock
 from conveyor.backends.base import StoreBackend
 from conveyor.control import CancelOutcome, cancel
 from conveyor.exceptions import ConveyorImproperlyConfigured, InvalidSchedule, ScheduleNotFound
+from conveyor.management.arguments import (
+    DEFAULT_GRACE,
+    DEFAULT_INTERVAL,
+    MAX_BATCH,
+    MAX_DAYS,
+    MAX_GRACE,
+    MAX_INTERVAL,
+    MAX_PROCESSES,
+    MAX_TASKS,
+    MAX_THREADS,
+    MIN_INTERVAL,
+    POOL_OPTIONS,
+    SCHEDULE_VERBS,
+    number,
+    process_counts,
+    whole,
+    worker_settings,
+)
 from conveyor.monitoring import printable, render_schedules, render_stats
 from conveyor.records import QueueSelector
-
-MAX_PROCESSES = 512
-MAX_THREADS = 256
-MAX_TASKS = 10**9
-MAX_GRACE = 86400.0  # a day
-MAX_DAYS = 36500.0  # a century: within datetime's range, and older than any job
-MAX_BATCH = 10000  # ids in one DELETE stay under every engine's limit on parameters
-DEFAULT_GRACE = 30.0
-MIN_INTERVAL, MAX_INTERVAL, DEFAULT_INTERVAL = 0.1, 3600.0, 2.0  # monitor --interval
-SCHEDULE_VERBS = ("list", "run", "pause", "resume", "sync")
-# Worker options that only mean something for a supervised pool of processes.
-POOL_OPTIONS = {
-    "processes": "--processes",
-    "machine": "--machine",
-    "machines": "--of",
-    "config": "--config",
-    "max_memory": "--max-memory",
-    "threads": "--threads",
-    "grace": "--grace",
-    "progress": "--progress",
-}
-
-
-def whole(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: a whole number from ``low`` to ``high``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if not low <= value <= high:
-            raise ArgumentTypeError(f"must be a whole number from {low} to {high}, not {text!r}.")
-        return value
-
-    return parse
-
-
-def number(low: float, high: float, *, above: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite number from ``low`` (or, ``above``, more than it) to ``high``."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        # NaN fails every comparison, and an infinity the upper bound.
-        if not ((low < value if above else low <= value) and value <= high):
-            least = f"more than {low:g}" if above else f"from {low:g}"
-            raise ArgumentTypeError(f"must be a number {least} up to {high:g}, not {text!r}.")
-        return value
-
-    return parse
-
-
-def process_counts(text: str) -> int | dict[str, int]:
-    """``--processes``: a number, or ``queue=N,...``."""
-    try:
-        return fleet.parse_counts(text)
-    except ConveyorImproperlyConfigured as e:
-        raise ArgumentTypeError(str(e)) from e
-
-
-def _as_text(value: Any) -> str:
-    """A config file's value as the command line would give it."""
-    if isinstance(value, dict):
-        return ",".join(f"{queue}={count}" for queue, count in value.items())
-    return str(value)
 
 
 class Command(BaseCommand):
@@ -309,70 +257,13 @@ class Command(BaseCommand):
             )
         if options["in_process"]:
             return self._in_process(backend, options)
-        from conveyor.runtime.supervisor import Supervisor, WorkerSettings
+        from conveyor.runtime.supervisor import Supervisor
 
-        options = self._with_host_config(options)
-        counts = (
-            options["processes"]
-            or backend.conveyor_options.processes
-            or min(os.cpu_count() or 1, MAX_PROCESSES)
-        )
-        queues = self._queues(backend, options)
         try:
-            pools = fleet.pools_for(
-                counts, queues, backend.queues, options["machine"] or 1, options["machines"] or 1
-            )
+            settings = worker_settings(backend, self._queues, options)
         except ConveyorImproperlyConfigured as e:
             raise CommandError(str(e)) from e
-        memory = options["max_memory"]
-        settings = WorkerSettings(
-            backend=backend.alias,
-            queues=queues,
-            processes=sum(pool.processes for pool in pools),
-            pools=pools,
-            threads=options["threads"] or 1,
-            max_tasks_per_child=options["max_tasks_per_child"],
-            max_memory=int(memory * 2**20) if memory else None,
-            until_done=options["until_done"],
-            grace=options["grace"] or DEFAULT_GRACE,
-            progress=options["progress"],
-            scheduler=not options["no_scheduler"],
-        )
         return Supervisor(settings).run()
-
-    def _with_host_config(self, options: dict[str, Any]) -> dict[str, Any]:
-        """``options`` with what ``--config FILE`` sets wherever the command line is silent."""
-        if not options.get("config"):
-            return options
-        try:
-            host = fleet.load_host_config(options["config"])
-        except ConveyorImproperlyConfigured as e:
-            raise CommandError(str(e)) from e
-        parsers: dict[str, tuple[str, Callable[[str], Any]]] = {
-            "PROCESSES": ("processes", process_counts),
-            "THREADS": ("threads", whole(1, MAX_THREADS)),
-            "MAX_TASKS_PER_CHILD": ("max_tasks_per_child", whole(1, MAX_TASKS)),
-            "MAX_MEMORY": ("max_memory", number(1, 2**30)),
-            "GRACE": ("grace", number(0, MAX_GRACE, above=True)),
-            "MACHINE": ("machine", whole(1, MAX_PROCESSES)),
-            "MACHINES": ("machines", whole(1, MAX_PROCESSES)),
-        }
-        merged = dict(options)
-        for key, value in host.items():
-            if key == "SCHEDULER":
-                if not isinstance(value, bool):
-                    raise CommandError(f"--config: SCHEDULER must be True or False, not {value!r}.")
-                merged["no_scheduler"] = options["no_scheduler"] or not value
-                continue
-            name, parse = parsers[key]
-            if merged.get(name) not in (None, False):
-                continue  # the command line wins
-            text = value if isinstance(value, str) else _as_text(value)
-            try:
-                merged[name] = parse(text)
-            except ArgumentTypeError as e:
-                raise CommandError(f"--config: {key} {e}") from e
-        return merged
 
     def _in_process(self, backend: StoreBackend, options: dict[str, Any]) -> int:
         from conveyor.runtime.inprocess import InProcessWorker
