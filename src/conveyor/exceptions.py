@@ -97,3 +97,7 @@ class ScheduleExists(InvalidSchedule):
 
 class ScheduleNotFound(ConveyorError, LookupError):
     """No stored schedule has that name."""
+
+
+class ScheduleChanged(InvalidSchedule):
+    """The schedule was changed by someone else between reading and saving it."""

@@ -402,6 +402,7 @@ class ScheduleInfo:
     repeats_left: int | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    fingerprint: str = ""  # of the definition as saved (``ScheduleSpec.fingerprint``)
 
     @property
     def name(self) -> str:

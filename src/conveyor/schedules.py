@@ -21,16 +21,31 @@ from django.utils import timezone as dj_timezone
 
 from conveyor import clock
 from conveyor.backends.base import worker_store
+from conveyor.backends.scheduling import MAX_CATCH_UP, MIN_GRACE
 from conveyor.backends.tasks import call_problem, json_problem, resolve_task
-from conveyor.cron import CRON, EVERY, KINDS, MANUAL, ONCE, CatchUp, InvalidTimetable, Timetable
-from conveyor.exceptions import InvalidSchedule, ScheduleNotFound, TaskNotFound
+from conveyor.cron import CRON, EVERY, MANUAL, ONCE, CatchUp, InvalidTimetable, Timetable
+from conveyor.exceptions import InvalidSchedule, ScheduleChanged, ScheduleNotFound, TaskNotFound
 from conveyor.records import Fired, ScheduleInfo, ScheduleSpec, SyncReport
 
 COMMAND_TASK = "conveyor.commands.run_command"
 MIN_EVERY, MAX_EVERY = 1, 10 * 365 * 86400  # seconds
-MIN_GRACE = 5.0  # a look for due schedules comes about once a second, later under load
 MAX_JITTER = 86400.0
-MAX_CATCH_UP = 1000  # runs one schedule fires at once, at most
+UPDATE_TRIES = 5
+# What update() changes besides the timetable.
+UPDATABLE = (
+    "task",
+    "args",
+    "kwargs",
+    "queue_name",
+    "priority",
+    "catch_up",
+    "catch_up_limit",
+    "grace",
+    "due_kwarg",
+    "jitter",
+    "run_at_creation",
+    "repeats",
+)
 NAME_LENGTH = 200
 # Declared with @schedule or schedule_command: backend alias -> schedule name -> spec.
 _DECLARED: dict[str, dict[str, ScheduleSpec]] = {}
@@ -58,17 +73,7 @@ def timetable_for(
             f"{', '.join(given + ([f'kind={kind!r}'] if kind else []))}. Nothing was stored."
         )
     zone = timezone or settings.TIME_ZONE or "UTC"
-    if isinstance(every, int | float) and not isinstance(every, bool):
-        if not math.isfinite(every) or not MIN_EVERY <= every <= MAX_EVERY:
-            raise InvalidSchedule(
-                f"Schedule {name!r}: its interval must be from {MIN_EVERY} second to "
-                f"{MAX_EVERY:.0f} seconds (ten years), not {every!r}. Nothing was stored."
-            )
-        every = timedelta(seconds=every)
-    if isinstance(every, timedelta) and every.total_seconds() > MAX_EVERY:
-        raise InvalidSchedule(
-            f"Schedule {name!r}: its interval must be ten years at most. Nothing was stored."
-        )
+    every = _interval(name, every)
     if cron is not None:
         kind = CRON
     elif every is not None:
@@ -88,9 +93,25 @@ def timetable_for(
         timetable.validate()
     except (InvalidTimetable, TypeError) as e:
         raise InvalidSchedule(f"Schedule {name!r}: {e}. Nothing was stored.") from e
-    if kind not in KINDS:  # pragma: no cover - validate() refuses it first
-        raise InvalidSchedule(f"Schedule {name!r}: unknown kind {kind!r}.")
     return timetable
+
+
+def _interval(name: str, every: Any) -> timedelta | None:
+    """``every=`` as a timedelta, checked; raise ``InvalidSchedule`` naming the schedule."""
+    if every is None:
+        return None
+    if isinstance(every, bool) or not isinstance(every, int | float | timedelta):
+        raise InvalidSchedule(
+            f"Schedule {name!r}: every= takes a timedelta or a number of seconds, not "
+            f"{every!r}. Nothing was stored."
+        )
+    seconds = every.total_seconds() if isinstance(every, timedelta) else every
+    if not math.isfinite(seconds) or not MIN_EVERY <= seconds <= MAX_EVERY:
+        raise InvalidSchedule(
+            f"Schedule {name!r}: its interval must be from {MIN_EVERY} second to "
+            f"{MAX_EVERY:.0f} seconds (ten years), not {every!r}. Nothing was stored."
+        )
+    return every if isinstance(every, timedelta) else timedelta(seconds=seconds)
 
 
 def _aware(moment: datetime, zone: str) -> datetime:
@@ -154,7 +175,7 @@ def spec_for(
                 "once a second) to a week",
             ),
             (_seconds(jitter, 0, MAX_JITTER), f"jitter must be 0 to {MAX_JITTER:g} seconds"),
-            (repeats is None or _whole(repeats, 1, 2**31 - 1), "repeats must be 1 or more"),
+            (repeats is None or _whole(repeats, 1, 2**31 - 1), "repeats must be 1 to 2147483647"),
             (not due_kwarg or due_kwarg.isidentifier(), f"due_kwarg {due_kwarg!r} is not a name"),
             (not due_kwarg or due_kwarg not in kwargs, f"due_kwarg {due_kwarg!r} is in kwargs too"),
             (priority is None or _whole(priority, -100, 100), "priority must be -100 to 100"),
@@ -394,13 +415,37 @@ def _check_runnable(spec: ScheduleSpec, alias: str) -> None:
 
 
 def update(name: str, *, backend: str | None = None, **changes: Any) -> ScheduleInfo:
-    """Change a stored schedule made at run time; unnamed fields keep their values."""
+    """Change a stored schedule made at run time; unnamed fields keep their values.
+
+    Read, changed and saved again if someone else changed it in between: two updates of
+    different fields both stand.
+    """
     alias = backend or _default_backend()
+    unknown = sorted(set(changes) - set(_TIMING) - set(UPDATABLE))
+    if unknown:
+        raise InvalidSchedule(
+            f"Schedule {name!r}: update() cannot change {', '.join(unknown)}; it changes "
+            f"{', '.join((*_TIMING, *UPDATABLE))} (pause() and resume() pause it). Nothing "
+            "was stored."
+        )
     store = worker_store(alias)
-    info = store.get_schedule(name)
-    if info is None or info.retired:
-        raise ScheduleNotFound(f"No schedule {name!r} on backend {alias!r}.")
-    spec = info.spec
+    for _ in range(UPDATE_TRIES):
+        info = store.get_schedule(name)
+        if info is None or info.retired:
+            raise ScheduleNotFound(f"No schedule {name!r} on backend {alias!r}.")
+        new = _updated(info, alias, dict(changes))
+        try:
+            return store.change_schedule(new, was=info.fingerprint)
+        except ScheduleChanged:
+            continue
+    raise ScheduleChanged(
+        f"Schedule {name!r} kept changing while it was updated; nothing was stored."
+    )
+
+
+def _updated(info: ScheduleInfo, alias: str, changes: dict[str, Any]) -> ScheduleSpec:
+    """``info``'s definition with ``changes``, checked as ``create`` checks it."""
+    spec, name = info.spec, info.name
     if spec.source == "code":
         raise InvalidSchedule(
             f"Schedule {name!r} is declared in code (@schedule): change it there. Nothing "
@@ -412,10 +457,9 @@ def update(name: str, *, backend: str | None = None, **changes: Any) -> Schedule
         timetable = timetable_for(name, **(_timing_of(timetable, timing) | timing))
     task = changes.pop("task", spec.task_path)
     path = task.module_path if isinstance(task, Task) else str(task)
-    fields = spec.options() | changes
-    new = spec_for(name, path, timetable, source=spec.source, **fields)
+    new = spec_for(name, path, timetable, source=spec.source, **(spec.options() | changes))
     _check_runnable(new, alias)
-    return store.change_schedule(new)
+    return new
 
 
 def _timing_of(timetable: Timetable, given: Mapping[str, Any]) -> dict[str, Any]:

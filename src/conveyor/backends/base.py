@@ -415,9 +415,13 @@ class WorkerStore(ABC):
         """Store a new schedule; raise ``ScheduleExists`` if one has its name."""
 
     @abstractmethod
-    def change_schedule(self, spec: ScheduleSpec) -> ScheduleInfo:
+    def change_schedule(self, spec: ScheduleSpec, *, was: str | None = None) -> ScheduleInfo:
         """Replace the definition of the stored schedule of that name; its next run is
-        worked out again, never at or before its last. Raise ``ScheduleNotFound``."""
+        worked out again, never at or before its last. Raise ``ScheduleNotFound``.
+
+        With ``was`` (a ``fingerprint()``), raise ``ScheduleChanged`` if the stored
+        definition is no longer that one: someone changed it since it was read.
+        """
 
     @abstractmethod
     def sync_schedules(self, specs: Sequence[ScheduleSpec]) -> SyncReport:

@@ -15,6 +15,8 @@ from conveyor.cron import MANUAL, Timetable, plan
 from conveyor.records import ScheduleSpec
 
 FIRINGS_KEPT = 100  # due times remembered per schedule, besides its last run
+MAX_CATCH_UP = 1000  # runs one schedule fires at once, at most, whatever a row says
+MIN_GRACE = 5.0  # seconds: a look for due schedules comes about once a second
 
 
 def anchored(spec: ScheduleSpec, now: datetime) -> Timetable:
@@ -106,8 +108,8 @@ def firing(
         next_run,
         now,
         catch_up=spec.catch_up,
-        limit=spec.catch_up_limit,
-        grace=spec.grace,
+        limit=max(1, min(spec.catch_up_limit, MAX_CATCH_UP)),
+        grace=max(spec.grace, MIN_GRACE),
     )
     due = tuple(
         slot for slot in chosen.fire if slot not in fired and (last_run is None or slot > last_run)

@@ -19,6 +19,7 @@ from django.db.utils import DatabaseError
 from conveyor import clock
 
 SUPPORTED_VENDORS = ("sqlite", "postgresql", "mysql")
+LOCK_WAIT = 2.0  # seconds ``short_waits`` waits for another transaction's lock
 Statement = tuple[str, list[Any]]  # SQL with %s marks, and its parameters
 
 
@@ -47,6 +48,10 @@ class Dialect:
     def now(self) -> str:
         """The store's clock, as the engine stores a datetime."""
         raise NotImplementedError
+
+    def reached(self) -> str:
+        """The store's clock, to compare with times Django wrote (``<= reached()``: due)."""
+        return self.now()
 
     def later(self) -> str:
         """The store's clock plus ``%s`` seconds."""
@@ -101,8 +106,23 @@ class Dialect:
         """A statement telling ``channel``'s listeners that jobs ended; None if none listen."""
         return None
 
-    def bound_transaction(self) -> None:
-        """Have the server end this transaction if its client goes quiet in it for long."""
+    def gave_up_waiting(self, error: DatabaseError) -> bool:
+        """Say whether ``error`` means a lock wait ran past ``short_waits``' bound."""
+        return False
+
+    def serialize(self, name: str) -> None:
+        """Make transactions that call this with ``name`` run one at a time, till they end."""
+
+    @contextmanager
+    def short_waits(self) -> Iterator[None]:
+        """A write transaction that gives up waiting for another's locks after ``LOCK_WAIT``.
+
+        For work a supervisor does between heartbeats (firing schedules): a user's
+        transaction holding a row it needs must not stop the heartbeats. Inside a caller's
+        transaction the caller's settings stand.
+        """
+        with self.write_transaction():
+            yield
 
     @contextmanager
     def write_transaction(self) -> Iterator[None]:
@@ -118,12 +138,16 @@ class SQLiteDialect(Dialect):
     def _clock(self, shift: str = "") -> str:
         moved = f", '{clock.offset():+.6f} seconds'" if clock.offset() else ""
         zone = "" if self.use_tz else ", 'localtime'"
-        # %f has milliseconds; Django writes microseconds, and the columns compare as text:
-        # "...:25.963412" sorts after "...:25.963". The clock reads as the millisecond's end.
-        return f"(strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now'{moved}{zone}{shift}) || '999')"
+        return f"strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now'{moved}{zone}{shift})"
 
     def now(self) -> str:
         return self._clock()
+
+    def reached(self) -> str:
+        # %f has milliseconds; Django writes microseconds, and the columns compare as text:
+        # "...:25.963412" sorts after "...:25.963". Compared, the clock reads as the end of
+        # its millisecond.
+        return f"({self._clock()} || '999')"
 
     def later(self) -> str:
         return self._clock(", '+' || %s || ' seconds'")
@@ -188,11 +212,29 @@ class PostgreSQLDialect(Dialect):
     def announce(self, channel: str) -> Statement | None:
         return "SELECT pg_notify(%s, '')", [channel]
 
-    def bound_transaction(self) -> None:
-        # A client that vanished (its machine, or the network to it) inside the transaction
-        # would hold its row locks until TCP gives up, hours later.
+    def deadlock(self, error: DatabaseError) -> bool:
+        return _sqlstate(error) == "40P01"
+
+    def gave_up_waiting(self, error: DatabaseError) -> bool:
+        return _sqlstate(error) == "55P03"
+
+    def serialize(self, name: str) -> None:
         with self.connection.cursor() as cursor:
-            cursor.execute("SET LOCAL idle_in_transaction_session_timeout = '30s'")
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [name])
+
+    @contextmanager
+    def short_waits(self) -> Iterator[None]:
+        outermost = not self.connection.in_atomic_block
+        with self.write_transaction():
+            if outermost:
+                # Also: a client that vanished (its machine, or the network to it) inside
+                # the transaction would hold its row locks until TCP gives up, hours later.
+                with self.connection.cursor() as cursor:
+                    cursor.execute(
+                        f"SET LOCAL lock_timeout = '{LOCK_WAIT * 1000:.0f}ms'; "
+                        "SET LOCAL idle_in_transaction_session_timeout = '30s'"
+                    )
+            yield
 
     def now(self) -> str:
         if clock.offset():
@@ -228,7 +270,7 @@ class PostgreSQLDialect(Dialect):
         )
 
     def missing_table(self, error: DatabaseError) -> bool:
-        return getattr(getattr(error, "__cause__", None), "sqlstate", None) == "42P01"
+        return _sqlstate(error) == "42P01"
 
     def notify_after(self, sql: str) -> str:
         """Wrap an INSERT so that the same statement sends one NOTIFY (``%s``, ``%s``)."""
@@ -282,6 +324,28 @@ class MySQLDialect(Dialect):
         # InnoDB takes next-key locks on the unique index while several transactions insert
         # and clear the same key: one of them may be rolled back as a deadlock's victim.
         return bool(error.args) and error.args[0] == 1213
+
+    def gave_up_waiting(self, error: DatabaseError) -> bool:
+        return bool(error.args) and error.args[0] == 1205
+
+    @contextmanager
+    def short_waits(self) -> Iterator[None]:
+        if self.connection.in_atomic_block:
+            with self.write_transaction():
+                yield
+            return
+        with self.connection.cursor() as cursor:
+            cursor.execute(f"SET SESSION innodb_lock_wait_timeout = {max(1, round(LOCK_WAIT))}")
+        try:
+            with self.write_transaction():
+                yield
+        finally:
+            with self.connection.cursor() as cursor:
+                cursor.execute("SET SESSION innodb_lock_wait_timeout = DEFAULT")
+
+
+def _sqlstate(error: DatabaseError) -> str | None:
+    return getattr(getattr(error, "__cause__", None), "sqlstate", None)
 
 
 _DIALECTS: dict[str, type[Dialect]] = {

@@ -212,7 +212,7 @@ def prune(store: Store, before: datetime, batch: int, pause: float) -> int:
 
 def expire(store: Store, batch: int, pause: float, limit: int | None) -> int:
     """Delete finished jobs past their retention (store clock), at most ``limit``."""
-    return _delete(store, f"expires_at <= {store.dialect.now()}", [], batch, pause, limit)
+    return _delete(store, f"expires_at <= {store.dialect.reached()}", [], batch, pause, limit)
 
 
 def _delete(

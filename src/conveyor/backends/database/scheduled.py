@@ -9,7 +9,7 @@ from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from django.db import DatabaseError
+from django.db import DatabaseError, OperationalError
 from django.tasks import Task, TaskResult
 from django.tasks.exceptions import InvalidTask
 from django.tasks.signals import task_enqueued
@@ -32,6 +32,8 @@ UNRUNNABLE = (TaskNotFound, InvalidTask, TypeError, ValueError)
 FIRE_BUDGET = 1.0  # seconds one look spends firing schedules, at most (about)
 QUIET = 600  # seconds between two log lines about the same broken schedule
 _LOGGED: dict[str, float] = {}
+HELD_BACKOFF = 10.0  # seconds a schedule whose firing waited too long on a lock is left
+_WAITING: dict[int, float] = {}  # schedule key -> when to try it again
 
 
 class DatabaseSchedules(StoreBackend):
@@ -60,8 +62,8 @@ class DatabaseSchedules(StoreBackend):
     def add_schedule(self, spec: ScheduleSpec, *, paused: bool = False) -> ScheduleInfo:
         return self._schedules_call(schedules.add, spec, paused)
 
-    def change_schedule(self, spec: ScheduleSpec) -> ScheduleInfo:
-        return self._schedules_call(schedules.change, spec)
+    def change_schedule(self, spec: ScheduleSpec, *, was: str | None = None) -> ScheduleInfo:
+        return self._schedules_call(schedules.change, spec, was)
 
     def sync_schedules(self, specs: Sequence[ScheduleSpec]) -> SyncReport:
         return self._schedules_call(schedules.sync, specs)
@@ -87,13 +89,21 @@ class DatabaseSchedules(StoreBackend):
         fired: list[Fired] = []
         deadline = time.monotonic() + FIRE_BUDGET
         for key in schedules.due(self.worker_store, limit):
+            if _WAITING.get(key, 0.0) > time.monotonic():
+                continue  # held by a transaction a moment ago: the others first
             enqueued: list[TaskResult] = []
             try:
                 fired += schedules.fire(
                     self.worker_store, key, partial(self._enqueue_runs, enqueued)
                 )
+            except OperationalError as e:
+                if not self.worker_store.dialect.gave_up_waiting(e):
+                    raise  # the store is in trouble: every schedule would fail alike
+                unfired(key, e)  # a transaction holds what this one needs: later
+                _WAITING[key] = time.monotonic() + HELD_BACKOFF
+                continue
             except DatabaseError:
-                raise  # the store is in trouble: every schedule would fail alike
+                raise
             except Exception as e:
                 unfired(key, e)
                 continue
@@ -174,7 +184,7 @@ def unrunnable(spec: ScheduleSpec, due: datetime, error: Exception) -> None:
         spec.name,
         due.isoformat(),
         spec.task_path,
-        error,
+        str(error).rstrip("."),
         QUIET // 60,
     )
 

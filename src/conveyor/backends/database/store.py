@@ -103,7 +103,7 @@ class Store:
 
     def now(self) -> datetime:
         """The store's clock, read from the database (aware)."""
-        value = self.fetch(f"SELECT {self.dialect.now()}")[0][0]
+        value = self.fetch(f"SELECT {self.dialect.reached()}")[0][0]
         if isinstance(value, str):
             value = datetime.fromisoformat(value)
         return clock.aware(value)

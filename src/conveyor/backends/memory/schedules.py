@@ -14,7 +14,13 @@ from django.tasks.signals import task_enqueued
 from conveyor import clock
 from conveyor.backends import scheduling
 from conveyor.backends.base import StoreBackend
-from conveyor.exceptions import InvalidSchedule, ScheduleExists, ScheduleNotFound, TaskNotFound
+from conveyor.exceptions import (
+    InvalidSchedule,
+    ScheduleChanged,
+    ScheduleExists,
+    ScheduleNotFound,
+    TaskNotFound,
+)
 from conveyor.records import Fired, ScheduleInfo, ScheduleSpec, SyncReport
 
 if TYPE_CHECKING:
@@ -55,6 +61,7 @@ class Kept:
             repeats_left=self.repeats_left,
             created_at=self.created_at,
             updated_at=self.updated_at,
+            fingerprint=self.fingerprint,
         )
 
     def define(self, spec: ScheduleSpec, now: datetime, *, new: bool = False) -> None:
@@ -103,11 +110,13 @@ class MemorySchedules(StoreBackend):
         self._tables.schedules[spec.name] = kept
         return kept
 
-    def change_schedule(self, spec: ScheduleSpec) -> ScheduleInfo:
+    def change_schedule(self, spec: ScheduleSpec, *, was: str | None = None) -> ScheduleInfo:
         with self._tables.lock:
             kept = self._tables.schedules.get(spec.name)
             if kept is None:
                 raise ScheduleNotFound(f"No schedule {spec.name!r} on backend {self.alias!r}.")
+            if was is not None and kept.fingerprint != was:
+                raise ScheduleChanged(f"Schedule {spec.name!r} was changed meanwhile.")
             if kept.spec.source == "code" and spec.source != "code":
                 raise InvalidSchedule(
                     f"Schedule {spec.name!r} is declared in code (@schedule): change it there."
@@ -231,7 +240,7 @@ class MemorySchedules(StoreBackend):
                 spec.name,
                 due.isoformat(),
                 spec.task_path,
-                e,
+                str(e).rstrip("."),
             )
             return None
         held = self._tables.holder(how, now) if how is not None else None

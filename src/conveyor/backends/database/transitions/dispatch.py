@@ -191,7 +191,7 @@ def stage(store: Store, limit: int) -> int:
     d = store.dialect
     due = (
         f"SELECT id FROM {TABLE} WHERE {IS_SCHEDULED} AND backend_name = %s "
-        f"AND available_at <= {d.now()}"
+        f"AND available_at <= {d.reached()}"
     )
     # A read, so no write lock is taken while nothing is due. In index order: a bare LIMIT 1
     # lets PostgreSQL guess a match is near and scan the whole table when none is.

@@ -26,12 +26,18 @@ from conveyor.backends import scheduling
 from conveyor.backends.database.models import Schedule, ScheduleFiring
 from conveyor.backends.database.store import Store
 from conveyor.cron import CatchUp, Timetable
-from conveyor.exceptions import InvalidSchedule, ScheduleExists, ScheduleNotFound
+from conveyor.exceptions import (
+    InvalidSchedule,
+    ScheduleChanged,
+    ScheduleExists,
+    ScheduleNotFound,
+)
 from conveyor.records import Fired, ScheduleInfo, ScheduleSpec, SyncReport
 
 logger = logging.getLogger(__name__)
 
 SYNC_TRIES = 5  # a code schedule two workers add at once: the loser reads it and goes on
+CATCH_UPS = {c.value for c in CatchUp}
 
 # Enqueues the runs due at these times of a schedule; returns each one's result id, or
 # None where the run could not be enqueued (the error was logged).
@@ -76,7 +82,7 @@ def spec_of(row: Schedule) -> ScheduleSpec:
         kwargs=dict(row.kwargs),
         queue_name=row.queue_name,
         priority=row.priority,
-        catch_up=CatchUp(row.catch_up),
+        catch_up=CatchUp(row.catch_up) if row.catch_up in CATCH_UPS else CatchUp.ONCE,
         catch_up_limit=row.catch_up_limit,
         grace=row.grace,
         due_kwarg=row.due_kwarg,
@@ -100,6 +106,7 @@ def info_of(row: Schedule) -> ScheduleInfo:
         repeats_left=row.repeats_left,
         created_at=_read(row.created_at),
         updated_at=_read(row.updated_at),
+        fingerprint=row.fingerprint,
     )
 
 
@@ -159,11 +166,13 @@ def add(store: Store, spec: ScheduleSpec, paused: bool) -> ScheduleInfo:
             ) from e
 
 
-def change(store: Store, spec: ScheduleSpec) -> ScheduleInfo:
+def change(store: Store, spec: ScheduleSpec, was: str | None = None) -> ScheduleInfo:
     with store.dialect.write_transaction():
         row = _locked(store).filter(name=spec.name).first()
         if row is None:
             raise ScheduleNotFound(f"No schedule {spec.name!r} on backend {store.backend!r}.")
+        if was is not None and row.fingerprint != was:
+            raise ScheduleChanged(f"Schedule {spec.name!r} was changed meanwhile.")
         if row.source == "code" and spec.source != "code":
             raise InvalidSchedule(
                 f"Schedule {spec.name!r} is declared in code (@schedule): change it there."
@@ -178,6 +187,7 @@ def sync(store: Store, specs: Sequence[ScheduleSpec]) -> SyncReport:
     for attempt in range(SYNC_TRIES):
         try:
             with store.dialect.write_transaction():
+                store.dialect.serialize(f"conveyor-sync-{store.backend}")  # one at a time
                 return _sync(store, specs)
         except (IntegrityError, OperationalError) as e:
             retry = isinstance(e, IntegrityError) or store.dialect.deadlock(e)
@@ -221,17 +231,42 @@ def _sync(store: Store, specs: Sequence[ScheduleSpec]) -> SyncReport:
 
 
 def _complete(store: Store, row: Schedule, now: datetime) -> None:
-    """Work out what a row written without Conveyor's API (a data migration) lacks."""
+    """Work out what a row written without Conveyor's API (a data migration) lacks.
+
+    It is checked as the API checks a schedule; one that fails is logged and left as it
+    is, never run.
+    """
+    from conveyor.schedules import spec_for
+
     try:
-        spec = spec_of(row)
-        spec.timetable.validate()
+        timetable = timetable_of(row)
+        timetable.validate()
+        spec = spec_for(row.name, row.task_path, timetable, source=row.source, **_options_of(row))
     except Exception as e:
-        logger.error("Schedule %r cannot run: %s. Fix or delete it.", row.name, e)
+        logger.error("Schedule %r cannot run: %s Fix or delete it.", row.name, e)
         return
+    if row.runs == 0 and row.repeats_left is None:
+        row.repeats_left = row.repeats
     _redefine(row, spec, now)
     row.created_at = row.created_at or _stored(now)
     row.save(using=store.using)
     logger.info("Schedule %r (written directly to the table) is set up.", row.name)
+
+
+def _options_of(row: Schedule) -> dict[str, Any]:
+    return {
+        "args": row.args,
+        "kwargs": row.kwargs,
+        "queue_name": row.queue_name,
+        "priority": row.priority,
+        "catch_up": row.catch_up,
+        "catch_up_limit": row.catch_up_limit,
+        "grace": row.grace,
+        "due_kwarg": row.due_kwarg,
+        "jitter": row.jitter,
+        "run_at_creation": row.run_at_creation,
+        "repeats": row.repeats,
+    }
 
 
 def pause(store: Store, name: str, paused: bool) -> bool:
@@ -279,7 +314,7 @@ def due(store: Store, limit: int) -> list[int]:
     """The keys of schedules whose next run is due (store clock), the most overdue first."""
     sql = (
         f"SELECT id FROM {Schedule._meta.db_table} WHERE backend_name = %s "
-        f"AND next_run_at <= {store.dialect.now()} AND paused = %s AND retired_at IS NULL "
+        f"AND next_run_at <= {store.dialect.reached()} AND paused = %s AND retired_at IS NULL "
         "ORDER BY next_run_at LIMIT %s"
     )
     return [row[0] for row in store.fetch(sql, [store.backend, False, limit])]
@@ -287,8 +322,7 @@ def due(store: Store, limit: int) -> list[int]:
 
 def fire(store: Store, key: int, enqueue: Enqueue) -> list[Fired]:
     """Fire the due times of one schedule, if it is still due and no other worker holds it."""
-    with store.dialect.write_transaction():
-        store.dialect.bound_transaction()
+    with store.dialect.short_waits():
         row = _locked(store, skip=True).filter(pk=key, paused=False, retired_at=None).first()
         now = store.now()
         next_run = _read(row.next_run_at) if row is not None else None
