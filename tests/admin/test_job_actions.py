@@ -123,3 +123,27 @@ def test_actions_need_their_permission(staff_client):
     deleter = staff_client("view_job", "delete_job")
     act(deleter, "delete_selected", done, post="yes")
     assert not type(done).objects.filter(pk=done.pk).exists()
+
+
+def test_a_job_whose_task_is_gone_is_reported_and_the_others_go_on(admin_client):
+    gone = row(tasks.explode.enqueue("boom").id)
+    failed = row(tasks.explode.enqueue("bang").id)
+    run_until_done()
+    type(gone).objects.filter(pk=gone.pk).update(task_path="tests.testapp.tasks.removed")
+    said = act(admin_client, "retry_jobs", gone, failed)
+    assert "1 job was enqueued again, as a new job." in said
+    assert any(str(gone.uuid) in text and "removed" in text for text in said), said
+    assert logged(gone) == [] and len(logged(failed)) == 1
+
+
+def test_an_action_acts_on_a_limited_number_of_rows_at_once(admin_client, monkeypatch):
+    from conveyor.admin.jobs import JobAdmin
+
+    monkeypatch.setattr(JobAdmin, "action_limit", 2)
+    later = tasks.add.using(run_after=timezone.now() + timedelta(days=1))
+    jobs = [row(later.enqueue(n, n).id) for n in range(3)]
+    said = act(admin_client, "run_jobs_now", jobs[0], select_across="1")
+    assert "Only the first 2 selected were acted on; run the action again for the rest." in said
+    assert "2 jobs run now." in said
+    assert task_backends["default"].stats().scheduled == 1
+    assert act(admin_client, "run_jobs_now", jobs[0], select_across="1")[-1] == "1 job runs now."

@@ -91,8 +91,22 @@ class Reporting(admin.ModelAdmin):
 
     action_limit = ACTION_LIMIT
 
-    def picked(self, request: HttpRequest, queryset: models.QuerySet[Any]) -> list[Any]:
-        """The rows an action acts on: the first ``ACTION_LIMIT`` selected, newest first."""
+    def picked(
+        self,
+        request: HttpRequest,
+        queryset: models.QuerySet[Any],
+        fit: models.Q | None = None,
+        why_not: str = "",
+    ) -> list[Any]:
+        """The selected rows an action acts on: those that ``fit``, the newest ``action_limit``.
+
+        Says how many of the selection do not fit (``why_not``), and whether some that do
+        were left for the next run of the action.
+        """
+        if fit is not None:
+            unfit = queryset.exclude(fit).order_by()[: self.action_limit].count()
+            self.report_skipped(request, unfit, why_not)
+            queryset = queryset.filter(fit)
         rows = list(queryset.order_by("-pk")[: self.action_limit + 1])
         if len(rows) > self.action_limit:
             self.message_user(

@@ -16,7 +16,7 @@ from typing import Any
 from django.contrib import admin, messages
 from django.contrib.admin.actions import delete_selected as confirm_and_delete
 from django.contrib.admin.views.main import ChangeList
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
@@ -46,6 +46,7 @@ LIST_FIELDS = (
     "finished_at",
 )
 RETRYABLE = (State.FAILED, State.CANCELLED)
+UNFINISHED = ~Q(state__in=FINISHED_STATES)
 # What a job's page shows, beside its call and outcome.
 SUMMARY = (
     "uuid",
@@ -224,8 +225,7 @@ class JobAdmin(Reporting):
         description=gettext_lazy("Retry the selected failed or cancelled jobs (as new jobs)"),
     )
     def retry_jobs(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
-        jobs = self.picked(request, queryset)
-        ended = [job for job in jobs if job.state in RETRYABLE]
+        ended = self.picked(request, queryset, Q(state__in=RETRYABLE), _("not failed or cancelled"))
         problems, retried = [], 0
         for job in ended:
             try:
@@ -247,17 +247,14 @@ class JobAdmin(Reporting):
                 messages.SUCCESS,
             )
         self.report_problems(request, problems)
-        self.report_skipped(request, len(jobs) - len(ended), _("not failed or cancelled"))
 
     @admin.action(
         permissions=["change"], description=gettext_lazy("Run the selected scheduled jobs now")
     )
     def run_jobs_now(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
-        jobs = self.picked(request, queryset)
         due: dict[str, list[Job]] = defaultdict(list)
-        for job in jobs:
-            if job.state == State.SCHEDULED:
-                due[job.backend_name].append(job)
+        for job in self.picked(request, queryset, Q(state=State.SCHEDULED), _("not scheduled")):
+            due[job.backend_name].append(job)
         moved, problems = 0, []
         for alias, group in due.items():
             try:
@@ -273,16 +270,13 @@ class JobAdmin(Reporting):
             messages.SUCCESS if moved else messages.WARNING,
         )
         self.report_problems(request, problems)
-        left = len(jobs) - sum(len(group) for group in due.values())
-        self.report_skipped(request, left, _("not scheduled"))
 
     @admin.action(
         permissions=["change"],
         description=gettext_lazy("Cancel the selected jobs (running ones are asked to stop)"),
     )
     def cancel_jobs(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
-        jobs = self.picked(request, queryset)
-        open_jobs = [job for job in jobs if job.state not in FINISHED_STATES]
+        open_jobs = self.picked(request, queryset, UNFINISHED, _("already finished"))
         outcomes: dict[CancelOutcome, list[Job]] = defaultdict(list)
         problems = []
         for job in open_jobs:
@@ -294,15 +288,17 @@ class JobAdmin(Reporting):
         self.log(request, outcomes[CancelOutcome.STOPPING], _("Cancelled: asked to stop."))
         self.message_user(request, cancel_summary(outcomes), messages.SUCCESS)
         self.report_problems(request, problems)
-        self.report_skipped(request, len(jobs) - len(open_jobs), _("already finished"))
 
     @admin.action(
         permissions=["delete"], description=gettext_lazy("Delete the selected finished jobs")
     )
     def delete_selected(self, request: HttpRequest, queryset: QuerySet[Any]) -> HttpResponse | None:
-        jobs = self.picked(request, queryset)
-        finished = [job.pk for job in jobs if job.state in FINISHED_STATES]
-        self.report_skipped(request, len(jobs) - len(finished), _("not finished"))
+        finished = [
+            job.pk
+            for job in self.picked(
+                request, queryset, Q(state__in=FINISHED_STATES), _("not finished")
+            )
+        ]
         if not finished:
             return None
         chosen = Job.objects.filter(pk__in=finished).only(*LIST_FIELDS).order_by("-id")
