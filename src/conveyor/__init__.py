@@ -2,7 +2,7 @@
 
 from conveyor.bulk import bulk_enqueue, call
 from conveyor.context import ConveyorContext
-from conveyor.control import CancelOutcome, await_result, cancel, progress, wait
+from conveyor.control import CancelOutcome, await_result, cancel, enqueue_again, progress, wait
 
 __all__ = [
     "CancelOutcome",
@@ -12,6 +12,7 @@ __all__ = [
     "bulk_enqueue",
     "call",
     "cancel",
+    "enqueue_again",
     "progress",
     "wait",
 ]

@@ -1,7 +1,8 @@
-"""Acting on one job from anywhere: wait for it, cancel it, read its progress."""
+"""Acting on one job from anywhere: wait for it, cancel it, read its progress, enqueue it again."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from enum import StrEnum
@@ -11,6 +12,7 @@ from asgiref.sync import sync_to_async
 from django.tasks import TaskResult, TaskResultStatus, task_backends
 
 from conveyor.backends.base import Waiter
+from conveyor.backends.tasks import resolve_task
 from conveyor.exceptions import ConveyorImproperlyConfigured
 
 
@@ -43,6 +45,29 @@ def progress(result: TaskResult | str, backend: str | None = None) -> dict[str, 
     """What a job's task last reported with ``context.progress()``: done, total, message."""
     store, result_id = _store(result, backend)
     return store.get_progress(result_id)
+
+
+def enqueue_again(result: TaskResult | str, backend: str | None = None) -> TaskResult:
+    """Enqueue the call a finished job made again, as a new job; return its result.
+
+    The same task, arguments, queue and priority, due at once, with the task's options as
+    the code declares them now. The old job keeps its history. Raises ``ValueError`` for a
+    job that has not finished, ``TaskResultDoesNotExist`` for an unknown id, ``TaskNotFound``
+    if the task no longer exists and ``InvalidTask`` if its queue is no longer configured.
+    """
+    store, result_id = _store(result, backend)
+    old = store.get_result(result_id)
+    if old.status not in ENDED:
+        raise ValueError(f"Job {result_id} has not finished ({old.status}): it still runs.")
+    task = dataclasses.replace(
+        resolve_task(old.task.module_path),
+        backend=store.alias,
+        queue_name=old.task.queue_name,
+        priority=old.task.priority,
+        run_after=None,
+    )
+    again: TaskResult = task.enqueue(*old.args, **old.kwargs)
+    return again
 
 
 def wait(result: TaskResult, timeout: float | None = None) -> TaskResult:

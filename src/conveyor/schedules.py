@@ -390,6 +390,15 @@ def create_command(
     return worker_store(alias).add_schedule(spec, paused=paused)
 
 
+def check(spec: ScheduleSpec, *, backend: str | None = None) -> None:
+    """Raise ``InvalidSchedule`` if the runs of ``spec`` could not be enqueued on ``backend``.
+
+    What ``create`` and ``update`` check before they store anything: a registered task,
+    arguments it can take, a queue the backend has; a form checks a spec it built with it.
+    """
+    _check_runnable(spec, backend or _default_backend())
+
+
 def _check_runnable(spec: ScheduleSpec, alias: str) -> None:
     """Refuse a schedule whose runs could not be enqueued: checked when it is saved."""
     try:
@@ -535,6 +544,7 @@ def run(name: str, *, backend: str | None = None) -> TaskResult:
 
 
 __all__ = [
+    "check",
     "create",
     "create_command",
     "declared",

@@ -2,9 +2,9 @@
 
 ``ConveyorBackend`` is the ``django.tasks`` face every Conveyor backend has: enqueue, bulk
 enqueue, get_result. ``WorkerStore`` is what a worker drives: claim, stage, complete, fail,
-retry, give back, requeue, heartbeat, recover, cancel, stats, prune, expire, the workers
-registry and fork hooks; and what a monitor reads (running jobs, recent failures, pickup
-latency). A backend that runs no worker of its own (an HTTP push backend) is only a
+retry, give back, requeue, heartbeat, recover, cancel, run now, stats, prune, expire, the
+workers registry and fork hooks; and what a monitor reads (running jobs, recent failures,
+pickup latency). A backend that runs no worker of its own (an HTTP push backend) is only a
 ``ConveyorBackend``; the runtime accepts a backend only if it is also a ``WorkerStore``.
 The runtime sees only this module, ``conveyor.records`` and ``conveyor.backends.tasks``.
 """
@@ -348,6 +348,14 @@ class WorkerStore(ABC):
     @abstractmethod
     def cancel(self, result_id: str) -> bool:
         """Cancel a job that has not started; return whether it was cancelled."""
+
+    @abstractmethod
+    def run_now(self, result_ids: Collection[str]) -> int:
+        """Make these scheduled jobs due now (store clock): ready at once; return how many.
+
+        Each joins the line behind the ready jobs of its priority. Jobs in any other state,
+        and ids the store does not hold, are left alone.
+        """
 
     @abstractmethod
     def request_cancel(self, result_id: str) -> bool:

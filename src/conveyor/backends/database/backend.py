@@ -268,6 +268,16 @@ class DatabaseBackend(DatabaseSchedules):
     def request_cancel(self, result_id: str) -> bool:
         return transitions.request_cancel(self.worker_store, self._key(result_id))
 
+    def run_now(self, result_ids: Collection[str]) -> int:
+        field, conn = Job._meta.get_field("uuid"), connections[self.worker_store.using]
+        keys = []
+        for result_id in result_ids:
+            try:
+                keys.append(field.get_db_prep_value(uuid.UUID(str(result_id)), conn))
+            except ValueError:
+                continue  # not a result id: no job has it
+        return self._notify(transitions.run_now(self.worker_store, keys) if keys else 0)
+
     def cancels(self, deliveries: Collection[tuple[int, str]]) -> set[tuple[int, str]]:
         return transitions.cancels(self.worker_store, list(deliveries))
 

@@ -268,6 +268,8 @@ class ScheduleFiring(models.Model):
                 fields=["schedule", "due_at", "on_demand"], name="conveyor_firing_unique"
             ),
         ]
+        # Which schedule fired a job: the admin looks a job's firing up by its result id.
+        indexes = [models.Index(fields=["result_id"], name="conveyor_firing_result_idx")]
 
     def __str__(self) -> str:
         return f"{self.schedule_id} @ {self.due_at}"

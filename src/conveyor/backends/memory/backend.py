@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.tasks import Task, TaskResult
+from django.tasks.exceptions import TaskResultDoesNotExist
 from django.tasks.signals import task_enqueued
 
 from conveyor import clock
@@ -386,6 +387,19 @@ class MemoryBackend(MemorySchedules):
                 return False
             row.cancel()
             return True
+
+    def run_now(self, result_ids: Collection[str]) -> int:
+        now, moved = clock.now(), 0
+        with self._tables.lock:
+            for result_id in result_ids:
+                try:
+                    row = self._tables.find(result_id)
+                except TaskResultDoesNotExist:
+                    continue
+                if row.state is State.SCHEDULED:
+                    row.state, row.available_at, row.run_after = State.READY, now, now
+                    moved += 1
+        return moved
 
     def request_cancel(self, result_id: str) -> bool:
         with self._tables.lock:

@@ -5,14 +5,20 @@ engine's dialect supplies. Writes about a delivery name its token and are refuse
 job has been delivered again. Lease times use the store's clock (``dialect.now()``), never
 the caller's.
 
-``dispatch`` gets jobs to workers (insert, stage, claim, next_due); ``outcomes`` ends them
+``dispatch`` gets jobs to workers (insert, stage, claim, next_due, run_now); ``outcomes`` ends them
 (complete, fail, retry, cancel) and notes what a running one is told or tells (its cancel
 request, its progress); ``leases`` renews, gives back and recovers deliveries (heartbeat,
 unclaim, requeue, release, give_back, reclaim, recover). ``retention`` sets when a finished
 job may be deleted, and lets go of a ``keep_last`` task's older successes.
 """
 
-from conveyor.backends.database.transitions.dispatch import claim, insert, next_due, stage
+from conveyor.backends.database.transitions.dispatch import (
+    claim,
+    insert,
+    next_due,
+    run_now,
+    stage,
+)
 from conveyor.backends.database.transitions.leases import (
     give_back,
     heartbeat,
@@ -51,6 +57,7 @@ __all__ = [
     "request_cancel",
     "requeue",
     "retry",
+    "run_now",
     "stage",
     "unclaim",
 ]

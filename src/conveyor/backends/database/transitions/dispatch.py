@@ -1,5 +1,7 @@
 """Getting jobs to workers: storing them, staging the due ones, and claiming.
 
+An operator may also make scheduled jobs due at once (``run_now``).
+
 A claim leases the best ready jobs to one worker under a new delivery token; every later
 write about that delivery names the token.
 """
@@ -211,6 +213,25 @@ def stage(store: Store, limit: int) -> int:
             f"UPDATE {TABLE} SET state = 'ready' WHERE id IN ({marks}) AND state = 'scheduled'",
             ids,
         )
+
+
+def run_now(store: Store, keys: Sequence[Any]) -> int:
+    """Make these scheduled jobs (their ``uuid`` column values) ready, due now (store clock).
+
+    One transaction; ``available_at`` becomes now, so each joins the line behind the ready
+    jobs of its priority, and ``run_after`` too, so its result says when it became due.
+    """
+    now = store.dialect.now()
+    moved = 0
+    with store.dialect.write_transaction():
+        for chunk in _chunks(keys):
+            marks = ", ".join(["%s"] * len(chunk))
+            moved += store.execute(
+                f"UPDATE {TABLE} SET state = 'ready', available_at = {now}, run_after = {now} "
+                f"WHERE backend_name = %s AND uuid IN ({marks}) AND {IS_SCHEDULED}",
+                [store.backend, *chunk],
+            )
+    return moved
 
 
 def _arms(store: Store, queues: QueueSelector, limit: int) -> tuple[str, list[Any]]:
