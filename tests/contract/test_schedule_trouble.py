@@ -178,3 +178,72 @@ def test_a_schedule_written_by_a_data_migration_is_set_up_at_start_up(backend, b
         clock.advance(301)
         [fired] = backend.fire_schedules()
         assert fired.schedule == "from-migration" and fired.result_id is not None
+
+
+@pytest.mark.parametrize("engine", ["postgres", "mysql"], indirect=True)
+def test_a_firing_gives_up_on_a_transaction_holding_its_job_and_goes_on(backend, backend_alias):
+    import time
+
+    from tests.helpers import on
+    from tests.testapp import tasks
+
+    schedules.create(
+        "held-key",
+        "tests.testapp.tasks.unique_add",
+        every=60,
+        args=[1, 2],
+        run_at_creation=True,
+        backend=backend_alias,
+    )
+    schedules.create(
+        "free", REPORT, every=60, args=["f"], run_at_creation=True, backend=backend_alias
+    )
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # a user's transaction enqueued the same unique job, and is slow
+        try:
+            with transaction.atomic(using=backend.database):
+                on(tasks.unique_add, backend_alias).enqueue(1, 2)
+                inside.set()
+                release.wait(15)
+        finally:
+            connections[backend.database].close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert inside.wait(10)
+        began = time.monotonic()
+        fired = backend.fire_schedules()
+        assert time.monotonic() - began < 5  # gave up on the held one after about 2 s
+        assert [f.schedule for f in fired] == ["free"]
+        assert backend.fire_schedules() == []  # the held one is left alone for a while
+    finally:
+        release.set()
+        holder.join()
+    assert schedules.get("held-key", backend=backend_alias).runs == 0
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres", "mysql"], indirect=True)
+def test_old_and_new_code_syncing_together_never_fail(backend, backend_alias):
+    old = [code(f"old{i}", every=60 + i) for i in range(10)]
+    new = [code(f"new{i}", every=60 + i) for i in range(10)]
+    errors: list[BaseException] = []
+
+    def sync(specs) -> None:  # type: ignore[no-untyped-def]
+        try:
+            for _ in range(5):
+                backend.sync_schedules(specs)
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            connections[backend.database].close()
+
+    threads = [threading.Thread(target=sync, args=(old if i % 2 else new,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    names = {s.name for s in schedules.all(backend=backend_alias, retired=True)}
+    assert names == {s.name for s in old + new}
