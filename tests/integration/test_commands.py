@@ -362,3 +362,35 @@ def test_a_second_signal_stops_the_in_process_worker_at_once(tmp_path: Path):
     assert "the in-process worker interrupted" in row.errors[-1].traceback
     [ended] = task_backends["default"].workers(alive=False)  # type: ignore[attr-defined]
     assert ended.ended == "interrupted"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_queues_command_pauses_resumes_clears_and_dedupes():
+    from io import StringIO
+
+    from conveyor import queues
+    from tests.testapp import tasks
+
+    out = StringIO()
+    call_command("conveyor", "queues", "pause", "emails", "--for", "60", stdout=out)
+    assert "Queue 'emails' paused until" in out.getvalue()
+    assert set(queues.paused()) == {"emails"}
+    out = StringIO()
+    call_command("conveyor", "queues", stdout=out)
+    assert "emails: paused until" in out.getvalue()
+    call_command("conveyor", "queues", "resume", "emails", stdout=StringIO())
+    assert queues.paused() == {}
+    tasks.add.using(queue_name="emails").enqueue(1, 1)
+    tasks.add.using(queue_name="emails").enqueue(1, 1)
+    out = StringIO()
+    call_command("conveyor", "queues", "dedupe", "emails", stdout=out)
+    assert "Deleted 1 duplicate job(s)" in out.getvalue()
+    with pytest.raises(CommandError, match="add --yes"):
+        call_command("conveyor", "queues", "clear", "emails")
+    out = StringIO()
+    call_command("conveyor", "queues", "clear", "emails", "--yes", stdout=out)
+    assert "Deleted 1 job(s) of queue 'emails'" in out.getvalue()
+    with pytest.raises(CommandError, match="no queue 'nowhere'"):
+        call_command("conveyor", "queues", "pause", "nowhere")
+    with pytest.raises(CommandError, match="needs the name"):
+        call_command("conveyor", "queues", "pause")

@@ -416,6 +416,29 @@ class WorkerStore(ABC):
         return how many were deleted.
         """
 
+    # --- queue administration ----------------------------------------------------------------
+
+    @abstractmethod
+    def pause_queue(self, queue: str, until: datetime | None = None) -> None:
+        """Stop workers taking jobs from ``queue`` until it is resumed (or ``until``)."""
+
+    @abstractmethod
+    def resume_queue(self, queue: str) -> bool:
+        """Let workers take jobs from ``queue`` again; False if it was not paused."""
+
+    @abstractmethod
+    def paused_queues(self) -> dict[str, datetime | None]:
+        """The queues paused now (store clock), each with the end of its pause, if it has one."""
+
+    @abstractmethod
+    def clear_queue(self, queue: str) -> int:
+        """Delete the jobs of ``queue`` that have not started (ready or scheduled); how many."""
+
+    @abstractmethod
+    def remove_duplicates(self, queue: str) -> int:
+        """Delete each job of ``queue`` not started yet whose call (task and arguments) an
+        older such job makes already; return how many were deleted."""
+
     # --- schedules ---------------------------------------------------------------------------
 
     @abstractmethod

@@ -28,6 +28,7 @@ MAX_BATCH = 10000  # ids in one DELETE stay under every engine's limit on parame
 DEFAULT_GRACE = 30.0
 MIN_INTERVAL, MAX_INTERVAL, DEFAULT_INTERVAL = 0.1, 3600.0, 2.0  # monitor --interval
 SCHEDULE_VERBS = ("list", "run", "pause", "resume", "sync")
+QUEUE_VERBS = ("list", "pause", "resume", "clear", "dedupe")
 # Worker options that only mean something for a supervised pool of processes.
 POOL_OPTIONS = {
     "processes": "--processes",

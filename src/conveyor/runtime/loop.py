@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from django.db import close_old_connections, connections
 from django.utils import timezone
@@ -46,6 +46,7 @@ STAGE_EVERY = 0.05  # how often a busy process makes due scheduled jobs ready
 STORE_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # waits while the store cannot be reached
 RECENT = 16  # durations remembered to judge how far to claim ahead
 SUPERVISOR_WAIT = 0.1  # while the supervisor's heartbeat is late, look again this often
+PAUSE_LOOK = 1.0  # seconds between looks at which queues are paused
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,6 +88,7 @@ class Loop:
         self.closed = False
         self.started = 0
         self.memory_looked, self.memory_over = -1, False
+        self.pauses_looked, self.paused = -PAUSE_LOOK, frozenset[str]()
         self.recent: deque[float] = deque(maxlen=RECENT)
         self.waiter: Waiter = Waiter()
         self.wakeups = False
@@ -230,13 +232,26 @@ class Loop:
 
     # --- claiming and waiting ------------------------------------------------------------------
 
+    def _serving(self) -> QueueSelector:
+        """The queues to claim from now: the process's own, less those paused.
+
+        The pauses are looked at about once a second, so a pause is honoured within that.
+        """
+        now = time.monotonic()
+        if now >= self.pauses_looked + PAUSE_LOOK:
+            self.pauses_looked = now
+            self.paused = frozenset(self.backend.paused_queues())
+        if not self.paused:
+            return self.config.queues
+        return replace(self.config.queues, exclude=self.config.queues.exclude | self.paused)
+
     def _claim(self) -> list[Job] | None:
         """Claim what there is room for; None if the store could not be reached."""
         self.emptied = False
         try:
             self._stage()
             room = self._room()
-            jobs = self.backend.claim(self.worker_id, self.config.queues, room)
+            jobs = self.backend.claim(self.worker_id, self._serving(), room)
         except Exception as e:
             self._store_failed("claim jobs", e)
             return None

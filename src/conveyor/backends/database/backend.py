@@ -20,6 +20,7 @@ from django.tasks.signals import task_enqueued
 from conveyor import clock
 from conveyor.backends.base import Call, Held, Waiter
 from conveyor.backends.database import operations, registry, store, transitions
+from conveyor.backends.database import queues as queue_admin
 from conveyor.backends.database.dialects import SUPPORTED_VENDORS, dialect_for
 from conveyor.backends.database.models import Job
 from conveyor.backends.database.scheduled import DatabaseSchedules
@@ -49,6 +50,13 @@ class DatabaseOptions(BackendOptions):
     """``DATABASE``: the alias in ``DATABASES`` that holds the jobs."""
 
     database: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class _QueueOnly:
+    """Enough of a job for ``_notify``: the queue whose idle workers to wake."""
+
+    queue_name: str
 
 
 class DatabaseBackend(DatabaseSchedules):
@@ -301,6 +309,24 @@ class DatabaseBackend(DatabaseSchedules):
             )
         except (Job.DoesNotExist, ValueError) as e:
             raise TaskResultDoesNotExist(result_id) from e
+
+    def pause_queue(self, queue: str, until: datetime | None = None) -> None:
+        queue_admin.pause(self.worker_store, queue, until)
+
+    def resume_queue(self, queue: str) -> bool:
+        resumed = queue_admin.resume(self.worker_store, queue)
+        if resumed and self.vendor == "postgresql":  # idle workers look again at once
+            self._notify(1, [_QueueOnly(queue)])  # type: ignore[list-item]
+        return resumed
+
+    def paused_queues(self) -> dict[str, datetime | None]:
+        return queue_admin.paused(self.worker_store)
+
+    def clear_queue(self, queue: str) -> int:
+        return queue_admin.clear(self.worker_store, queue)
+
+    def remove_duplicates(self, queue: str) -> int:
+        return queue_admin.remove_duplicates(self.worker_store, queue)
 
     def stats(
         self, queues: QueueSelector | None = None, *, finished_since: datetime | None = None

@@ -273,3 +273,26 @@ class ScheduleFiring(models.Model):
 
     def __str__(self) -> str:
         return f"{self.schedule_id} @ {self.due_at}"
+
+
+class QueuePause(models.Model):
+    """A queue workers take no jobs from, until it is resumed or its pause ends."""
+
+    id = models.BigAutoField(primary_key=True)
+    backend_name = models.CharField(_("backend"), max_length=100)
+    queue_name = models.CharField(_("queue"), max_length=100)
+    # NULL: until resumed. Compared with the store's clock.
+    until = models.DateTimeField(_("paused until"), null=True, blank=True)
+    paused_at = models.DateTimeField(_("paused at"), default=time_now)
+
+    class Meta:
+        verbose_name = _("queue pause")
+        verbose_name_plural = _("queue pauses")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["backend_name", "queue_name"], name="conveyor_queue_pause_unique"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.queue_name

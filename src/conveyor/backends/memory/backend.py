@@ -24,6 +24,7 @@ from django.tasks.signals import task_enqueued
 from conveyor import clock
 from conveyor.backends.base import Call, Held
 from conveyor.backends.memory import watching
+from conveyor.backends.memory.queues import MemoryQueues
 from conveyor.backends.memory.rows import Row, line
 from conveyor.backends.memory.schedules import MemorySchedules
 from conveyor.backends.memory.tables import clear_all, tables_for
@@ -47,7 +48,7 @@ OPEN = (*PENDING_STATES, State.RUNNING)
 EXPIRED = "its lease expired without a heartbeat (the worker or its machine stopped)"
 
 
-class MemoryBackend(MemorySchedules):
+class MemoryBackend(MemoryQueues, MemorySchedules):
     """Keep jobs in this process; a worker thread in the same process can run them."""
 
     supports_defer = True  # run_after is honoured.

@@ -37,6 +37,7 @@ class Tables:
         self.slots: dict[str, Row] = {}
         self.workers: dict[str, WorkerInfo] = {}
         self.schedules: dict[str, Any] = {}  # name -> ``schedules.Kept``
+        self.pauses: dict[str, datetime | None] = {}  # paused queue -> until
         self.seq = itertools.count(1)  # 0 marks an empty slot in the worker channel
 
     def clear(self) -> None:
@@ -47,6 +48,7 @@ class Tables:
             self.slots.clear()
             self.workers.clear()
             self.schedules.clear()
+            self.pauses.clear()
 
     # --- jobs -------------------------------------------------------------------------------
 
@@ -156,11 +158,15 @@ class Tables:
         ended = {r.id: r.finished_at for r in self.rows(*FINISHED_STATES) if r.finished_at}
         old = sorted((at, key) for key, at in ended.items() if at < finished_before)
         for _, key in old[:batch]:
-            row = self.jobs.pop(key)
-            del self.by_key[row.seq]
-            if row.unique_slot is not None and self.slots.get(row.unique_slot) is row:
-                del self.slots[row.unique_slot]
+            self.remove(key)
         return len(old[:batch]), len(old) > batch
+
+    def remove(self, key: str) -> None:
+        """Forget the job ``key``, and the unique key it holds."""
+        row = self.jobs.pop(key)
+        del self.by_key[row.seq]
+        if row.unique_slot is not None and self.slots.get(row.unique_slot) is row:
+            del self.slots[row.unique_slot]
 
     def expire(self, now: datetime, batch: int) -> tuple[int, bool]:
         """Delete up to ``batch`` finished jobs past their retention; say if more remain."""

@@ -29,6 +29,7 @@ from conveyor.management.arguments import (
     MAX_THREADS,
     MIN_INTERVAL,
     POOL_OPTIONS,
+    QUEUE_VERBS,
     SCHEDULE_VERBS,
     number,
     process_counts,
@@ -77,6 +78,23 @@ class Command(BaseCommand):
             default=1000,
             metavar="N",
             help="Delete N jobs per transaction (default: 1000).",
+        )
+
+        queues = sub.add_parser(
+            "queues", help="List queues with their counts; pause, resume, clear or dedupe one."
+        )
+        self._backend_argument(queues)
+        queues.add_argument("verb", nargs="?", choices=QUEUE_VERBS, default="list")
+        queues.add_argument("name", nargs="?", metavar="QUEUE", help="A queue's name.")
+        queues.add_argument(
+            "--for",
+            dest="seconds",
+            type=number(0, 10 * 365 * 86400.0, above=True),
+            metavar="SECONDS",
+            help="pause: for this long (default: until resumed).",
+        )
+        queues.add_argument(
+            "--yes", action="store_true", help="clear: delete the jobs, without asking."
         )
 
         schedules = sub.add_parser(
@@ -222,6 +240,46 @@ class Command(BaseCommand):
             self._prune(backend, options["older_than"], options["batch"])
         elif action == "schedules":
             self._schedules(backend, options["verb"], options["name"], options["retired"])
+        elif action == "queues":
+            self._queue_admin(backend, options["verb"], options["name"], options)
+
+    def _queue_admin(
+        self, backend: StoreBackend, verb: str, name: str | None, options: dict[str, Any]
+    ) -> None:
+        from conveyor import queues
+
+        if verb == "list":
+            paused = backend.paused_queues()
+            render_stats(backend.stats(), backend.alias, self.stdout)
+            for queue, until in sorted(paused.items()):
+                end = until.isoformat(timespec="seconds") if until else "resumed"
+                self.stdout.write(f"{printable(queue)}: paused until {end}")
+            return
+        if not name:
+            raise CommandError(f"`queues {verb}` needs the name of a queue.")
+        try:
+            if verb == "pause":
+                until = queues.pause(name, seconds=options["seconds"], backend=backend.alias)
+                end = until.isoformat(timespec="seconds") if until else "it is resumed"
+                self.stdout.write(f"Queue {printable(name)!r} paused until {end}.")
+            elif verb == "resume":
+                was = queues.resume(name, backend=backend.alias)
+                self.stdout.write(
+                    f"Queue {printable(name)!r} {'resumed' if was else 'was not paused'}."
+                )
+            elif verb == "clear":
+                if not options["yes"]:
+                    raise CommandError(
+                        f"`queues clear` deletes every job of {printable(name)!r} that has not "
+                        "started; add --yes to do it."
+                    )
+                count = queues.clear(name, backend=backend.alias)
+                self.stdout.write(f"Deleted {count} job(s) of queue {printable(name)!r}.")
+            else:
+                count = queues.remove_duplicates(name, backend=backend.alias)
+                self.stdout.write(f"Deleted {count} duplicate job(s) of {printable(name)!r}.")
+        except ValueError as e:
+            raise CommandError(printable(str(e))) from e
 
     def _backend(self, alias: str) -> StoreBackend:
         try:
