@@ -9,11 +9,11 @@ job whose call (task and arguments) an older one makes already.
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from django.tasks import DEFAULT_TASK_BACKEND_ALIAS
+from django.utils import timezone
 
-from conveyor import clock
 from conveyor.backends.base import StoreBackend, worker_store
 from conveyor.exceptions import ConveyorError
 
@@ -41,18 +41,28 @@ def pause(
     seconds: float | None = None,
     backend: str | None = None,
 ) -> datetime | None:
-    """Pause ``queue`` until resumed, until a moment, or for some seconds; return the end."""
+    """Pause ``queue`` until resumed, until a moment, or for some seconds; return the end.
+
+    A naive ``until`` is read in ``TIME_ZONE``; ``seconds`` count on the store's clock.
+    """
     store = _store(queue, backend)
     if until is not None and seconds is not None:
-        raise ValueError("Pause a queue until a moment or for some seconds, not both.")
+        raise ValueError("Pause a queue until= a moment or for seconds=, not both.")
     if seconds is not None:
-        if isinstance(seconds, bool) or not math.isfinite(seconds) or not 0 < seconds <= MAX_PAUSE:
-            raise ValueError(f"A pause lasts more than 0 seconds, ten years at most: {seconds!r}")
-        until = clock.aware(clock.now()) + timedelta(seconds=seconds)
-    if until is not None and until.tzinfo is None:
-        until = clock.aware(until)
-    store.pause_queue(queue, until)
-    return until
+        number = isinstance(seconds, int | float) and not isinstance(seconds, bool)
+        # Compared first: math.isfinite() overflows on a whole number past a float's range.
+        if not number or not 0 < seconds <= MAX_PAUSE or not math.isfinite(seconds):
+            raise ValueError(
+                f"seconds= must be a number more than 0, ten years at most, not {seconds!r}."
+            )
+    if until is not None:
+        if not isinstance(until, datetime):
+            raise ValueError(f"until= must be a datetime, not {until!r}.")
+        if timezone.is_naive(until):
+            until = timezone.make_aware(until)
+        if until <= timezone.now():
+            raise ValueError(f"until= must be later than now, not {until.isoformat()}.")
+    return store.pause_queue(queue, until, seconds=seconds)
 
 
 def resume(queue: str, *, backend: str | None = None) -> bool:

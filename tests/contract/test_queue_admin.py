@@ -29,6 +29,13 @@ def test_workers_take_nothing_from_a_paused_queue_until_it_is_resumed(backend, b
     assert job(mail).status == TaskResultStatus.SUCCESSFUL
 
 
+def test_resuming_a_pause_that_ended_says_it_was_not_paused(backend, backend_alias):
+    with store_clock() as clock:
+        queues.pause("reports", seconds=60, backend=backend_alias)
+        clock.advance(61)
+        assert queues.resume("reports", backend=backend_alias) is False
+
+
 def test_a_pause_for_some_time_ends_by_itself(backend, backend_alias):
     with store_clock() as clock:
         until = queues.pause("reports", seconds=60, backend=backend_alias)
@@ -67,6 +74,14 @@ def test_remove_duplicates_keeps_the_oldest_of_each_call(backend, backend_alias)
 def test_an_unknown_queue_is_refused_by_name(backend_alias):
     with pytest.raises(queues.UnknownQueue, match="no queue 'nowhere'"):
         queues.pause("nowhere", backend=backend_alias)
-    with pytest.raises(ValueError, match="more than 0 seconds"):
-        queues.pause("emails", seconds=-1, backend=backend_alias)
+    bad = [
+        ({"seconds": -1}, "seconds= must be a number more than 0"),
+        ({"seconds": "10"}, "seconds= must be a number"),
+        ({"seconds": 10**400}, "ten years at most"),
+        ({"until": "2030-01-01"}, "until= must be a datetime"),
+        ({"until": timezone.now() - timedelta(seconds=1)}, "until= must be later than now"),
+    ]
+    for given, words in bad:
+        with pytest.raises(ValueError, match=words):
+            queues.pause("emails", backend=backend_alias, **given)
     assert queues.paused(backend=backend_alias) == {}

@@ -202,3 +202,16 @@ def test_a_failed_run_counts_its_wait_and_a_cancelled_job_none(backend, backend_
     assert backend.cancel(cancelled.id)
     latency = backend.pickup_latency(job.enqueued_at - timedelta(minutes=1))
     assert (latency.samples, latency.p50) == (1, 4.0)
+
+
+@pytest.mark.parametrize("engine", ["memory", "sqlite", "postgres", "mysql"], indirect=True)
+def test_pickup_latency_with_use_tz_off(backend, backend_alias):
+    from django.test import override_settings
+
+    from conveyor.testing import run_until_done as run
+
+    with override_settings(USE_TZ=False):
+        on(tasks.add, backend_alias).enqueue(1, 1)
+        run(backend_alias)
+        since = timezone.now() - timedelta(minutes=5)
+        assert backend.pickup_latency(since).samples == 1

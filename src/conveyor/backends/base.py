@@ -419,8 +419,11 @@ class WorkerStore(ABC):
     # --- queue administration ----------------------------------------------------------------
 
     @abstractmethod
-    def pause_queue(self, queue: str, until: datetime | None = None) -> None:
-        """Stop workers taking jobs from ``queue`` until it is resumed (or ``until``)."""
+    def pause_queue(
+        self, queue: str, until: datetime | None = None, *, seconds: float | None = None
+    ) -> datetime | None:
+        """Stop workers taking jobs from ``queue`` until it is resumed, or ``until``, or for
+        ``seconds`` on the store's clock; return when the pause ends (None: when resumed)."""
 
     @abstractmethod
     def resume_queue(self, queue: str) -> bool:

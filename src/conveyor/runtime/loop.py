@@ -89,6 +89,8 @@ class Loop:
         self.started = 0
         self.memory_looked, self.memory_over = -1, False
         self.pauses_looked, self.paused = -PAUSE_LOOK, frozenset[str]()
+        self.pauses_failed = False
+        self.came_up_empty = False  # the last claim found nothing: an idle process
         self.recent: deque[float] = deque(maxlen=RECENT)
         self.waiter: Waiter = Waiter()
         self.wakeups = False
@@ -235,28 +237,40 @@ class Loop:
     def _serving(self) -> QueueSelector:
         """The queues to claim from now: the process's own, less those paused.
 
-        The pauses are looked at about once a second, so a pause is honoured within that.
+        The pauses are looked at about once a second, and at every claim of an idle
+        process (it was woken: a queue may have been resumed).
         """
         now = time.monotonic()
-        if now >= self.pauses_looked + PAUSE_LOOK:
+        if now >= self.pauses_looked + PAUSE_LOOK or self.came_up_empty:
             self.pauses_looked = now
-            self.paused = frozenset(self.backend.paused_queues())
+            try:
+                self.paused = frozenset(self.backend.paused_queues())
+            except Exception as e:  # a store without the table yet (no migrate): no pauses
+                if not self.pauses_failed:
+                    logger.warning(
+                        "Cannot read which queues are paused: %s: %s", type(e).__name__, e
+                    )
+                self.pauses_failed, self.paused = True, frozenset()
+            else:
+                self.pauses_failed = False
         if not self.paused:
             return self.config.queues
         return replace(self.config.queues, exclude=self.config.queues.exclude | self.paused)
 
     def _claim(self) -> list[Job] | None:
         """Claim what there is room for; None if the store could not be reached."""
+        serving = self._serving()
         self.emptied = False
         try:
             self._stage()
             room = self._room()
-            jobs = self.backend.claim(self.worker_id, self._serving(), room)
+            jobs = self.backend.claim(self.worker_id, serving, room)
         except Exception as e:
             self._store_failed("claim jobs", e)
             return None
         self._store_ok()
         self.emptied = self.wakeups and len(jobs) < room
+        self.came_up_empty = not jobs
         return jobs
 
     def _stage(self, force: bool = False) -> None:
@@ -412,7 +426,8 @@ class Loop:
             self.recorder.flush()
 
     def _settled(self, item: Finished) -> None:
-        """The recorder is done with a delivery: free its slot."""
+        """The recorder is done with a delivery: free its slot (and look at the memory)."""
+        self.memory_looked = -1  # a task ended: it may have grown the process
         index = self.slot_of.pop((item.job.key, item.job.delivery), None)
         if index is not None:
             self.slots.release(index)

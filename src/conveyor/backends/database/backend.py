@@ -310,8 +310,10 @@ class DatabaseBackend(DatabaseSchedules):
         except (Job.DoesNotExist, ValueError) as e:
             raise TaskResultDoesNotExist(result_id) from e
 
-    def pause_queue(self, queue: str, until: datetime | None = None) -> None:
-        queue_admin.pause(self.worker_store, queue, until)
+    def pause_queue(
+        self, queue: str, until: datetime | None = None, *, seconds: float | None = None
+    ) -> datetime | None:
+        return queue_admin.pause(self.worker_store, queue, until, seconds)
 
     def resume_queue(self, queue: str) -> bool:
         resumed = queue_admin.resume(self.worker_store, queue)

@@ -164,7 +164,7 @@ def pickup_latency(
     return PickupLatency.of(
         (row.last_attempted_at - row.available_at).total_seconds()
         for row in rows
-        if row.last_attempted_at is not None and row.last_attempted_at >= after
+        if row.last_attempted_at is not None and clock.aware(row.last_attempted_at) >= after
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from conveyor import clock
 from conveyor.backends.database.models import Job, QueuePause
@@ -14,24 +14,31 @@ PENDING = "('ready', 'scheduled')"
 CHUNK = 500  # ids in one DELETE
 
 
-def pause(store: Store, queue: str, until: datetime | None) -> None:
+def pause(
+    store: Store, queue: str, until: datetime | None, seconds: float | None
+) -> datetime | None:
+    now = store.now()
+    if seconds is not None:
+        until = now + timedelta(seconds=seconds)
     QueuePause.objects.using(store.using).update_or_create(
         backend_name=store.backend,
         queue_name=queue,
-        defaults={"until": clock.stored(until), "paused_at": clock.stored(store.now())},
+        defaults={"until": clock.stored(until), "paused_at": clock.stored(now)},
     )
+    return until
 
 
 def resume(store: Store, queue: str) -> bool:
-    pauses = QueuePause.objects.using(store.using).filter(
+    """End the queue's pause; False if none was in effect."""
+    was = queue in paused(store)
+    QueuePause.objects.using(store.using).filter(
         backend_name=store.backend, queue_name=queue
-    )
-    deleted, _ = pauses.delete()
-    return bool(deleted)
+    ).delete()
+    return was
 
 
 def paused(store: Store) -> dict[str, datetime | None]:
-    """The pauses in effect now; those that ended are deleted on the way."""
+    """The pauses in effect now (those that ended stay until the queue is paused again)."""
     sql = (
         f"SELECT queue_name, until FROM {QueuePause._meta.db_table} WHERE backend_name = %s "
         f"AND (until IS NULL OR until > {store.dialect.now()})"
@@ -47,17 +54,26 @@ def paused(store: Store) -> dict[str, datetime | None]:
 
 
 def clear(store: Store, queue: str) -> int:
-    """Delete the ready and scheduled jobs of ``queue``, a chunk per transaction."""
+    """Delete the ready and scheduled jobs of ``queue``, a chunk per transaction.
+
+    Each state is read through its own index, and only jobs there when it began: jobs
+    enqueued meanwhile stay.
+    """
+    top = store.fetch(f"SELECT MAX(id) FROM {TABLE}")[0][0] or 0
     deleted = 0
-    while ids := [
-        row[0]
-        for row in store.fetch(
-            f"SELECT id FROM {TABLE} WHERE backend_name = %s AND queue_name = %s "
-            f"AND state IN {PENDING} LIMIT %s",
-            [store.backend, queue, CHUNK],
-        )
-    ]:
-        deleted += _delete(store, ids)
+    for state in ("IN ('ready')", "IN ('scheduled')"):
+        while ids := [
+            row[0]
+            for row in store.fetch(
+                f"SELECT id FROM {TABLE} WHERE state {state} AND backend_name = %s "
+                "AND queue_name = %s AND id <= %s LIMIT %s",
+                [store.backend, queue, top, CHUNK],
+            )
+        ]:
+            removed = _delete(store, ids)
+            deleted += removed
+            if removed == 0:
+                break  # claimed meanwhile: none of these can go
     return deleted
 
 

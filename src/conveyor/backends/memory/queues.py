@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from conveyor import clock
@@ -27,13 +27,20 @@ class MemoryQueues(StoreBackend):
     if TYPE_CHECKING:
         _tables: Tables
 
-    def pause_queue(self, queue: str, until: datetime | None = None) -> None:
+    def pause_queue(
+        self, queue: str, until: datetime | None = None, *, seconds: float | None = None
+    ) -> datetime | None:
+        if seconds is not None:
+            until = _now() + timedelta(seconds=seconds)
         with self._tables.lock:
             self._tables.pauses[queue] = None if until is None else clock.aware(until)
+        return until
 
     def resume_queue(self, queue: str) -> bool:
+        was = queue in self.paused_queues()
         with self._tables.lock:
-            return self._tables.pauses.pop(queue, False) is not False
+            self._tables.pauses.pop(queue, None)
+        return was
 
     def paused_queues(self) -> dict[str, datetime | None]:
         now = _now()

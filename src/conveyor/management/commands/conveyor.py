@@ -278,7 +278,7 @@ class Command(BaseCommand):
             else:
                 count = queues.remove_duplicates(name, backend=backend.alias)
                 self.stdout.write(f"Deleted {count} duplicate job(s) of {printable(name)!r}.")
-        except ValueError as e:
+        except (ValueError, ConveyorImproperlyConfigured) as e:
             raise CommandError(printable(str(e))) from e
 
     def _backend(self, alias: str) -> StoreBackend:
