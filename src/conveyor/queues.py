@@ -40,10 +40,12 @@ def pause(
     until: datetime | None = None,
     seconds: float | None = None,
     backend: str | None = None,
+    dry_run: bool = False,
 ) -> datetime | None:
     """Pause ``queue`` until resumed, until a moment, or for some seconds; return the end.
 
     A naive ``until`` is read in ``TIME_ZONE``; ``seconds`` count on the store's clock.
+    With ``dry_run``, only check the arguments (raise ``ValueError`` naming a bad one).
     """
     store = _store(queue, backend)
     if until is not None and seconds is not None:
@@ -62,6 +64,8 @@ def pause(
             until = timezone.make_aware(until)
         if until <= timezone.now():
             raise ValueError(f"until= must be later than now, not {until.isoformat()}.")
+    if dry_run:
+        return until
     return store.pause_queue(queue, until, seconds=seconds)
 
 
