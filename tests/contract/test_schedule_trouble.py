@@ -247,3 +247,36 @@ def test_old_and_new_code_syncing_together_never_fail(backend, backend_alias):
     assert errors == []
     names = {s.name for s in schedules.all(backend=backend_alias, retired=True)}
     assert names == {s.name for s in old + new}
+
+
+def test_task_enqueued_is_sent_once_per_job_a_schedule_adds(backend, backend_alias):
+    from django.tasks.signals import task_enqueued
+
+    sent: list[str] = []
+
+    def note(sender, task_result, **kwargs):  # type: ignore[no-untyped-def]
+        sent.append(task_result.id)
+
+    task_enqueued.connect(note)
+    try:
+        with store_clock() as clock:
+            # Five missed runs of a unique task: one job holds the key, the others share it.
+            schedules.create(
+                "unique-runs",
+                "tests.testapp.tasks.unique_add",
+                every=60,
+                args=[5, 5],
+                catch_up="all",
+                backend=backend_alias,
+            )
+            schedules.create(
+                "plain-runs", REPORT, every=60, args=["p"], catch_up="all", backend=backend_alias
+            )
+            clock.advance(5 * 60 + 1)
+            fired = backend.fire_schedules()
+    finally:
+        task_enqueued.disconnect(note)
+    jobs = {f.result_id for f in fired if f.schedule == "unique-runs"}
+    plain = [f.result_id for f in fired if f.schedule == "plain-runs"]
+    assert len(jobs) == 1 and len(plain) == 5
+    assert sorted(sent) == sorted([*jobs, *plain])

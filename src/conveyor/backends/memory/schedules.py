@@ -248,6 +248,7 @@ class MemorySchedules(StoreBackend):
             return held.id
         row = self._tables.new_row(task, args, kwargs, now, self.job_options(task), how)
         self._tables.add(row)
+        self._tables.new_runs.append(row.id)
         return row.id
 
     def run_schedule(self, name: str) -> Fired:
@@ -276,8 +277,9 @@ class MemorySchedules(StoreBackend):
         return fired
 
     def _announce_runs(self, fired: Sequence[Fired]) -> None:
-        for run in fired:
-            if run.result_id is None:
-                continue
-            result: TaskResult = self.get_result(run.result_id)
+        """Send ``task_enqueued`` for the jobs runs added (a unique job's holder is not new)."""
+        with self._tables.lock:
+            new, self._tables.new_runs = self._tables.new_runs, []
+        for result_id in new:
+            result: TaskResult = self.get_result(result_id)
             task_enqueued.send(type(self), task_result=result)

@@ -38,6 +38,7 @@ class Tables:
         self.workers: dict[str, WorkerInfo] = {}
         self.schedules: dict[str, Any] = {}  # name -> ``schedules.Kept``
         self.pauses: dict[str, datetime | None] = {}  # paused queue -> until
+        self.new_runs: list[str] = []  # jobs schedules added, not announced yet
         self.seq = itertools.count(1)  # 0 marks an empty slot in the worker channel
 
     def clear(self) -> None:
@@ -49,6 +50,7 @@ class Tables:
             self.workers.clear()
             self.schedules.clear()
             self.pauses.clear()
+            self.new_runs.clear()
 
     # --- jobs -------------------------------------------------------------------------------
 
