@@ -238,10 +238,11 @@ class Loop:
         """The queues to claim from now: the process's own, less those paused.
 
         The pauses are looked at about once a second, and at every claim of an idle
-        process (it was woken: a queue may have been resumed).
+        process while some queue is paused (it was woken: that queue may have been resumed).
         """
         now = time.monotonic()
-        if now >= self.pauses_looked + PAUSE_LOOK or self.came_up_empty:
+        # Idle with queues paused, it looks at every claim: it was woken, maybe by a resume.
+        if now >= self.pauses_looked + PAUSE_LOOK or (self.came_up_empty and self.paused):
             self.pauses_looked = now
             try:
                 self.paused = frozenset(self.backend.paused_queues())
