@@ -16,7 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from django.conf import settings
-from django.tasks import Task, TaskResult, task_backends
+from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, Task, TaskResult, task_backends
 from django.utils import timezone as dj_timezone
 
 from conveyor import clock
@@ -49,10 +49,6 @@ UPDATABLE = (
 NAME_LENGTH = 200
 # Declared with @schedule or schedule_command: backend alias -> schedule name -> spec.
 _DECLARED: dict[str, dict[str, ScheduleSpec]] = {}
-
-
-def _default_backend() -> str:
-    return "default"
 
 
 def timetable_for(
@@ -311,7 +307,7 @@ def schedule_command(
     spec = spec_for(
         name, COMMAND_TASK, timetable, args=[command, *command_args], source="code", **options
     )
-    declare(spec, backend or _default_backend())
+    declare(spec, backend or DEFAULT_TASK_BACKEND_ALIAS)
 
 
 _TIMING = ("cron", "every", "kind", "at", "start", "timezone")
@@ -343,7 +339,7 @@ def declared_commands() -> set[str]:
 
 def sync(backend: str | None = None) -> SyncReport:
     """Make the backend's stored code schedules those declared now."""
-    alias = backend or _default_backend()
+    alias = backend or DEFAULT_TASK_BACKEND_ALIAS
     return worker_store(alias).sync_schedules(declared(alias))
 
 
@@ -372,7 +368,7 @@ def create(
     )
     path = task.module_path if isinstance(task, Task) else str(task)
     spec = spec_for(name, path, timetable, args=args, kwargs=kwargs, **options)
-    alias = backend or (task.backend if isinstance(task, Task) else _default_backend())
+    alias = backend or (task.backend if isinstance(task, Task) else DEFAULT_TASK_BACKEND_ALIAS)
     _check_runnable(spec, alias)
     return worker_store(alias).add_schedule(spec, paused=paused)
 
@@ -385,7 +381,7 @@ def create_command(
     paused = bool(timing.pop("paused", False))
     timetable = timetable_for(name, **timing)
     spec = spec_for(name, COMMAND_TASK, timetable, args=[command, *command_args], **options)
-    alias = backend or _default_backend()
+    alias = backend or DEFAULT_TASK_BACKEND_ALIAS
     _check_runnable(spec, alias)
     return worker_store(alias).add_schedule(spec, paused=paused)
 
@@ -396,7 +392,7 @@ def check(spec: ScheduleSpec, *, backend: str | None = None) -> None:
     What ``create`` and ``update`` check before they store anything: a registered task,
     arguments it can take, a queue the backend has; a form checks a spec it built with it.
     """
-    _check_runnable(spec, backend or _default_backend())
+    _check_runnable(spec, backend or DEFAULT_TASK_BACKEND_ALIAS)
 
 
 def _check_runnable(spec: ScheduleSpec, alias: str) -> None:
@@ -429,7 +425,7 @@ def update(name: str, *, backend: str | None = None, **changes: Any) -> Schedule
     Read, changed and saved again if someone else changed it in between: two updates of
     different fields both stand.
     """
-    alias = backend or _default_backend()
+    alias = backend or DEFAULT_TASK_BACKEND_ALIAS
     unknown = sorted(set(changes) - set(_TIMING) - set(UPDATABLE))
     if unknown:
         raise InvalidSchedule(
@@ -505,21 +501,21 @@ def resume(name: str, *, backend: str | None = None) -> None:
 
 
 def _toggle(name: str, backend: str | None, *, paused: bool) -> None:
-    alias = backend or _default_backend()
+    alias = backend or DEFAULT_TASK_BACKEND_ALIAS
     if not worker_store(alias).pause_schedule(name, paused):
         raise ScheduleNotFound(f"No schedule {name!r} on backend {alias!r}.")
 
 
 def delete(name: str, *, backend: str | None = None) -> None:
     """Delete a schedule made at run time (or a retired code one); its jobs stay."""
-    alias = backend or _default_backend()
+    alias = backend or DEFAULT_TASK_BACKEND_ALIAS
     if not worker_store(alias).delete_schedule(name):
         raise ScheduleNotFound(f"No schedule {name!r} on backend {alias!r}.")
 
 
 def get(name: str, *, backend: str | None = None) -> ScheduleInfo:
     """The stored schedule of that name."""
-    alias = backend or _default_backend()
+    alias = backend or DEFAULT_TASK_BACKEND_ALIAS
     info = worker_store(alias).get_schedule(name)
     if info is None:
         raise ScheduleNotFound(f"No schedule {name!r} on backend {alias!r}.")
@@ -528,12 +524,12 @@ def get(name: str, *, backend: str | None = None) -> ScheduleInfo:
 
 def all(*, backend: str | None = None, retired: bool = False) -> list[ScheduleInfo]:
     """The stored schedules of a backend, by name."""
-    return worker_store(backend or _default_backend()).schedules(retired=retired)
+    return worker_store(backend or DEFAULT_TASK_BACKEND_ALIAS).schedules(retired=retired)
 
 
 def run(name: str, *, backend: str | None = None) -> TaskResult:
     """Enqueue one run of a schedule now, outside its timetable; return its result."""
-    alias = backend or _default_backend()
+    alias = backend or DEFAULT_TASK_BACKEND_ALIAS
     store = worker_store(alias)
     fired: Fired = store.run_schedule(name)
     if fired.result_id is None:

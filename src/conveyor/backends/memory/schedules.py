@@ -205,7 +205,7 @@ class MemorySchedules(StoreBackend):
             )[:limit]
             for _, name in due:
                 fired += self._fire(self._tables.schedules[name], now)
-        self._announce_runs(fired)
+        self._announce_runs()
         return fired
 
     def _fire(self, kept: Kept, now: datetime) -> list[Fired]:
@@ -273,10 +273,10 @@ class MemorySchedules(StoreBackend):
                 result_id=result_id,
                 on_demand=True,
             )
-        self._announce_runs([fired])
+        self._announce_runs()
         return fired
 
-    def _announce_runs(self, fired: Sequence[Fired]) -> None:
+    def _announce_runs(self) -> None:
         """Send ``task_enqueued`` for the jobs runs added (a unique job's holder is not new)."""
         with self._tables.lock:
             new, self._tables.new_runs = self._tables.new_runs, []
