@@ -182,6 +182,24 @@ STAT_NAMES = ("ready", "scheduled", "running", "successful", "failed")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Throughput:
+    """How many jobs ended in one interval of time: those that succeeded, those that failed.
+
+    ``failed`` counts cancelled jobs too, as Django does; ``start`` is aware.
+    """
+
+    start: datetime
+    succeeded: int = 0
+    failed: int = 0
+
+    @staticmethod
+    def bucket(moment: datetime, step: int) -> float:
+        """The POSIX time at which the interval of ``step`` seconds holding ``moment`` starts."""
+        stamp = moment.timestamp()
+        return stamp - stamp % step
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class QueueStats:
     """Counts of jobs by state, for one backend (optionally some queues).
 

@@ -215,3 +215,54 @@ def test_pickup_latency_with_use_tz_off(backend, backend_alias):
         run(backend_alias)
         since = timezone.now() - timedelta(minutes=5)
         assert backend.pickup_latency(since).samples == 1
+
+
+# --- throughput ---------------------------------------------------------------------------
+
+
+def _ended(backend, backend_alias, count, at, *, failing=0, task=tasks.add):
+    """``count`` jobs of ``task`` that end at ``at``, the first ``failing`` of them failed."""
+    for i in range(count):
+        on(task, backend_alias).enqueue(*((i, 0) if task is tasks.add else (f"{i}@example.com",)))
+    for i, job in enumerate(backend.claim("w", ALL, count)):
+        if i < failing:
+            backend.fail(job, raised(BOOM, finished_at=at))
+        else:
+            backend.complete([(job, returned(0, finished_at=at))])
+
+
+def test_throughput_counts_the_jobs_that_ended_per_interval(backend, backend_alias):
+    minute = timezone.now().replace(second=0, microsecond=0) - timedelta(minutes=5)
+    _ended(backend, backend_alias, 3, minute + timedelta(seconds=10), failing=1)
+    _ended(backend, backend_alias, 2, minute + timedelta(seconds=50))
+    _ended(backend, backend_alias, 4, minute + timedelta(minutes=2, seconds=1), failing=4)
+    _ended(backend, backend_alias, 5, minute - timedelta(minutes=10))  # before ``since``
+
+    seen = backend.throughput(minute - timedelta(minutes=1), step=60)
+    assert [(t.start, t.succeeded, t.failed) for t in seen] == [
+        (minute, 4, 1),
+        (minute + timedelta(minutes=2), 0, 4),  # the minute between had none: left out
+    ]
+    assert seen[0].start.utcoffset() == timedelta(0)  # aware
+
+    halves = backend.throughput(minute, step=30)
+    assert [(t.start - minute, t.succeeded + t.failed) for t in halves] == [
+        (timedelta(0), 3),
+        (timedelta(seconds=30), 2),
+        (timedelta(minutes=2), 4),
+    ]
+
+
+def test_throughput_counts_cancelled_jobs_as_failed_and_keeps_to_queues(backend, backend_alias):
+    now = timezone.now()
+    cancelled = on(tasks.add, backend_alias).enqueue(1, 1)
+    assert backend.cancel(cancelled.id)
+    _ended(backend, backend_alias, 2, now, task=tasks.send_email)
+    on(tasks.add, backend_alias).enqueue(5, 5)  # ready: not counted
+
+    since = now - timedelta(minutes=5)
+    every = backend.throughput(since, step=3600)
+    assert sum(t.failed for t in every) == 1 and sum(t.succeeded for t in every) == 2
+    assert sum(t.succeeded for t in backend.throughput(since, queues=EMAILS)) == 2
+    assert sum(t.succeeded + t.failed for t in backend.throughput(since, queues=NOT_EMAILS)) == 1
+    assert backend.throughput(now + timedelta(minutes=5)) == []

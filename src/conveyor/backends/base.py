@@ -52,6 +52,7 @@ from conveyor.records import (
     ScheduleSpec,
     Success,
     SyncReport,
+    Throughput,
     WorkerInfo,
 )
 
@@ -401,6 +402,16 @@ class WorkerStore(ABC):
         Each wait runs from when the job could run (enqueued, or due) to the start of its
         latest run. Measured over the running jobs and up to ``limit`` of those that
         finished since then, the newest first.
+        """
+
+    @abstractmethod
+    def throughput(
+        self, since: datetime, *, step: int = 60, queues: QueueSelector | None = None
+    ) -> list[Throughput]:
+        """Jobs that ended since ``since``, counted per ``step`` seconds, oldest first.
+
+        Intervals start at multiples of ``step`` since the epoch; those in which no job ended
+        are left out. Only jobs the store still keeps are counted (retention deletes some).
         """
 
     @abstractmethod

@@ -38,6 +38,7 @@ from conveyor.records import (
     RunningJob,
     State,
     Success,
+    Throughput,
     WorkerInfo,
 )
 from conveyor.records import Job as JobRecord
@@ -347,6 +348,11 @@ class DatabaseBackend(DatabaseSchedules):
         self, since: datetime, queues: QueueSelector | None = None, *, limit: int = 500
     ) -> PickupLatency:
         return operations.pickup_latency(self.worker_store, since, queues, limit)
+
+    def throughput(
+        self, since: datetime, *, step: int = 60, queues: QueueSelector | None = None
+    ) -> list[Throughput]:
+        return operations.throughput(self.worker_store, since, step, queues)
 
     def prune(self, finished_before: datetime, *, batch: int = 1000, pause: float = 0.01) -> int:
         return operations.prune(self.worker_store, finished_before, batch, pause)

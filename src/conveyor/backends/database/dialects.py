@@ -69,6 +69,10 @@ class Dialect:
         """A parameter holding a datetime, typed for a datetime column."""
         return "%s"
 
+    def epoch_seconds(self, column: str) -> str:
+        """Whole seconds from the epoch to a datetime column's value, read as it is stored."""
+        return f"CAST(FLOOR(EXTRACT(EPOCH FROM {column})) AS BIGINT)"
+
     def append_text(self, column: str) -> str:
         """``column`` (a JSON array) with the string parameter ``%s`` appended."""
         raise NotImplementedError
@@ -157,6 +161,9 @@ class SQLiteDialect(Dialect):
 
     def append_text(self, column: str) -> str:
         return f"json_insert({column}, '$[#]', %s)"
+
+    def epoch_seconds(self, column: str) -> str:
+        return f"CAST(strftime('%%s', {column}) AS INTEGER)"
 
     def append_json(self, column: str) -> str:
         return f"json_insert({column}, '$[#]', json(%s))"
@@ -297,6 +304,10 @@ class MySQLDialect(Dialect):
 
     def later(self) -> str:
         return f"({self.now()} + INTERVAL ROUND(%s * 1000000) MICROSECOND)"
+
+    def epoch_seconds(self, column: str) -> str:
+        # Not UNIX_TIMESTAMP(), which reads the value in the session's time zone.
+        return f"TIMESTAMPDIFF(SECOND, '1970-01-01 00:00:00', {column})"
 
     def earlier(self) -> str:
         return f"({self.now()} - INTERVAL ROUND(%s * 1000000) MICROSECOND)"

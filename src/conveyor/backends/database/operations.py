@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.tasks.base import TaskError
@@ -29,6 +29,7 @@ from conveyor.records import (
     QueueStats,
     RunningJob,
     State,
+    Throughput,
 )
 
 FIND = f"SELECT {RESULT_COLUMNS} FROM {TABLE} WHERE backend_name = %s AND uuid = %s"
@@ -80,6 +81,33 @@ def stats(store: Store, queues: QueueSelector | None, since: datetime | None) ->
     )
     rows = store.fetch(sql, [p for _, group in groups for p in group])
     return QueueStats.from_counts({(queue, state): count for queue, state, count in rows})
+
+
+def throughput(
+    store: Store, since: datetime, step: int, queues: QueueSelector | None
+) -> list[Throughput]:
+    """Finished jobs counted per ``step`` seconds, grouped by the database.
+
+    Each group's interval is taken from its earliest end as Python reads it, so a time
+    zone in which the rows were written cannot shift the intervals.
+    """
+    where, params = _scope(store, queues)
+    bucket = f"{store.dialect.epoch_seconds('finished_at')} / {int(step)}"
+    sql = (
+        f"SELECT {bucket} AS bucket, state, COUNT(*), MIN(finished_at) FROM {TABLE} "
+        f"WHERE {where} AND state IN {FINISHED} AND finished_at >= %s GROUP BY bucket, state"
+    )
+    counts: dict[float, dict[str, int]] = {}
+    for _, state, count, earliest in store.fetch(sql, [*params, store.time(since)]):
+        moment = datetime.fromisoformat(earliest) if isinstance(earliest, str) else earliest
+        start = Throughput.bucket(clock.aware(moment), step)
+        kind = "succeeded" if state == State.SUCCEEDED else "failed"
+        per = counts.setdefault(start, {"succeeded": 0, "failed": 0})
+        per[kind] += count
+    return [
+        Throughput(start=datetime.fromtimestamp(start, UTC), **counts[start])
+        for start in sorted(counts)
+    ]
 
 
 # --- what a monitor reads: running rows (few), and finished ones within a time and a LIMIT ---

@@ -41,6 +41,7 @@ from conveyor.records import (
     RunningJob,
     State,
     Success,
+    Throughput,
     WorkerInfo,
 )
 
@@ -450,6 +451,12 @@ class MemoryBackend(MemoryQueues, MemorySchedules):
     ) -> PickupLatency:
         with self._tables.lock:
             return watching.pickup_latency(self._tables, since, queues, limit)
+
+    def throughput(
+        self, since: datetime, *, step: int = 60, queues: QueueSelector | None = None
+    ) -> list[Throughput]:
+        with self._tables.lock:
+            return watching.throughput(self._tables, since, step, queues)
 
     def prune(self, finished_before: datetime, *, batch: int = 1000, pause: float = 0.01) -> int:
         deleted = 0

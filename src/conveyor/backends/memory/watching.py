@@ -6,8 +6,9 @@ Each function reads one alias's tables; the caller holds their lock.
 from __future__ import annotations
 
 import copy
-from datetime import datetime
+from datetime import UTC, datetime
 
+from conveyor import clock
 from conveyor.backends.memory.rows import Row
 from conveyor.backends.memory.tables import Tables
 from conveyor.records import (
@@ -17,6 +18,7 @@ from conveyor.records import (
     QueueSelector,
     RunningJob,
     State,
+    Throughput,
 )
 
 
@@ -97,3 +99,20 @@ def pickup_latency(
         for row in [*running, *finished[: max(limit, 0)]]
         if row.last_attempted_at is not None
     )
+
+
+def throughput(
+    tables: Tables, since: datetime, step: int, queues: QueueSelector | None
+) -> list[Throughput]:
+    """Finished jobs counted per ``step`` seconds, oldest first."""
+    counts: dict[float, dict[str, int]] = {}
+    for row in tables.rows(*FINISHED_STATES):
+        if row.finished_at is None or row.finished_at < since or not _in(queues, row):
+            continue
+        start = Throughput.bucket(clock.aware(row.finished_at), step)
+        per = counts.setdefault(start, {"succeeded": 0, "failed": 0})
+        per["succeeded" if row.state == State.SUCCEEDED else "failed"] += 1
+    return [
+        Throughput(start=datetime.fromtimestamp(start, UTC), **counts[start])
+        for start in sorted(counts)
+    ]
