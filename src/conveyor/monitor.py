@@ -116,8 +116,18 @@ def _schedule(info: ScheduleInfo) -> dict[str, Any]:
 class Watcher:
     """Read snapshots of one backend; keep the failures seen, so each look reads only new ones."""
 
-    def __init__(self, backend: StoreBackend, queues: QueueSelector, interval: float) -> None:
+    def __init__(
+        self,
+        backend: StoreBackend,
+        queues: QueueSelector,
+        interval: float,
+        *,
+        reset: Callable[[], object] = connections.close_all,
+    ) -> None:
+        """``reset`` runs after a failed look: by default every connection is closed, to be
+        opened afresh by the next look (a web page, inside a request, closes less)."""
         self.backend = backend
+        self.reset = reset
         self.selector = queues
         self.interval = interval
         self.queues = tuple(sorted(name for name in backend.queues if queues.allows(name)))
@@ -131,7 +141,7 @@ class Watcher:
         try:
             self.last = self._read(now)
         except Exception as e:  # any store, any driver: the monitor shows it and goes on
-            connections.close_all()  # a broken connection is opened afresh next time
+            self.reset()
             before = self.last or self._empty(now)
             return replace(before, checked_at=now, error=describe(e))
         return self.last

@@ -251,7 +251,7 @@ def _running(s: Snapshot) -> Table:
     table.add_column("try", justify="right")
     table.add_column("progress", ratio=2)
     for job in s.running:
-        ran = duration(_since(job.started_at, s.checked_at)) if job.started_at else "starting"
+        ran = duration(since(job.started_at, s.checked_at)) if job.started_at else "starting"
         table.add_row(
             safe(job.task_path, "bold"),
             safe(job.queue_name),
@@ -281,7 +281,7 @@ def _workers(s: Snapshot) -> Table:
     table.add_column("last beat", justify="right", no_wrap=True)
     table.add_column("online", no_wrap=True)
     for worker in shown:
-        beat = _since(worker.last_beat_at, s.checked_at) if worker.last_beat_at else None
+        beat = since(worker.last_beat_at, s.checked_at) if worker.last_beat_at else None
         table.add_row(
             safe(worker.id),
             safe(worker.kind),
@@ -303,8 +303,8 @@ def _schedules(s: Snapshot) -> Table:
     for info in s.schedules:
         table.add_row(
             safe(info.name),
-            _when(info.next_run_at, s.checked_at),
-            _when(info.last_run_at, s.checked_at),
+            relative(info.next_run_at, s.checked_at),
+            relative(info.last_run_at, s.checked_at),
             schedule_state(info),
         )
     return table
@@ -319,7 +319,7 @@ def _failures(s: Snapshot) -> Table:
     for failed in s.failures:
         error = "cancelled" if failed.cancelled else failed.error_class.rpartition(".")[2]
         table.add_row(
-            _when(failed.finished_at, s.checked_at),
+            relative(failed.finished_at, s.checked_at),
             safe(failed.task_path, "bold"),
             safe(error, "red"),
             safe(failed.message),
@@ -350,14 +350,16 @@ def _number(value: object) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _since(moment: datetime, now: datetime) -> float:
+def since(moment: datetime, now: datetime) -> float:
+    """Seconds from ``moment`` to ``now`` (negative if ``moment`` is later)."""
     return (clock.aware(now) - clock.aware(moment)).total_seconds()
 
 
-def _when(moment: datetime | None, now: datetime) -> str:
+def relative(moment: datetime | None, now: datetime) -> str:
+    """``12s ago``, ``in 4m 05s``, or ``-`` for no time."""
     if moment is None:
         return "-"
-    gap = _since(moment, now)
+    gap = since(moment, now)
     return f"in {duration(-gap)}" if gap < 0 else f"{duration(gap)} ago"
 
 

@@ -1,0 +1,142 @@
+"""What the dashboard shows, read through the store's verbs, the same on every backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, task_backends
+
+from conveyor import clock
+from conveyor.backends.base import StoreBackend
+from conveyor.monitor import Watcher, describe, iso
+from conveyor.monitoring import WINDOW, Snapshot, online
+from conveyor.records import QueueSelector, Throughput
+
+HISTORY = 3600  # seconds of throughput the chart shows
+STEP = 60  # seconds per bar
+LIVE_EVERY = 3.0  # seconds between two looks of an open page
+
+
+def stores() -> list[str]:
+    """The aliases of ``TASKS`` whose backend a worker drives: the ones the dashboard shows."""
+    found = []
+    for alias in settings.TASKS:
+        try:
+            backend = task_backends[alias]
+        except Exception:  # a broken entry: Django's checks name it; the others still show
+            continue
+        if isinstance(backend, StoreBackend) and not backend.runs_inline:
+            found.append(alias)
+    return found
+
+
+def chosen(alias: str | None) -> StoreBackend | None:
+    """The store backend ``alias`` names (the default one if None); None if it is not one."""
+    known = stores()
+    if alias is None:
+        alias = DEFAULT_TASK_BACKEND_ALIAS if DEFAULT_TASK_BACKEND_ALIAS in known else None
+        alias = alias or (known[0] if known else None)
+    if alias not in known:
+        return None
+    backend = task_backends[alias]
+    assert isinstance(backend, StoreBackend)
+    return backend
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueRow:
+    name: str
+    ready: int
+    scheduled: int
+    running: int
+    succeeded: int  # in the last minute
+    failed: int
+    paused: bool = False
+    paused_until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Board:
+    """One look at a backend, as the pages show it."""
+
+    snapshot: Snapshot
+    queues: list[QueueRow] = field(default_factory=list)
+    throughput: list[Throughput] = field(default_factory=list)
+    online: int = 0
+    error: str = ""
+
+    @property
+    def chart(self) -> dict[str, Any]:
+        """The numbers the page's script draws, as JSON values."""
+        stats = self.snapshot.stats
+        return {
+            "at": iso(self.snapshot.checked_at),
+            "step": STEP,
+            "throughput": [
+                {"t": iso(t.start), "succeeded": t.succeeded, "failed": t.failed}
+                for t in self.throughput
+            ],
+            "depth": {"ready": stats.ready, "scheduled": stats.scheduled, "running": stats.running},
+            "ok": not self.error,
+        }
+
+
+def read(backend: StoreBackend) -> Board:
+    """Look at ``backend`` now; an unreachable store is said, never raised."""
+    # A broken connection the request shares is closed when the request ends, by Django.
+    snapshot = Watcher(backend, QueueSelector(), LIVE_EVERY, reset=backend.close).look()
+    error = snapshot.error
+    paused: dict[str, datetime | None] = {}
+    history: list[Throughput] = []
+    if not error:
+        try:
+            paused = backend.paused_queues()
+            since = clock.now() - timedelta(seconds=HISTORY)
+            history = every_step(backend.throughput(since, step=STEP), since, snapshot.checked_at)
+        except Exception as e:  # any store, any driver: the page says so
+            backend.close()
+            error = describe(e)
+    up = sum(online(w, snapshot.checked_at, snapshot.lease) for w in snapshot.workers)
+    return Board(
+        snapshot=snapshot,
+        queues=_queues(snapshot, paused),
+        throughput=history,
+        online=up,
+        error=error,
+    )
+
+
+def every_step(found: list[Throughput], since: datetime, now: datetime) -> list[Throughput]:
+    """``found`` with the intervals in which nothing ended put in, from ``since`` to ``now``."""
+    by_start = {t.start.timestamp(): t for t in found}
+    start = Throughput.bucket(clock.aware(since), STEP) + STEP
+    end = Throughput.bucket(clock.aware(now), STEP)
+    steps = []
+    while start <= end:
+        moment = datetime.fromtimestamp(start, UTC)
+        steps.append(by_start.get(start) or Throughput(start=moment))
+        start += STEP
+    return steps
+
+
+def _queues(s: Snapshot, paused: dict[str, datetime | None]) -> list[QueueRow]:
+    per_minute = 60 / WINDOW
+    rows = []
+    for name in sorted(set(s.queues) | set(s.stats.by_queue) | set(paused)):
+        counts = s.stats.by_queue.get(name, {})
+        rows.append(
+            QueueRow(
+                name=name,
+                ready=counts.get("ready", 0),
+                scheduled=counts.get("scheduled", 0),
+                running=counts.get("running", 0),
+                succeeded=round(counts.get("successful", 0) * per_minute),
+                failed=round(counts.get("failed", 0) * per_minute),
+                paused=name in paused,
+                paused_until=paused.get(name),
+            )
+        )
+    return rows
