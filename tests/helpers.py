@@ -131,6 +131,8 @@ ESCAPES = re.compile(
     r"|\x1b[()][0-9A-Za-z]|\x1b[=>78]"  # character sets, keypad modes, cursor saves
 )
 HOME = "\x1b[H"  # where each full-screen frame starts
+# Every control sequence but those that set colours and styles (SGR, ending in "m").
+NOT_STYLES = re.compile(r"\x1b\[[0-9;?]*[A-Za-ln-z]|\x1b[()][A-Z0-9]|\x1b[=>]|\r")
 
 
 class Terminal:
@@ -181,6 +183,11 @@ class Terminal:
         """The text of the last full frame drawn, without its control sequences."""
         text = self.output
         return ESCAPES.sub("", text[text.rfind(HOME) :] if HOME in text else text)
+
+    def frame(self) -> str:
+        """The last full frame drawn, with its colours and styles (for a screenshot)."""
+        text = self.output
+        return NOT_STYLES.sub("", text[text.rfind(HOME) :] if HOME in text else text)
 
     def type(self, keys: bytes) -> None:
         os.write(self.primary, keys)

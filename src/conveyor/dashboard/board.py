@@ -17,7 +17,11 @@ from conveyor.records import QueueSelector, Throughput
 
 HISTORY = 3600  # seconds of throughput the chart shows
 STEP = 60  # seconds per bar
-LIVE_EVERY = 3.0  # seconds between two looks of an open page
+
+
+def refresh() -> float:
+    """Seconds between two looks of an open page: ``CONVEYOR_DASHBOARD_REFRESH`` (3)."""
+    return float(getattr(settings, "CONVEYOR_DASHBOARD_REFRESH", 3.0))
 
 
 def stores() -> list[str]:
@@ -87,7 +91,7 @@ class Board:
 def read(backend: StoreBackend) -> Board:
     """Look at ``backend`` now; an unreachable store is said, never raised."""
     # A broken connection the request shares is closed when the request ends, by Django.
-    snapshot = Watcher(backend, QueueSelector(), LIVE_EVERY, reset=backend.close).look()
+    snapshot = Watcher(backend, QueueSelector(), refresh(), reset=backend.close).look()
     error = snapshot.error
     paused: dict[str, datetime | None] = {}
     history: list[Throughput] = []

@@ -29,7 +29,7 @@ from conveyor import control, queues
 from conveyor import schedules as schedule_api
 from conveyor.backends.base import StoreBackend
 from conveyor.control import CancelOutcome
-from conveyor.dashboard.board import LIVE_EVERY, chosen, read, stores
+from conveyor.dashboard.board import chosen, read, refresh, stores
 from conveyor.monitor import describe
 from conveyor.monitoring import online
 
@@ -79,7 +79,7 @@ def _context(request: HttpRequest, backend: StoreBackend, page: str, **more: Any
         "notes": messages.get_messages(request),
         "alias": backend.alias,
         "backends": stores(),
-        "live_every": LIVE_EVERY,
+        "live_every": refresh(),
         "can_change_jobs": user.has_perm("conveyor.change_job"),
         "can_change_schedules": user.has_perm("conveyor.change_schedule"),
         "can_change_queues": user.has_perm("conveyor.change_queuepause"),
