@@ -22,6 +22,10 @@ class ConveyorConfig(AppConfig):
         from conveyor import checks  # noqa: F401  (registers the system checks)
 
         connection_created.connect(use_wal_on_sqlite, dispatch_uid="conveyor-sqlite-wal")
+        from conveyor import metrics
+
+        if metrics.enabled():
+            metrics.connect()
         autodiscover_modules("tasks")
 
 

@@ -15,7 +15,9 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import connections
+from django.tasks import task_backends
 from rich.console import Console
 from rich.live import Live
 
@@ -45,6 +47,19 @@ OVERLAP = 60.0
 RUNNING_SHOWN = 20
 FAILURES_SHOWN = 10
 SCHEDULES_SHOWN = 8
+
+
+def stores() -> list[str]:
+    """The aliases of ``TASKS`` whose backend a worker drives: the ones the dashboard shows."""
+    found = []
+    for alias in settings.TASKS:
+        try:
+            backend = task_backends[alias]
+        except Exception:  # a broken entry: Django's checks name it; the others still show
+            continue
+        if isinstance(backend, StoreBackend) and not backend.runs_inline:
+            found.append(alias)
+    return found
 
 
 # --- one JSON document (``conveyor status --json``) ----------------------------------------

@@ -11,7 +11,7 @@ from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, task_backends
 
 from conveyor import clock
 from conveyor.backends.base import StoreBackend
-from conveyor.monitor import Watcher, describe, iso
+from conveyor.monitor import Watcher, describe, iso, stores
 from conveyor.monitoring import WINDOW, Snapshot, online
 from conveyor.records import QueueSelector, Throughput
 
@@ -22,19 +22,6 @@ STEP = 60  # seconds per bar
 def refresh() -> float:
     """Seconds between two looks of an open page: ``CONVEYOR_DASHBOARD_REFRESH`` (3)."""
     return float(getattr(settings, "CONVEYOR_DASHBOARD_REFRESH", 3.0))
-
-
-def stores() -> list[str]:
-    """The aliases of ``TASKS`` whose backend a worker drives: the ones the dashboard shows."""
-    found = []
-    for alias in settings.TASKS:
-        try:
-            backend = task_backends[alias]
-        except Exception:  # a broken entry: Django's checks name it; the others still show
-            continue
-        if isinstance(backend, StoreBackend) and not backend.runs_inline:
-            found.append(alias)
-    return found
 
 
 def chosen(alias: str | None) -> StoreBackend | None:

@@ -2,6 +2,7 @@
 
 from django.urls import path
 
+from conveyor import metrics
 from conveyor.dashboard import views
 
 app_name = "conveyor_dashboard"
@@ -9,6 +10,7 @@ app_name = "conveyor_dashboard"
 urlpatterns = [
     path("", views.overview, name="overview"),
     path("live/", views.live, name="live"),
+    path("metrics/", metrics.view, name="metrics"),
     path("workers/", views.workers, name="workers"),
     path("schedules/", views.schedules, name="schedules"),
     path("jobs/<str:job_id>/retry/", views.retry, name="retry"),

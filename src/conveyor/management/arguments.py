@@ -39,6 +39,7 @@ POOL_OPTIONS = {
     "threads": "--threads",
     "grace": "--grace",
     "progress": "--progress",
+    "metrics_port": "--metrics-port",
 }
 
 
@@ -72,6 +73,19 @@ def number(low: float, high: float, *, above: bool = False) -> Callable[[str], f
         return value
 
     return parse
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """``PORT``, ``HOST:PORT`` or ``[IPv6]:PORT``: where to listen (every address if no host)."""
+    host, colon, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]") if colon else ""
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise ArgumentTypeError(f"expected PORT or HOST:PORT, a port from 0 to 65535; not {text!r}")
+    return (host or "0.0.0.0", number)
 
 
 def process_counts(text: str) -> int | dict[str, int]:
@@ -125,6 +139,7 @@ def worker_settings(
         grace=options["grace"] or DEFAULT_GRACE,
         progress=options["progress"],
         scheduler=not options["no_scheduler"],
+        metrics=options.get("metrics_port"),
     )
 
 

@@ -23,6 +23,7 @@ from conveyor.backends.base import StoreBackend
 from conveyor.records import Disposition, Outcome, error_from_text
 from conveyor.runtime.middleware import Middleware, run_hooks
 from conveyor.runtime.runner import Finished, send
+from conveyor.signals import task_retried
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +239,15 @@ class Recorder:
                 "it asked to snooze"
                 if outcome.error is None
                 else f"{outcome.error.exception_class_path.rpartition('.')[2]}, retried",
+            )
+            send(
+                self.backend,
+                task_retried,
+                item.result,
+                error=outcome.error,
+                retry_at=outcome.retry_at,
+                started_at=outcome.started_at,
+                finished_at=outcome.finished_at,
             )
         for hook in reversed(self.middleware):
             try:

@@ -116,9 +116,10 @@ def _failed(error: BaseException, started_at: datetime) -> Outcome:
     )
 
 
-def send(backend: StoreBackend, signal: Signal, result: TaskResult) -> None:
+def send(backend: StoreBackend, signal: Signal, result: TaskResult, **more: Any) -> None:
     """Send a task signal; a failing receiver is logged and changes nothing."""
-    for receiver, response in signal.send_robust(sender=type(backend), task_result=result):
+    sent = signal.send_robust(sender=type(backend), task_result=result, **more)
+    for receiver, response in sent:
         if isinstance(response, Exception):
             logger.error(
                 "Receiver %r of a task signal failed for job %s",

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for_sentinels
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from django.db import connections
 from django.utils import timezone
@@ -36,11 +37,15 @@ from conveyor.runtime.progress import Progress
 from conveyor.runtime.retention import Expiry
 from conveyor.runtime.scheduler import Scheduler
 
+if TYPE_CHECKING:
+    from conveyor.metrics import Exporter
+
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FORCED = 1  # a forced stop interrupted running tasks
 EXIT_NOT_MIGRATED = 2  # the store has no tables: nothing to do until ``migrate``
+EXIT_NO_METRICS = 3  # the metrics endpoint asked for cannot be served
 TICK = 1.0  # longest the supervisor sleeps between looks at its children
 PROGRESS_TICK = 0.25
 MAX_RESPAWN_DELAY = 10.0
@@ -66,6 +71,7 @@ class WorkerSettings:
     # Processes per set of queues (a fleet); empty: ``processes`` processes on ``queues``.
     pools: tuple[Pool, ...] = ()
     max_memory: int | None = None  # bytes resident past which a process is replaced
+    metrics: tuple[str, int] | None = None  # where to serve Prometheus metrics: address, port
 
     @property
     def all_pools(self) -> tuple[Pool, ...]:
@@ -109,10 +115,32 @@ class Supervisor:
         self.leases = Leases(backend, self.host, settings.threads)
         self.expiry = Expiry(backend)
         self.scheduler = Scheduler(backend) if settings.scheduler else None
+        self.exporter: Exporter | None = None
 
     def run(self) -> int:
         """Supervise until stopped (or, with ``until_done``, until the queue is empty)."""
         self._install_signals()
+        if self.settings.metrics is not None and not self._serve_metrics(*self.settings.metrics):
+            return EXIT_NO_METRICS
+        try:
+            return self._supervise()
+        finally:
+            if self.exporter is not None:
+                self.exporter.close()
+
+    def _serve_metrics(self, address: str, port: int) -> bool:
+        """Start the metrics endpoint before any process is forked; False if it cannot be."""
+        from conveyor.metrics import Exporter
+
+        try:
+            self.exporter = Exporter(self.backend.alias, address, port)
+        except (OSError, RuntimeError) as e:
+            logger.error("Cannot serve metrics on %s:%d: %s", address, port, e)
+            return False
+        logger.info("Serving Prometheus metrics on %s:%d", address, self.exporter.port)
+        return True
+
+    def _supervise(self) -> int:
         if not self._wait_for_store():
             return EXIT_NOT_MIGRATED if not self.signals else EXIT_OK
         for pool in self.settings.all_pools:

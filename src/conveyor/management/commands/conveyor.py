@@ -31,6 +31,7 @@ from conveyor.management.arguments import (
     POOL_OPTIONS,
     QUEUE_VERBS,
     SCHEDULE_VERBS,
+    listen_address,
     number,
     process_counts,
     whole,
@@ -171,6 +172,13 @@ class Command(BaseCommand):
         )
         worker.add_argument(
             "--progress", action="store_true", help="Show a progress bar and a summary at the end."
+        )
+        worker.add_argument(
+            "--metrics-port",
+            type=listen_address,
+            metavar="[HOST:]PORT",
+            help="Serve Prometheus metrics of all this worker's processes and its backend's "
+            "queues on PORT (every address unless HOST is given); needs prometheus-client.",
         )
         worker.add_argument(
             "--no-scheduler",
