@@ -9,6 +9,8 @@ from typing import Any
 from django.tasks import Task, TaskResult
 from django.tasks.exceptions import InvalidTask
 
+from conveyor import tracing
+
 
 @dataclass(frozen=True, slots=True)
 class Call:
@@ -36,7 +38,11 @@ def bulk_enqueue(task: Task, calls: Iterable[Call | tuple[Any, ...]]) -> list[Ta
             f"Backend {task.backend!r} ({type(backend).__name__}) cannot enqueue in bulk; "
             "use a Conveyor backend or call enqueue() for each call."
         )
-    return method(task, [_as_pair(task, item) for item in calls])
+    pairs = [_as_pair(task, item) for item in calls]
+    with tracing.enqueueing(task, task.backend, len(pairs)) as span:
+        results: list[TaskResult] = method(task, pairs)
+        tracing.enqueued(span, results)
+    return results
 
 
 def _as_pair(task: Task, item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

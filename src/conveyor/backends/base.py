@@ -22,6 +22,7 @@ from django.tasks import Task, TaskResult, TaskResultStatus, task_backends
 from django.tasks.backends.base import BaseTaskBackend
 from django.tasks.exceptions import InvalidTask
 
+from conveyor import tracing
 from conveyor.backends.tasks import (
     call_problem,
     encode_arguments,
@@ -112,6 +113,8 @@ class ConveyorBackend(BaseTaskBackend):
             options["max_attempts"] = most
         if getattr(task, "sigkill_on_stop", False):
             options["sigkill_on_stop"] = True
+        if trace := tracing.carrier():
+            options["trace"] = trace  # the span that enqueues it: the parent of its runs
         return options
 
     def uniqueness(self, task: Task, call: Call) -> Uniqueness | None:
@@ -130,8 +133,11 @@ class ConveyorBackend(BaseTaskBackend):
         """Store many calls of one task together: all of them, or none."""
 
     def enqueue(self, task: Task, args: Sequence[Any], kwargs: dict[str, Any]) -> TaskResult:
-        """Store one call of ``task``."""
-        return self.bulk_enqueue(task, [(args, kwargs)])[0]
+        """Store one call of ``task`` (in a tracing span, where tracing is on)."""
+        with tracing.enqueueing(task, self.alias, 1) as span:
+            results = self.bulk_enqueue(task, [(args, kwargs)])
+            tracing.enqueued(span, results)
+        return results[0]
 
     def validate_task(self, task: Task) -> None:
         """Refuse, besides what Django refuses, what no store could keep about ``task``."""

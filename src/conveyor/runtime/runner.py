@@ -20,6 +20,7 @@ from django.tasks import Task, TaskResult, TaskResultStatus
 from django.tasks.signals import task_started
 from django.utils import timezone
 
+from conveyor import tracing
 from conveyor.backends.base import StoreBackend
 from conveyor.backends.tasks import unavailable_task
 from conveyor.context import ConveyorContext
@@ -61,6 +62,16 @@ class Runner:
             task = unavailable_task(job.task_path, job.backend, job.queue_name, job.priority)
             return Finished(job, task, self._running(job, task, started_at), _failed(e, started_at))
         result = self._running(job, task, started_at)
+        with tracing.running(job) as span:
+            outcome = self._invoke(job, task, result, cancelled)
+            tracing.ran(span, outcome)
+        return Finished(job, task, result, outcome)
+
+    def _invoke(
+        self, job: Job, task: Task, result: TaskResult, cancelled: Callable[[], bool] | None
+    ) -> Outcome:
+        """Send ``task_started``, call the task through the middleware; its outcome."""
+        started_at = result.last_attempted_at or timezone.now()
         try:
             send(self.backend, task_started, result)
             for hook in self.middleware:
@@ -78,7 +89,7 @@ class Runner:
         except BaseException as e:  # a hook failed: the job still gets an outcome
             logger.exception("Worker machinery failed around job %s (%s)", job.id, job.task_path)
             outcome = _failed(e, started_at)
-        return Finished(job, task, result, outcome)
+        return outcome
 
     def _progress(self, job: Job, progress: dict[str, Any]) -> None:
         self.backend.report_progress(job, progress)
