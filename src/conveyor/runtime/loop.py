@@ -18,10 +18,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 from django.db import close_old_connections, connections
 from django.utils import timezone
 
+from conveyor import clock
 from conveyor.backends.base import StoreBackend, Waiter
 from conveyor.exceptions import TimeLimitExceeded
 from conveyor.options import TimeLimits
@@ -89,6 +91,7 @@ class Loop:
         self.started = 0
         self.memory_looked, self.memory_over = -1, False
         self.pauses_looked, self.paused = -PAUSE_LOOK, frozenset[str]()
+        self.pause_ends: list[datetime] = []  # when timed pauses end (store clock)
         self.pauses_failed = False
         self.came_up_empty = False  # the last claim found nothing: an idle process
         self.recent: deque[float] = deque(maxlen=RECENT)
@@ -245,13 +248,19 @@ class Loop:
         if now >= self.pauses_looked + PAUSE_LOOK or (self.came_up_empty and self.paused):
             self.pauses_looked = now
             try:
-                self.paused = frozenset(self.backend.paused_queues())
+                found = self.backend.paused_queues()
+                self.paused = frozenset(found)
+                self.pause_ends = [
+                    clock.aware(end)
+                    for name, end in found.items()
+                    if end is not None and self.config.queues.allows(name)
+                ]
             except Exception as e:  # a store without the table yet (no migrate): no pauses
                 if not self.pauses_failed:
                     logger.warning(
                         "Cannot read which queues are paused: %s: %s", type(e).__name__, e
                     )
-                self.pauses_failed, self.paused = True, frozenset()
+                self.pauses_failed, self.paused, self.pause_ends = True, frozenset(), []
             else:
                 self.pauses_failed = False
         if not self.paused:
@@ -307,6 +316,18 @@ class Loop:
         return poll
 
     def _until_due(self) -> float:
+        """How long an idle worker may wait: until a job falls due or a timed pause ends."""
+        return min(self._until_job_due(), self._until_pause_ends())
+
+    def _until_pause_ends(self) -> float:
+        """Until the first timed pause of a queue served here ends (nothing wakes workers
+        then); a pause that seems over by this machine's clock is looked at every poll."""
+        if not self.pause_ends:
+            return IDLE_WAKEUP_WAIT
+        left = (min(self.pause_ends) - clock.aware(clock.now())).total_seconds()
+        return left if left > 0 else self.backend.conveyor_options.poll_interval
+
+    def _until_job_due(self) -> float:
         try:
             due = self.backend.next_due(self.config.queues)
         except Exception as e:
