@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -78,11 +79,16 @@ def clear(store: Store, queue: str) -> int:
 
 
 def remove_duplicates(store: Store, queue: str) -> int:
-    """Delete pending jobs whose task and arguments an older pending job of ``queue`` has."""
-    seen: set[tuple[str, str]] = set()
+    """Delete pending jobs whose task and arguments an older pending job of ``queue`` has.
+
+    The calls are read once, in order, a chunk at a time; what is kept of each distinct
+    call is a 16-byte digest, so a queue of millions of large calls fits in memory.
+    """
+    seen: set[bytes] = set()
     doubles: list[int] = []
     for key, task_path, args, kwargs in _pending_calls(store, queue):
-        call = (task_path, json.dumps([args, kwargs], sort_keys=True, separators=(",", ":")))
+        text = json.dumps([task_path, args, kwargs], sort_keys=True, separators=(",", ":"))
+        call = hashlib.blake2b(text.encode(), digest_size=16).digest()
         if call in seen:
             doubles.append(key)
         else:
