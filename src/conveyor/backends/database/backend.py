@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -18,30 +16,20 @@ from django.tasks.exceptions import TaskResultDoesNotExist
 from django.tasks.signals import task_enqueued
 
 from conveyor import clock
-from conveyor.backends.base import Call, Held, Waiter
-from conveyor.backends.database import operations, registry, store, transitions
-from conveyor.backends.database import queues as queue_admin
+from conveyor.backends.base import Call, Held
+from conveyor.backends.database import operations, store, transitions
+from conveyor.backends.database.controls import DatabaseControls
 from conveyor.backends.database.dialects import SUPPORTED_VENDORS, dialect_for
+from conveyor.backends.database.housekeeping import DatabaseHousekeeping
 from conveyor.backends.database.models import Job
+from conveyor.backends.database.processes import DatabaseProcesses
 from conveyor.backends.database.scheduled import DatabaseSchedules
 from conveyor.backends.tasks import due_later
 from conveyor.conf import BackendOptions
 from conveyor.exceptions import NotMigrated
 from conveyor.options import Uniqueness
-from conveyor.records import (
-    FailedJob,
-    Outcome,
-    PickupLatency,
-    PutBack,
-    QueueSelector,
-    QueueStats,
-    RunningJob,
-    State,
-    Success,
-    Throughput,
-    WorkerInfo,
-)
 from conveyor.records import Job as JobRecord
+from conveyor.records import Outcome, PutBack, QueueSelector, State, Success
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +41,7 @@ class DatabaseOptions(BackendOptions):
     database: str = "default"
 
 
-@dataclass(frozen=True, slots=True)
-class _QueueOnly:
-    """Enough of a job for ``_notify``: the queue whose idle workers to wake."""
-
-    queue_name: str
-
-
-class DatabaseBackend(DatabaseSchedules):
+class DatabaseBackend(DatabaseControls, DatabaseHousekeeping, DatabaseProcesses, DatabaseSchedules):
     """Store jobs in a Django database; workers claim them with row locks and leases."""
 
     options_class: ClassVar[type[BackendOptions]] = DatabaseOptions
@@ -87,20 +68,6 @@ class DatabaseBackend(DatabaseSchedules):
     @property
     def vendor(self) -> str:
         return connections[self.database].vendor
-
-    @property
-    def supports_wakeup(self) -> bool:  # type: ignore[override]
-        if self.vendor == "postgresql":  # LISTEN/NOTIFY needs psycopg 3 (conveyor.W004)
-            from conveyor.backends.database.waiters import psycopg_installed
-
-            return psycopg_installed()
-        return self._sqlite_file() is not None
-
-    def _sqlite_file(self) -> str | None:
-        conn = connections[self.database]
-        if conn.vendor != "sqlite" or conn.is_in_memory_db():  # type: ignore[attr-defined]
-            return None
-        return str(conn.settings_dict["NAME"])
 
     @property
     def channel(self) -> str:
@@ -257,188 +224,6 @@ class DatabaseBackend(DatabaseSchedules):
 
     def recover(self) -> int:
         return self._notify(transitions.recover(self.worker_store))
-
-    def register_worker(self, info: WorkerInfo) -> None:
-        try:
-            registry.register_worker(self.worker_store, info)
-        except DatabaseError as e:
-            self._raise_if_not_migrated(e)
-            raise
-
-    def end_worker(self, worker_id: str, ended: str) -> None:
-        registry.end_worker(self.worker_store, worker_id, ended)
-
-    def workers(self, *, alive: bool = True) -> list[WorkerInfo]:
-        return registry.workers(self.worker_store, alive)
-
-    def cancel(self, result_id: str) -> bool:
-        return transitions.cancel(self.worker_store, self._key(result_id))
-
-    def request_cancel(self, result_id: str) -> bool:
-        return transitions.request_cancel(self.worker_store, self._key(result_id))
-
-    def run_now(self, result_ids: Collection[str]) -> int:
-        field, conn = Job._meta.get_field("uuid"), connections[self.worker_store.using]
-        keys = []
-        for result_id in result_ids:
-            try:
-                keys.append(field.get_db_prep_value(uuid.UUID(str(result_id)), conn))
-            except ValueError:
-                continue  # not a result id: no job has it
-        return self._notify(transitions.run_now(self.worker_store, keys) if keys else 0)
-
-    def cancels(self, deliveries: Collection[tuple[int, str]]) -> set[tuple[int, str]]:
-        return transitions.cancels(self.worker_store, list(deliveries))
-
-    def report_progress(self, job: JobRecord, progress: dict[str, Any]) -> bool:
-        return transitions.report_progress(self.worker_store, job, progress)
-
-    def get_progress(self, result_id: str) -> dict[str, Any] | None:
-        found = self._values(result_id, "progress")
-        return dict(found) if found else None
-
-    def _key(self, result_id: str) -> int:
-        return int(self._values(result_id, "pk"))
-
-    def _values(self, result_id: str, field: str) -> Any:
-        try:
-            return (
-                Job.objects.using(self.database)
-                .filter(backend_name=self.alias, uuid=uuid.UUID(str(result_id)))
-                .values_list(field, flat=True)
-                .get()
-            )
-        except (Job.DoesNotExist, ValueError) as e:
-            raise TaskResultDoesNotExist(result_id) from e
-
-    def pause_queue(
-        self, queue: str, until: datetime | None = None, *, seconds: float | None = None
-    ) -> datetime | None:
-        return queue_admin.pause(self.worker_store, queue, until, seconds)
-
-    def resume_queue(self, queue: str) -> bool:
-        resumed = queue_admin.resume(self.worker_store, queue)
-        if resumed and self.vendor == "postgresql":  # idle workers look again at once
-            self._notify(1, [_QueueOnly(queue)])  # type: ignore[list-item]
-        return resumed
-
-    def paused_queues(self) -> dict[str, datetime | None]:
-        return queue_admin.paused(self.worker_store)
-
-    def clear_queue(self, queue: str) -> int:
-        return queue_admin.clear(self.worker_store, queue)
-
-    def remove_duplicates(self, queue: str) -> int:
-        return queue_admin.remove_duplicates(self.worker_store, queue)
-
-    def stats(
-        self, queues: QueueSelector | None = None, *, finished_since: datetime | None = None
-    ) -> QueueStats:
-        return operations.stats(self.worker_store, queues, finished_since)
-
-    def running(self, queues: QueueSelector | None = None, *, limit: int = 100) -> list[RunningJob]:
-        return operations.running(self.worker_store, queues, limit)
-
-    def recent_failures(
-        self, since: datetime, queues: QueueSelector | None = None, *, limit: int = 20
-    ) -> list[FailedJob]:
-        return operations.recent_failures(self.worker_store, since, queues, limit)
-
-    def pickup_latency(
-        self, since: datetime, queues: QueueSelector | None = None, *, limit: int = 500
-    ) -> PickupLatency:
-        return operations.pickup_latency(self.worker_store, since, queues, limit)
-
-    def throughput(
-        self, since: datetime, *, step: int = 60, queues: QueueSelector | None = None
-    ) -> list[Throughput]:
-        return operations.throughput(self.worker_store, since, step, queues)
-
-    def prune(self, finished_before: datetime, *, batch: int = 1000, pause: float = 0.01) -> int:
-        return operations.prune(self.worker_store, finished_before, batch, pause)
-
-    def expire(self, *, batch: int = 1000, pause: float = 0.01, limit: int | None = None) -> int:
-        return operations.expire(self.worker_store, batch, pause, limit)
-
-    def _notify[T](self, count: T, jobs: Iterable[JobRecord] | None = None) -> T:
-        """Wake idle workers after jobs were made ready again; return ``count``.
-
-        The payload names the queue, so only workers serving it wake; without ``jobs``
-        (queues unknown) it is empty, and every idle worker wakes.
-        """
-        if not count or self.vendor != "postgresql":
-            return count
-        names = sorted({job.queue_name for job in jobs}) if jobs is not None else [""]
-        if names:
-            calls = ", ".join(["pg_notify(%s, %s)"] * len(names))
-            with connections[self.worker_store.using].cursor() as cursor:
-                cursor.execute(
-                    f"SELECT {calls}", [p for name in names for p in (self.channel, name)]
-                )
-        return count
-
-    def await_job(self, result_id: str) -> None:
-        if self.vendor == "postgresql":
-            Job.objects.using(self.database).filter(
-                backend_name=self.alias, uuid=uuid.UUID(str(result_id)), awaited=False
-            ).update(awaited=True)
-
-    def result_waiter(self) -> Waiter:
-        if self.vendor == "postgresql":
-            from conveyor.backends.database import waiters
-
-            if waiters.psycopg_installed():
-                params = connections[self.database].get_connection_params()
-                channel = transitions.done_channel(self.store)
-                return waiters.NotifyWaiter(params, channel)
-            return Waiter()
-        if (path := self._sqlite_file()) is not None:
-            from conveyor.backends.database.waiters import FileChangeWaiter
-
-            return FileChangeWaiter(path)
-        return Waiter()
-
-    def waiter(self, queues: QueueSelector) -> Waiter:
-        if self.vendor == "postgresql":
-            from conveyor.backends.database import waiters
-
-            if not waiters.psycopg_installed():
-                return waiters.polling_waiter(self.alias, self.database)
-            return waiters.NotifyWaiter(
-                connections[self.database].get_connection_params(),
-                self.channel,
-                queues,
-                retry_every=self.conveyor_options.poll_interval,
-            )
-        if (path := self._sqlite_file()) is not None:
-            from conveyor.backends.database.waiters import FileChangeWaiter
-
-            return FileChangeWaiter(path)
-        return Waiter()
-
-    def before_fork(self) -> None:
-        """A forked child must not share the parent's database sockets, pooled ones included."""
-        for conn in connections.all(initialized_only=True):
-            conn.close()
-            if conn.settings_dict.get("OPTIONS", {}).get("pool") and hasattr(conn, "close_pool"):
-                conn.close_pool()
-
-    def after_fork(self) -> None:
-        """Keep the worker's bookkeeping on a private connection in a worker process.
-
-        Task code shares the thread's connection to ``DATABASE``: a raw ``BEGIN``, a
-        ``SET search_path`` or ``SET ROLE`` there must not reach claims and saves. Jobs
-        that tasks enqueue still use that connection, so they join the task's transaction.
-        """
-        private = f"conveyor_worker_{self.database}"
-        if private not in connections.settings:
-            connections.settings[private] = copy.deepcopy(connections.settings[self.database])
-        self.worker_store = dataclasses.replace(self.store, using=private)
-
-    def close(self) -> None:
-        """Close the worker's private connection; one it shares with its caller stays open."""
-        if self.worker_store is not self.store:
-            connections[self.worker_store.using].close()
 
     # --- configuration ----------------------------------------------------------------
 
