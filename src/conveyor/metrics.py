@@ -23,7 +23,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.util import find_spec
@@ -46,6 +47,7 @@ MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR"
 RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 PICKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STATES = ("ready", "scheduled", "running")
+FAILURE_LOG_EVERY = 60.0  # seconds between two log lines about jobs that could not be counted
 
 
 def available() -> bool:
@@ -123,15 +125,11 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return max((clock.aware(end) - clock.aware(start)).total_seconds(), 0.0)
 
 
-def on_enqueued(sender: Any, task_result: TaskResult, **kwargs: Any) -> None:
-    if not counting():
-        return
+def _on_enqueued(sender: Any, task_result: TaskResult, **kwargs: Any) -> None:
     jobs().enqueued.labels(*_labels(task_result)).inc()
 
 
-def on_started(sender: Any, task_result: TaskResult, **kwargs: Any) -> None:
-    if not counting():
-        return
+def _on_started(sender: Any, task_result: TaskResult, **kwargs: Any) -> None:
     m = jobs()
     m.started.labels(*_labels(task_result)).inc()
     if len(task_result.worker_ids) <= 1:  # a first run: it waited from when it could run
@@ -144,9 +142,7 @@ def on_started(sender: Any, task_result: TaskResult, **kwargs: Any) -> None:
             m.pickup_seconds.labels(task_result.backend, task_result.task.queue_name).observe(wait)
 
 
-def on_finished(sender: Any, task_result: TaskResult, **kwargs: Any) -> None:
-    if not counting():
-        return
+def _on_finished(sender: Any, task_result: TaskResult, **kwargs: Any) -> None:
     m = jobs()
     labels = _labels(task_result)
     ended = m.succeeded if task_result.status == TaskResultStatus.SUCCESSFUL else m.failed
@@ -156,21 +152,47 @@ def on_finished(sender: Any, task_result: TaskResult, **kwargs: Any) -> None:
         m.run_seconds.labels(*labels).observe(ran)
 
 
-def on_retried(
+def _on_retried(
     sender: Any,
     task_result: TaskResult,
     started_at: datetime | None = None,
     finished_at: datetime | None = None,
     **kwargs: Any,
 ) -> None:
-    if not counting():
-        return
     m = jobs()
     labels = _labels(task_result)
     m.retried.labels(*labels).inc()
     ran = _seconds(started_at, finished_at)
     if ran is not None:
         m.run_seconds.labels(*labels).observe(ran)
+
+
+def _guarded(count: Callable[..., None]) -> Callable[..., None]:
+    """A receiver that never fails its sender: counting is not worth an enqueue or a job.
+
+    A failure (a samples directory removed or full, say) is logged once a minute at most.
+    """
+
+    def receiver(sender: Any, **kwargs: Any) -> None:
+        if not counting():
+            return
+        try:
+            count(sender, **kwargs)
+        except Exception as e:
+            now = time.monotonic()
+            if now >= _last_failure[0] + FAILURE_LOG_EVERY:
+                _last_failure[0] = now
+                logger.warning("Metrics: a job could not be counted: %r", e)
+
+    receiver.__name__ = count.__name__.lstrip("_")
+    return receiver
+
+
+on_enqueued = _guarded(_on_enqueued)
+on_started = _guarded(_on_started)
+on_finished = _guarded(_on_finished)
+on_retried = _guarded(_on_retried)
+_last_failure = [-FAILURE_LOG_EVERY]
 
 
 def connect() -> None:

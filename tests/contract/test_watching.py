@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.tasks.base import TaskError
@@ -266,3 +266,29 @@ def test_throughput_counts_cancelled_jobs_as_failed_and_keeps_to_queues(backend,
     assert sum(t.succeeded for t in backend.throughput(since, queues=EMAILS)) == 2
     assert sum(t.succeeded + t.failed for t in backend.throughput(since, queues=NOT_EMAILS)) == 1
     assert backend.throughput(now + timedelta(minutes=5)) == []
+
+
+def test_throughput_intervals_split_at_their_boundaries(backend, backend_alias):
+    midnight = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
+    _ended(backend, backend_alias, 1, midnight - timedelta(seconds=2))
+    _ended(backend, backend_alias, 1, midnight + timedelta(seconds=1))
+    since = midnight - timedelta(hours=1)
+    for step in (86400, 3600, 60):
+        seen = backend.throughput(since, step=step)
+        assert [t.succeeded for t in seen] == [1, 1], step
+        assert seen[1].start == midnight
+
+
+def test_throughput_intervals_are_real_time_with_local_times_stored(
+    backend, backend_alias, settings
+):
+    # Without USE_TZ, times are stored in local time: India is 5 h 30 min ahead of UTC.
+    settings.USE_TZ, settings.TIME_ZONE = False, "Asia/Kolkata"
+    local = datetime(2030, 5, 6, 10, 20)  # 04:50 UTC
+    _ended(backend, backend_alias, 1, local)
+    _ended(backend, backend_alias, 1, local + timedelta(minutes=20))  # 05:10 UTC
+    seen = backend.throughput(local - timedelta(hours=2), step=3600)
+    assert [(t.start, t.succeeded) for t in seen] == [
+        (datetime(2030, 5, 6, 4, tzinfo=UTC), 1),
+        (datetime(2030, 5, 6, 5, tzinfo=UTC), 1),
+    ]

@@ -171,3 +171,17 @@ def test_the_worker_option_is_checked():
         call_command("conveyor", "worker", "--metrics-port", "nine")
     with pytest.raises(CommandError, match="not 'host:70000'"):
         call_command("conveyor", "worker", "--metrics-port", "host:70000")
+
+
+def test_a_job_that_cannot_be_counted_is_enqueued_and_run_all_the_same(monkeypatch, caplog):
+    from conveyor import metrics
+
+    def broken():
+        raise FileNotFoundError("the samples directory is gone")
+
+    monkeypatch.setattr(metrics, "jobs", broken)
+    monkeypatch.setattr(metrics, "_last_failure", [-metrics.FAILURE_LOG_EVERY])
+    result = tasks.add.enqueue(2, 2)
+    run_until_done()
+    assert result.refresh() is None and result.return_value == 4
+    assert caplog.text.count("Metrics: a job could not be counted") == 1  # once a minute

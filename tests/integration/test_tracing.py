@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from django.tasks import TaskResultStatus, task_backends
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from conveyor import bulk_enqueue, call, tracing
+from conveyor.backends.database.models import Job
 from conveyor.testing import run_until_done
 from tests.helpers import job
 from tests.testapp import tasks
@@ -96,9 +98,37 @@ def test_tracing_can_be_turned_off(spans, settings):
     result = tasks.add.enqueue(1, 1)
     run_until_done()
     assert spans.get_finished_spans() == ()
-    from django.tasks import task_backends
-
-    from conveyor.backends.database.models import Job
-
     assert "trace" not in Job.objects.get(uuid=result.id).options
     assert task_backends["default"].get_result(result.id).return_value == 2
+
+
+def test_an_error_that_cannot_be_printed_fails_its_job_not_the_worker(spans):
+    result = tasks.raises_unprintable.enqueue()
+    summary = run_until_done()
+    assert summary.failed == 1
+    assert job(result).status == TaskResultStatus.FAILED
+    [run] = named(spans, "run tests.testapp.tasks.raises_unprintable")
+    assert run.status.status_code == StatusCode.ERROR
+
+
+def test_broken_tracing_never_stands_in_the_way(spans, monkeypatch, caplog):
+    def broken():
+        raise ValueError("no such propagator: b3")
+
+    monkeypatch.setattr(tracing, "_propagator", broken)
+    monkeypatch.setattr(tracing, "_failed", set())
+    result = tasks.add.enqueue(1, 2)
+    run_until_done()
+    assert job(result).return_value == 3
+    assert "Tracing could not store the trace context" in caplog.text
+    [run] = named(spans, "run tests.testapp.tasks.add")
+    assert run.parent is None  # no context stored: the run starts a trace of its own
+
+
+def test_no_span_and_no_context_without_a_configured_provider(monkeypatch):
+    monkeypatch.undo()  # the process's own provider: none was configured
+    result = tasks.add.enqueue(1, 1)
+    assert tracing.tracer() is None
+    assert "trace" not in Job.objects.get(uuid=result.id).options
+    run_until_done()
+    assert job(result).return_value == 2

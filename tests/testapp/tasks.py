@@ -400,3 +400,15 @@ def reports_progress(context: TaskContext, path: str, steps: int = 600) -> int:
             return step
         time.sleep(0.1)
     return steps
+
+
+class Unprintable(Exception):
+    """An error whose message cannot be made: printing it raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+@task()
+def raises_unprintable() -> None:
+    raise Unprintable()

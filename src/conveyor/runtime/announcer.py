@@ -16,6 +16,7 @@ from django.db import connections
 from django.tasks import task_backends
 from django.tasks.signals import task_finished
 
+from conveyor import tracing
 from conveyor.backends.base import StoreBackend
 from conveyor.runtime.middleware import run_hooks
 from conveyor.runtime.runner import send
@@ -43,3 +44,4 @@ def announce_main(alias: str, job_ids: Sequence[str]) -> None:
             run_hooks(result)
     finally:
         connections.close_all()
+        tracing.flush()

@@ -25,6 +25,7 @@ from types import FrameType
 from django.db import connections
 from django.tasks import task_backends
 
+from conveyor import tracing
 from conveyor.backends.base import StoreBackend
 from conveyor.runtime.channel import Slots
 from conveyor.runtime.loop import EXIT_ORPHANED, Loop, WorkerConfig
@@ -45,6 +46,7 @@ def child_main(alias: str, config: WorkerConfig, slots: Slots) -> None:
     time.sleep(random.uniform(0, 0.02))  # spread the first claims of sibling processes
     code = loop.run()
     connections.close_all()
+    tracing.flush()  # the process ends with os._exit: no exit handler exports them
     sys.exit(code)
 
 

@@ -73,6 +73,10 @@ class Dialect:
         """Whole seconds from the epoch to a datetime column's value, read as it is stored."""
         return f"CAST(FLOOR(EXTRACT(EPOCH FROM {column})) AS BIGINT)"
 
+    def epoch_step(self, column: str, step: int) -> str:
+        """Which interval of ``step`` seconds from the epoch a datetime column's value is in."""
+        return f"{self.epoch_seconds(column)} / {int(step)}"  # whole numbers: whole division
+
     def append_text(self, column: str) -> str:
         """``column`` (a JSON array) with the string parameter ``%s`` appended."""
         raise NotImplementedError
@@ -308,6 +312,9 @@ class MySQLDialect(Dialect):
     def epoch_seconds(self, column: str) -> str:
         # Not UNIX_TIMESTAMP(), which reads the value in the session's time zone.
         return f"TIMESTAMPDIFF(SECOND, '1970-01-01 00:00:00', {column})"
+
+    def epoch_step(self, column: str, step: int) -> str:
+        return f"{self.epoch_seconds(column)} DIV {int(step)}"  # "/" divides to decimals
 
     def earlier(self) -> str:
         return f"({self.now()} - INTERVAL ROUND(%s * 1000000) MICROSECOND)"

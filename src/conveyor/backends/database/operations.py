@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from conveyor.records import (
     Throughput,
 )
 
+QUARTER_HOUR = 900  # seconds: every time zone is a whole number of them from UTC
 FIND = f"SELECT {RESULT_COLUMNS} FROM {TABLE} WHERE backend_name = %s AND uuid = %s"
 
 
@@ -86,16 +88,20 @@ def stats(store: Store, queues: QueueSelector | None, since: datetime | None) ->
 def throughput(
     store: Store, since: datetime, step: int, queues: QueueSelector | None
 ) -> list[Throughput]:
-    """Finished jobs counted per ``step`` seconds, grouped by the database.
+    """Finished jobs counted per ``step`` seconds: grouped by the database, finely enough
+    that each group falls in one interval, then gathered here.
 
-    Each group's interval is taken from its earliest end as Python reads it, so a time
-    zone in which the rows were written cannot shift the intervals.
+    The database groups by the time as stored, which is local time with ``USE_TZ`` off:
+    every time zone is a whole number of quarter hours from UTC, so groups of a divisor of
+    15 minutes fall each in one interval (but in the hour a clock goes back, which is read
+    as the first of the two).
     """
     where, params = _scope(store, queues)
-    bucket = f"{store.dialect.epoch_seconds('finished_at')} / {int(step)}"
+    fine = math.gcd(int(step), QUARTER_HOUR)
     sql = (
-        f"SELECT {bucket} AS bucket, state, COUNT(*), MIN(finished_at) FROM {TABLE} "
-        f"WHERE {where} AND state IN {FINISHED} AND finished_at >= %s GROUP BY bucket, state"
+        f"SELECT {store.dialect.epoch_step('finished_at', fine)} AS bucket, state, COUNT(*), "
+        f"MIN(finished_at) FROM {TABLE} WHERE {where} AND state IN {FINISHED} "
+        "AND finished_at >= %s GROUP BY bucket, state"
     )
     counts: dict[float, dict[str, int]] = {}
     for _, state, count, earliest in store.fetch(sql, [*params, store.time(since)]):
