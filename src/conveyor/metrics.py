@@ -260,9 +260,10 @@ class StoreCollector:
             backend = task_backends[alias]
             assert isinstance(backend, StoreBackend)
             now = clock.now()
-            stats = backend.stats(finished_since=now)
-            held = backend.paused_queues()
-            found = backend.workers()
+            with backend.reading():
+                stats = backend.stats(finished_since=now)
+                held = backend.paused_queues()
+                found = backend.workers()
         except Exception as e:  # any store, any driver: the scrape goes on
             logger.warning("Metrics: backend %r could not be read: %s", alias, e)
             return False

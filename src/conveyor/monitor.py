@@ -154,7 +154,8 @@ class Watcher:
         """Read the backend now; if it cannot be reached, say so over the last good look."""
         now = clock.now()
         try:
-            self.last = self._read(now)
+            with self.backend.reading():
+                self.last = self._read(now)
         except Exception as e:  # any store, any driver: the monitor shows it and goes on
             self.reset()
             before = self.last or self._empty(now)

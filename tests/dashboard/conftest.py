@@ -55,3 +55,6 @@ def fresh_memory_store() -> None:
     from django.tasks import task_backends
 
     task_backends["memory"].clear()  # type: ignore[attr-defined]
+    from conveyor.dashboard import board
+
+    board._read_before.clear()  # each test's database starts afresh

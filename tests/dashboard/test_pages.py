@@ -208,3 +208,50 @@ def test_a_store_that_cannot_be_read_is_said_not_raised(operator, unreachable):
         text = response.content.decode()
         assert "Cannot read the store: OperationalError" in text, page
     assert board_data(operator.get(LIVE, {"backend": unreachable}))["ok"] is False
+
+
+def test_a_failed_read_leaves_the_requests_transaction_usable(operator, monkeypatch):
+    # The store shares the request's connection, inside a transaction (as with
+    # ATOMIC_REQUESTS): a read that fails must not leave that transaction aborted.
+    from django.conf import settings
+    from django.db import connections, transaction
+
+    if "postgres" not in settings.TASKS:
+        pytest.skip("no postgres server on this machine")
+    backend = task_backends["postgres"]
+
+    def failing(*args, **kwargs):
+        with connections[backend.worker_store.using].cursor() as cursor:
+            cursor.execute("SELECT * FROM conveyor_no_such_table")
+
+    monkeypatch.setattr(type(backend), "throughput", failing)
+    with transaction.atomic(using="postgres"):
+        page = operator.get(OVERVIEW, {"backend": "postgres"}).content.decode()
+        assert "Cannot read the store: ProgrammingError" in page
+        with connections["postgres"].cursor() as cursor:  # still usable
+            cursor.execute("SELECT 1")
+            assert cursor.fetchone() == (1,)
+
+
+def test_settled_minutes_are_read_once_and_new_ends_still_show(operator, monkeypatch):
+    alias, backend = "memory", task_backends["memory"]
+    asked = []
+    real = type(backend).throughput
+
+    def counted(self, since, **kwargs):
+        asked.append(since)
+        return real(self, since, **kwargs)
+
+    monkeypatch.setattr(type(backend), "throughput", counted)
+    long_ago = timezone.now() - timedelta(minutes=30)
+    on(tasks.add, alias).enqueue(1, 1)
+    [old] = backend.claim("w", QueueSelector(), 1)
+    backend.complete([(old, returned(2, finished_at=long_ago))])
+    first = board_data(operator.get(LIVE, {"backend": alias}))
+    on(tasks.add, alias).enqueue(2, 2)
+    [new] = backend.claim("w", QueueSelector(), 1)
+    backend.complete([(new, returned(4))])
+    second = board_data(operator.get(LIVE, {"backend": alias}))
+    assert sum(p["succeeded"] for p in first["throughput"]) == 1
+    assert sum(p["succeeded"] for p in second["throughput"]) == 2
+    assert asked[1] - asked[0] >= timedelta(minutes=55)  # the second read began near now

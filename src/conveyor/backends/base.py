@@ -15,6 +15,7 @@ import random
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
@@ -531,6 +532,11 @@ class WorkerStore(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections this store opened for the worker."""
+
+    def reading(self) -> AbstractContextManager[object]:
+        """Where reads for a person (a page, a scrape) go: if one fails, the caller's
+        transaction is still usable (the database backend reads in a savepoint then)."""
+        return nullcontext()
 
 
 class StoreBackend(ConveyorBackend, WorkerStore):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -84,9 +85,11 @@ def read(backend: StoreBackend) -> Board:
     history: list[Throughput] = []
     if not error:
         try:
-            paused = backend.paused_queues()
-            since = clock.now() - timedelta(seconds=HISTORY)
-            history = every_step(backend.throughput(since, step=STEP), since, snapshot.checked_at)
+            with backend.reading():
+                paused = backend.paused_queues()
+                since = clock.now() - timedelta(seconds=HISTORY)
+                found = _throughput(backend, since, snapshot.checked_at)
+            history = every_step(found, since, snapshot.checked_at)
         except Exception as e:  # any store, any driver: the page says so
             backend.close()
             error = describe(e)
@@ -98,6 +101,31 @@ def read(backend: StoreBackend) -> Board:
         online=up,
         error=error,
     )
+
+
+# Per backend: the intervals already read that no job can still end in, and until when.
+_read_before: dict[str, tuple[float, dict[float, Throughput]]] = {}
+_read_lock = threading.Lock()
+SETTLED = 2 * STEP  # seconds after which an interval is read no more (outcomes come late)
+
+
+def _throughput(backend: StoreBackend, since: datetime, now: datetime) -> list[Throughput]:
+    """The last hour's throughput: only the intervals not read yet, or not settled, are read
+    from the store; each open page asks every few seconds."""
+    first = Throughput.bucket(clock.aware(since), STEP)
+    with _read_lock:
+        settled_until, kept = _read_before.get(backend.alias, (0.0, {}))
+    start = max(first, settled_until)
+    fresh = backend.throughput(clock.at(start), step=STEP)
+    merged = {at: t for at, t in kept.items() if first <= at < start}
+    merged |= {t.start.timestamp(): t for t in fresh}
+    settled = Throughput.bucket(clock.aware(now), STEP) - SETTLED
+    with _read_lock:
+        _read_before[backend.alias] = (
+            max(settled, start),
+            {at: t for at, t in merged.items() if at < settled},
+        )
+    return [merged[at] for at in sorted(merged)]
 
 
 def every_step(found: list[Throughput], since: datetime, now: datetime) -> list[Throughput]:

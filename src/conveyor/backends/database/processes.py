@@ -6,9 +6,10 @@ import copy
 import dataclasses
 import uuid
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
-from django.db import connections
+from django.db import connections, transaction
 
 from conveyor.backends.base import StoreBackend, Waiter
 from conveyor.backends.database import transitions
@@ -126,6 +127,12 @@ class DatabaseProcesses(StoreBackend):
         if private not in connections.settings:
             connections.settings[private] = copy.deepcopy(connections.settings[self.database])
         self.worker_store = dataclasses.replace(self.store, using=private)
+
+    def reading(self) -> AbstractContextManager[object]:
+        using = self.worker_store.using
+        if connections[using].in_atomic_block:
+            return transaction.atomic(using=using)  # a savepoint: a failed read rolls back to it
+        return nullcontext()
 
     def close(self) -> None:
         """Close the worker's private connection; one it shares with its caller stays open."""
