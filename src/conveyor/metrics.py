@@ -6,8 +6,8 @@ signals and ``conveyor.signals.task_retried``), and times their runs and pickups
 with ``CONVEYOR_METRICS = False``. The numbers are served two ways:
 
 - by a worker, ``manage.py conveyor worker --metrics-port PORT``: the supervisor gathers the
-  samples of all its processes (Prometheus' multiprocess mode, in a directory of its own
-  unless ``PROMETHEUS_MULTIPROC_DIR`` names one) and adds its backend's queue depths;
+  samples of all its processes and adds its backend's queue depths
+  (``conveyor.runtime.exporter``);
 - by ``conveyor.metrics.view`` in a project's URLs: the web process's own counts (all of a
   server's processes with ``PROMETHEUS_MULTIPROC_DIR`` set) and every backend's depths.
 
@@ -21,8 +21,7 @@ import functools
 import hmac
 import logging
 import os
-import shutil
-import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR"
 RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 PICKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STATES = ("ready", "scheduled", "running")
+REUSE = 5.0  # seconds a worker's endpoint serves what it read of the store again
 FAILURE_LOG_EVERY = 60.0  # seconds between two log lines about jobs that could not be counted
 
 
@@ -85,7 +85,7 @@ def jobs() -> JobMetrics:
     """This process's job metrics, in a registry of Conveyor's own."""
     from prometheus_client import CollectorRegistry, Counter, Histogram
 
-    registry = CollectorRegistry(auto_describe=True)
+    registry = CollectorRegistry(auto_describe=False)
     labels = ("backend", "queue", "task")
 
     def counter(name: str, what: str) -> Any:
@@ -215,16 +215,36 @@ class StoreCollector:
     A store that cannot be read gives ``conveyor_store_up 0`` and no other sample.
     """
 
-    def __init__(self, aliases: Iterable[str], *, own_thread: bool = False) -> None:
+    def __init__(
+        self, aliases: Iterable[str], *, own_thread: bool = False, lock: Any = None
+    ) -> None:
         """``own_thread``: each scrape comes on a thread of the collector's own, whose
-        connections it closes (a request's are Django's to close)."""
+        connections it closes (a request's are Django's to close); one scrape reads the
+        stores at a time (under ``lock``), and what it read serves the scrapes of the next
+        ``REUSE`` seconds, however many come."""
         self.aliases = tuple(aliases)
         self.own_thread = own_thread
+        self.lock = lock or threading.Lock()
+        self.read_at = -REUSE
+        self.last: tuple[Any, ...] = ()
 
     def describe(self) -> list[Any]:
         return []  # the metrics depend on what the stores hold
 
     def collect(self) -> Iterator[Any]:
+        if not self.own_thread:
+            yield from self._families()
+            return
+        with self.lock:
+            if time.monotonic() - self.read_at >= REUSE:
+                try:
+                    self.last = tuple(self._families())
+                finally:
+                    connections.close_all()  # this thread's only
+                self.read_at = time.monotonic()
+            yield from self.last
+
+    def _families(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
         up = GaugeMetricFamily(
@@ -245,12 +265,8 @@ class StoreCollector:
             "Worker processes and supervisors that beat within the lease.",
             labels=["backend", "kind"],
         )
-        try:
-            for alias in self.aliases:
-                up.add_metric([alias], 1.0 if self._read(alias, depth, paused, workers) else 0.0)
-        finally:
-            if self.own_thread:
-                connections.close_all()  # this thread's only
+        for alias in self.aliases:
+            up.add_metric([alias], 1.0 if self._read(alias, depth, paused, workers) else 0.0)
         yield from (up, depth, paused, workers)
 
     def _read(self, alias: str, depth: Any, paused: Any, workers: Any) -> bool:
@@ -284,7 +300,7 @@ def exposition(aliases: Iterable[str]) -> tuple[bytes, str]:
     stores' depths, in Prometheus' text format; and its content type."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-    registry = CollectorRegistry(auto_describe=True)
+    registry = CollectorRegistry(auto_describe=False)
     if os.environ.get(MULTIPROCESS):
         from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -329,60 +345,3 @@ def _allowed(request: HttpRequest) -> bool:
     if not token or not given.startswith("Bearer "):
         return False
     return hmac.compare_digest(given.removeprefix("Bearer ").encode(), str(token).encode())
-
-
-# --- the endpoint of a worker ---------------------------------------------------------------------
-
-
-class Exporter:
-    """A worker's metrics endpoint: an HTTP server thread in the supervisor.
-
-    Made before the first process is forked: from then on every process of the worker writes
-    its samples to one directory, which the endpoint sums up at each scrape.
-    """
-
-    def __init__(self, alias: str, address: str, port: int) -> None:
-        if not available():
-            raise RuntimeError(
-                "--metrics-port needs prometheus-client: pip install 'django-conveyor[metrics]'."
-            )
-        self.made_directory: str | None = None
-        if not os.environ.get(MULTIPROCESS):
-            self.made_directory = tempfile.mkdtemp(prefix="conveyor-metrics-")
-            os.environ[MULTIPROCESS] = self.made_directory
-        if jobs.cache_info().currsize:
-            logger.warning(
-                "Metrics: samples were taken in this process before the worker set up its "
-                "processes' directory; they are not served."
-            )
-        from prometheus_client import values
-
-        # Made from now on, values are kept in files, one per process.
-        values.ValueClass = values.get_value_class()
-        self.alias = alias
-        self.server, self.thread = self._start(address, port)
-        self.port = self.server.server_address[1]
-
-    def _start(self, address: str, port: int) -> tuple[Any, Any]:
-        from prometheus_client import start_http_server
-
-        outer = self
-
-        class Registry:
-            def collect(self) -> Iterator[Any]:
-                from prometheus_client import CollectorRegistry
-                from prometheus_client.multiprocess import MultiProcessCollector
-
-                registry = CollectorRegistry(auto_describe=True)
-                MultiProcessCollector(registry)
-                registry.register(StoreCollector([outer.alias], own_thread=True))
-                yield from registry.collect()
-
-        return start_http_server(port, addr=address, registry=Registry())
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        if self.made_directory is not None:
-            shutil.rmtree(self.made_directory, ignore_errors=True)
-            os.environ.pop(MULTIPROCESS, None)

@@ -1,0 +1,157 @@
+"""A worker's Prometheus endpoint: the samples of all its processes, and its backend's queues.
+
+The supervisor starts it before it forks any process. From then on every process of the
+worker writes its samples to files in one directory (prometheus-client's multiprocess mode),
+named after its slot rather than its pid: a process that replaces another (recycled,
+crashed) takes over its files, so counters go on from where the last one stopped and the
+directory holds a few files however often processes are replaced. The directory is the
+supervisor's own (removed when it stops; one left by a supervisor that was killed is removed
+by the next) unless ``CONVEYOR_METRICS_DIR`` names one, which must then be this worker's
+alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from conveyor import metrics
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "conveyor-metrics-"
+# The name this process's sample files carry, and the process that took it: a process forked
+# later writes under its own pid until it takes a slot of its own.
+_slot: tuple[str, int] = ("", 0)
+
+
+def identity() -> str:
+    """The name of this process's sample files: its slot, else its pid."""
+    name, pid = _slot
+    return name if name and pid == os.getpid() else str(os.getpid())
+
+
+def take_slot(name: str) -> None:
+    """Write this process's samples under ``name`` (a process the supervisor started)."""
+    global _slot
+    _slot = (name, os.getpid())
+
+
+class Exporter:
+    """An HTTP server thread in the supervisor that serves ``/metrics``."""
+
+    def __init__(self, alias: str, address: str, port: int) -> None:
+        if not metrics.available():
+            raise RuntimeError(
+                "--metrics-port needs prometheus-client: pip install 'django-conveyor[metrics]'."
+            )
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        self.lock = threading.Lock()  # held by a scrape's reads, and across each fork
+        self.directory: str | None = None
+        self.made = False
+        self.saved: tuple[str | None, Any] | None = None
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Processes(self))
+        registry.register(metrics.StoreCollector([alias], own_thread=True, lock=self.lock))
+        self.server, self.thread = start_http_server(port, addr=address, registry=registry)
+        self.port: int = self.server.server_address[1]
+        try:
+            self._use_directory()
+        except Exception:
+            self.close()
+            raise
+        os.register_at_fork(after_in_child=self._in_child)
+
+    def _use_directory(self) -> None:
+        from prometheus_client import values
+
+        _remove_stale()
+        configured = getattr(settings, "CONVEYOR_METRICS_DIR", None)
+        if configured:
+            Path(configured).mkdir(parents=True, exist_ok=True)
+            self.directory = str(configured)
+        else:
+            self.directory = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")
+            self.made = True
+        self.saved = (os.environ.get(metrics.MULTIPROCESS), values.ValueClass)
+        os.environ[metrics.MULTIPROCESS] = self.directory
+        values.ValueClass = values.MultiProcessValue(identity)
+        take_slot("supervisor")
+        metrics.jobs.cache_clear()  # made again, with values kept in files
+
+    @contextlib.contextmanager
+    def forking(self) -> Iterator[None]:
+        """Hold scrapes off while a process is forked: it must not inherit a half-used
+        database connection of the scrape's thread."""
+        with self.lock:
+            yield
+
+    def _in_child(self) -> None:
+        if self.server is not None:  # the listening socket is the supervisor's alone
+            self.server.socket.close()
+
+    def close(self) -> None:
+        """Stop serving; put back what the supervisor's process had before."""
+        server, self.server = self.server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self.saved is not None:
+            from prometheus_client import values
+
+            env, values.ValueClass = self.saved
+            if env is None:
+                os.environ.pop(metrics.MULTIPROCESS, None)
+            else:
+                os.environ[metrics.MULTIPROCESS] = env
+            metrics.jobs.cache_clear()
+            take_slot("")
+        if self.made and self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _Processes:
+    """The samples every process of the worker wrote, summed."""
+
+    def __init__(self, exporter: Exporter) -> None:
+        self.exporter = exporter
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        if self.exporter.directory:
+            yield from MultiProcessCollector(None, path=self.exporter.directory).collect()
+
+
+def _remove_stale() -> None:
+    """Remove the sample directories of supervisors that are gone (killed, say)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        found = re.fullmatch(rf"{PREFIX}(\d+)-.*", path.name)
+        if found is None or _alive(int(found.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("Removed the metrics directory of a supervisor that is gone: %s", path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
