@@ -3,14 +3,18 @@
 When a supervisor saves the outcome of a worker process that died (or fails a job lost
 too often), the task's own code (signal receivers, ``on_success``/``on_failure`` hooks)
 must still run, but never in the supervisor: a slow hook there would hold its heartbeats
-and time limits. A short-lived process of its own reads each result back and announces it.
+and time limits. A short-lived process of its own reads each result back and announces it;
+a few such processes may run at once (``MAX_ANNOUNCERS``), so one stuck in a hook does not
+hold back the next jobs' ends.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
 from collections.abc import Sequence
+from multiprocessing.process import BaseProcess
 
 from django.db import connections
 from django.tasks import task_backends
@@ -18,10 +22,53 @@ from django.tasks.signals import task_finished
 
 from conveyor import tracing
 from conveyor.backends.base import StoreBackend
+from conveyor.runtime.leases import Leases
 from conveyor.runtime.middleware import run_hooks
 from conveyor.runtime.runner import send
 
 logger = logging.getLogger(__name__)
+
+MAX_ANNOUNCERS = 4  # at once: one stuck in a hook does not hold back the next jobs' ends
+ANNOUNCE_WAIT = 10.0  # longest a stopping supervisor waits for jobs' ends to be sent
+
+
+class Announcers:
+    """The processes a supervisor starts to announce the jobs that ended in its hands."""
+
+    def __init__(self, backend: StoreBackend, leases: Leases) -> None:
+        self.backend = backend
+        self.leases = leases  # whose ``ended`` lists the jobs to announce
+        self.context = multiprocessing.get_context("fork")
+        self.running: list[BaseProcess] = []
+
+    def announce(self) -> None:
+        """Send the ends of jobs that ended here from a process of their own (one at a time)."""
+        for process in [p for p in self.running if not p.is_alive()]:
+            process.join()
+            self.running.remove(process)
+        if not self.leases.ended or len(self.running) >= MAX_ANNOUNCERS:
+            return
+        ids, self.leases.ended = self.leases.ended, []
+        # Daemonic: a hook still running when the supervisor exits is cut short then.
+        process = self.context.Process(
+            target=announce_main,
+            args=(self.backend.alias, ids),
+            name="conveyor-announcer",
+            daemon=True,
+        )
+        try:
+            self.backend.before_fork()
+            process.start()
+        except Exception as e:
+            self.leases.ended = ids + self.leases.ended  # tried again next cycle
+            logger.warning("Could not start a process to announce %d job(s): %s", len(ids), e)
+            return
+        self.running.append(process)
+
+    def wait(self) -> None:
+        """Give each running announcer up to ``ANNOUNCE_WAIT`` to finish."""
+        for process in self.running:
+            process.join(timeout=ANNOUNCE_WAIT)
 
 
 def announce_main(alias: str, job_ids: Sequence[str]) -> None:
