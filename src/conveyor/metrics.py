@@ -79,6 +79,18 @@ class JobMetrics:
     run_seconds: Any
     pickup_seconds: Any
 
+    @property
+    def all(self) -> tuple[Any, ...]:
+        return (
+            self.enqueued,
+            self.started,
+            self.succeeded,
+            self.failed,
+            self.retried,
+            self.run_seconds,
+            self.pickup_seconds,
+        )
+
 
 @functools.cache
 def jobs() -> JobMetrics:
@@ -229,7 +241,8 @@ class StoreCollector:
         self.last: tuple[Any, ...] = ()
 
     def describe(self) -> list[Any]:
-        return []  # the metrics depend on what the stores hold
+        """The families, without samples (a scrape that asks for some by name finds them)."""
+        return list(_gauges())
 
     def collect(self) -> Iterator[Any]:
         if not self.own_thread:
@@ -245,26 +258,7 @@ class StoreCollector:
             yield from self.last
 
     def _families(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
-
-        up = GaugeMetricFamily(
-            "conveyor_store_up", "1 if the store could be read.", labels=["backend"]
-        )
-        depth = GaugeMetricFamily(
-            "conveyor_queue_jobs",
-            "Jobs in a queue now, by state (ready includes waiting jobs).",
-            labels=["backend", "queue", "state"],
-        )
-        paused = GaugeMetricFamily(
-            "conveyor_queue_paused",
-            "1 if workers take no jobs from the queue.",
-            labels=["backend", "queue"],
-        )
-        workers = GaugeMetricFamily(
-            "conveyor_workers_online",
-            "Worker processes and supervisors that beat within the lease.",
-            labels=["backend", "kind"],
-        )
+        up, depth, paused, workers = _gauges()
         for alias in self.aliases:
             up.add_metric([alias], 1.0 if self._read(alias, depth, paused, workers) else 0.0)
         yield from (up, depth, paused, workers)
@@ -293,6 +287,34 @@ class StoreCollector:
             count = sum(1 for w in found if w.kind == kind and online(w, now, lease))
             workers.add_metric([alias, kind], float(count))
         return True
+
+
+def _gauges() -> tuple[Any, Any, Any, Any]:
+    from prometheus_client.core import GaugeMetricFamily
+
+    return (
+        GaugeMetricFamily("conveyor_store_up", "1 if the store could be read.", labels=["backend"]),
+        GaugeMetricFamily(
+            "conveyor_queue_jobs",
+            "Jobs in a queue now, by state (ready includes waiting jobs).",
+            labels=["backend", "queue", "state"],
+        ),
+        GaugeMetricFamily(
+            "conveyor_queue_paused",
+            "1 if workers take no jobs from the queue.",
+            labels=["backend", "queue"],
+        ),
+        GaugeMetricFamily(
+            "conveyor_workers_online",
+            "Worker processes and supervisors that beat within the lease.",
+            labels=["backend", "kind"],
+        ),
+    )
+
+
+def job_families() -> list[Any]:
+    """The job metrics' families, without samples: what a collector of them describes."""
+    return [metric.describe()[0] for metric in jobs().all]
 
 
 def exposition(aliases: Iterable[str]) -> tuple[bytes, str]:

@@ -22,9 +22,12 @@ from django.tasks.signals import task_finished
 
 from conveyor import tracing
 from conveyor.backends.base import StoreBackend
+from conveyor.records import Outcome
+from conveyor.runtime import exporter
 from conveyor.runtime.leases import Leases
 from conveyor.runtime.middleware import run_hooks
 from conveyor.runtime.runner import send
+from conveyor.signals import task_retried
 
 logger = logging.getLogger(__name__)
 
@@ -40,30 +43,38 @@ class Announcers:
         self.leases = leases  # whose ``ended`` lists the jobs to announce
         self.context = multiprocessing.get_context("fork")
         self.running: list[BaseProcess] = []
+        self.places: dict[BaseProcess, int] = {}  # each running announcer's place
 
     def announce(self) -> None:
         """Send the ends of jobs that ended here from a process of their own (one at a time)."""
         for process in [p for p in self.running if not p.is_alive()]:
             process.join()
             self.running.remove(process)
-        if not self.leases.ended or len(self.running) >= MAX_ANNOUNCERS:
+            self.places.pop(process, None)
+        leases = self.leases
+        if not (leases.ended or leases.retried) or len(self.running) >= MAX_ANNOUNCERS:
             return
-        ids, self.leases.ended = self.leases.ended, []
+        ids, retried = leases.ended, leases.retried
+        leases.ended, leases.retried = [], []
+        taken = {self.places[p] for p in self.running}
+        place = next(n for n in range(1, MAX_ANNOUNCERS + 1) if n not in taken)
         # Daemonic: a hook still running when the supervisor exits is cut short then.
         process = self.context.Process(
             target=announce_main,
-            args=(self.backend.alias, ids),
+            args=(self.backend.alias, ids, retried, f"announcer-{place}"),
             name="conveyor-announcer",
             daemon=True,
         )
         try:
             self.backend.before_fork()
-            process.start()
+            with exporter.forking():
+                process.start()
         except Exception as e:
-            self.leases.ended = ids + self.leases.ended  # tried again next cycle
+            leases.ended, leases.retried = ids + leases.ended, retried + leases.retried
             logger.warning("Could not start a process to announce %d job(s): %s", len(ids), e)
             return
         self.running.append(process)
+        self.places[process] = place
 
     def wait(self) -> None:
         """Give each running announcer up to ``ANNOUNCE_WAIT`` to finish."""
@@ -71,8 +82,14 @@ class Announcers:
             process.join(timeout=ANNOUNCE_WAIT)
 
 
-def announce_main(alias: str, job_ids: Sequence[str]) -> None:
+def announce_main(
+    alias: str,
+    job_ids: Sequence[str],
+    retried: Sequence[tuple[str, Outcome]] = (),
+    place: str = "",
+) -> None:
     """Entry point of an announcer process."""
+    exporter.take_slot(place)
     signal.set_wakeup_fd(-1)  # the supervisor's pipe, inherited over fork, is not ours
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
@@ -89,6 +106,27 @@ def announce_main(alias: str, job_ids: Sequence[str]) -> None:
                 continue
             send(backend, task_finished, result)
             run_hooks(result)
+        for job_id, outcome in retried:
+            _announce_retry(backend, job_id, outcome)
     finally:
         connections.close_all()
         tracing.flush()
+
+
+def _announce_retry(backend: StoreBackend, job_id: str, outcome: Outcome) -> None:
+    """Send ``task_retried`` for a run whose outcome the supervisor saved."""
+    try:
+        result = backend.get_result(job_id)
+    except Exception:
+        connections.close_all()
+        logger.exception("Could not read back job %s to announce its retry", job_id)
+        return
+    send(
+        backend,
+        task_retried,
+        result,
+        error=outcome.error,
+        retry_at=outcome.retry_at,
+        started_at=outcome.started_at,
+        finished_at=outcome.finished_at,
+    )

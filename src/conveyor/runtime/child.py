@@ -27,6 +27,7 @@ from django.tasks import task_backends
 
 from conveyor import tracing
 from conveyor.backends.base import StoreBackend
+from conveyor.runtime import exporter
 from conveyor.runtime.channel import Slots
 from conveyor.runtime.loop import EXIT_ORPHANED, Loop, WorkerConfig
 
@@ -36,6 +37,7 @@ PR_SET_PDEATHSIG = 1
 
 def child_main(alias: str, config: WorkerConfig, slots: Slots) -> None:
     """Entry point of a worker process."""
+    exporter.take_slot(config.place)
     _die_with_parent(config.parent_pid)
     backend = task_backends[alias]
     assert isinstance(backend, StoreBackend)  # the supervisor checked it

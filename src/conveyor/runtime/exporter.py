@@ -35,6 +35,20 @@ PREFIX = "conveyor-metrics-"
 _slot: tuple[str, int] = ("", 0)
 
 
+_active: Exporter | None = None  # the endpoint this process serves, if any
+
+
+@contextlib.contextmanager
+def forking() -> Iterator[None]:
+    """Around a fork of the supervisor: scrapes are held off meanwhile, so that the new
+    process inherits no half-used database connection of a scrape's thread."""
+    if _active is None:
+        yield
+        return
+    with _active.lock:
+        yield
+
+
 def identity() -> str:
     """The name of this process's sample files: its slot, else its pid."""
     name, pid = _slot
@@ -64,14 +78,17 @@ class Exporter:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Processes(self))
         registry.register(metrics.StoreCollector([alias], own_thread=True, lock=self.lock))
-        self.server, self.thread = start_http_server(port, addr=address, registry=registry)
-        self.port: int = self.server.server_address[1]
+        server, self.thread = start_http_server(port, addr=address, registry=registry)
+        self.server: Any = server
+        self.port: int = server.server_address[1]
         try:
             self._use_directory()
         except Exception:
             self.close()
             raise
         os.register_at_fork(after_in_child=self._in_child)
+        global _active
+        _active = self
 
     def _use_directory(self) -> None:
         from prometheus_client import values
@@ -90,19 +107,15 @@ class Exporter:
         take_slot("supervisor")
         metrics.jobs.cache_clear()  # made again, with values kept in files
 
-    @contextlib.contextmanager
-    def forking(self) -> Iterator[None]:
-        """Hold scrapes off while a process is forked: it must not inherit a half-used
-        database connection of the scrape's thread."""
-        with self.lock:
-            yield
-
     def _in_child(self) -> None:
         if self.server is not None:  # the listening socket is the supervisor's alone
             self.server.socket.close()
 
     def close(self) -> None:
         """Stop serving; put back what the supervisor's process had before."""
+        global _active
+        if _active is self:
+            _active = None
         server, self.server = self.server, None
         if server is not None:
             server.shutdown()
@@ -128,7 +141,7 @@ class _Processes:
         self.exporter = exporter
 
     def describe(self) -> list[Any]:
-        return []
+        return metrics.job_families()
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.multiprocess import MultiProcessCollector

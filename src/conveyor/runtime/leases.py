@@ -63,6 +63,8 @@ class Leases:
         # Jobs that ended here (saved for a dead child, or failed for being lost too often):
         # their task_finished and hooks are still to be sent, outside the supervisor.
         self.ended: list[str] = []
+        # Runs whose outcome was saved here and that run again: (job id, outcome).
+        self.retried: list[tuple[str, Outcome]] = []
         self.contact_since: float | None = None
         self.next_beat = self.next_recover = 0.0
 
@@ -178,6 +180,8 @@ class Leases:
                 logger.error("Job %s (%s) %s: %s", job.id, job.task_path, then, message)
             if outcome.retry_at is None:
                 self.ended.append(job.id)
+            else:
+                self.retried.append((job.id, outcome))
 
     def retry_releases(self) -> None:
         """Try again the put-backs the store could not take."""

@@ -48,6 +48,7 @@ class WorkerConfig:
     max_memory: int | None = None  # bytes of memory (resident) past which it is replaced
     until_done: bool = False
     parent_pid: int | None = None
+    place: str = ""  # the name of its place in the worker: its metrics' sample files
 
 
 class Loop:

@@ -21,6 +21,7 @@ from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
 
 from conveyor.backends.base import StoreBackend
+from conveyor.runtime import exporter
 from conveyor.runtime.channel import Slots
 from conveyor.runtime.child import STOP_SIGNALS, child_main
 from conveyor.runtime.leases import Leases
@@ -45,6 +46,7 @@ class Child:
     slots: Slots
     pool: int = 0
     started: float = field(default_factory=time.monotonic)
+    place: int = 0  # its place among the running processes: taken over by its replacement
 
 
 class Processes:
@@ -78,7 +80,9 @@ class Processes:
         """Start a worker process on the queues of ``pool``."""
         self.spawned += 1
         worker_id = f"{self.host}:{self.spawned}"
-        config = self._config(worker_id, pool)
+        taken = {child.place for child in self.children}
+        place = next(n for n in range(1, len(taken) + 2) if n not in taken)
+        config = self._config(worker_id, pool, place)
         size = self.settings.threads + self.backend.conveyor_options.batch_size
         slots = Slots(self.context, size, wake=self.wake)
         self.backend.before_fork()
@@ -91,17 +95,19 @@ class Processes:
         # Blocked only across the fork: the child installs its own handlers, then unblocks.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            process.start()
+            with exporter.forking():
+                process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         slots.stamp()
-        self.children.append(Child(process=process, worker_id=worker_id, slots=slots, pool=pool))
+        child = Child(process=process, worker_id=worker_id, slots=slots, pool=pool, place=place)
+        self.children.append(child)
         logger.info("Started worker process %s (%s)", process.pid, worker_id)
         with contextlib.suppress(Exception):
             queues = self.settings.all_pools[pool].queues
             self.registry.register(worker_id, "process", process.pid or 0, queues)
 
-    def _config(self, worker_id: str, pool: int) -> WorkerConfig:
+    def _config(self, worker_id: str, pool: int, place: int) -> WorkerConfig:
         return WorkerConfig(
             worker_id=worker_id,
             queues=self.settings.all_pools[pool].queues,
@@ -110,6 +116,7 @@ class Processes:
             max_memory=self.settings.max_memory,
             until_done=self.settings.until_done,
             parent_pid=os.getpid(),
+            place=f"process-{place}",
         )
 
     def reap(self) -> None:

@@ -36,7 +36,7 @@ from conveyor.runtime.scheduler import Scheduler
 from conveyor.runtime.stopping import Stop
 
 if TYPE_CHECKING:
-    from conveyor.metrics import Exporter
+    from conveyor.runtime.exporter import Exporter
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Supervisor:
 
     def _serve_metrics(self, address: str, port: int) -> bool:
         """Start the metrics endpoint before any process is forked; False if it cannot be."""
-        from conveyor.metrics import Exporter
+        from conveyor.runtime.exporter import Exporter
 
         try:
             self.exporter = Exporter(self.backend.alias, address, port)
