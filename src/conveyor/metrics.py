@@ -248,14 +248,15 @@ class StoreCollector:
         if not self.own_thread:
             yield from self._families()
             return
-        with self.lock:
-            if time.monotonic() - self.read_at >= REUSE:
-                try:
-                    self.last = tuple(self._families())
-                finally:
-                    connections.close_all()  # this thread's only
+        # One scrape reads at a time; the others serve what was read last meanwhile.
+        if time.monotonic() - self.read_at >= REUSE and self.lock.acquire(blocking=False):
+            try:
+                self.last = tuple(self._families())
                 self.read_at = time.monotonic()
-            yield from self.last
+            finally:
+                connections.close_all()  # this thread's only
+                self.lock.release()
+        yield from self.last
 
     def _families(self) -> Iterator[Any]:
         up, depth, paused, workers = _gauges()

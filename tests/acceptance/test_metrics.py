@@ -143,7 +143,7 @@ def test_replaced_processes_carry_their_counts_on_in_a_few_files(backend_alias):
         wait_for(counted, timeout=30)
         directory = samples_directory(worker.pid)
         assert directory is not None
-        names = sorted(path.name for path in directory.iterdir())
+        names = sorted(path.name for path in directory.glob("*.db"))
         # Two places for processes (and the supervisor's own), whatever the replacements.
         pattern = r"(counter|histogram)_(process-[12]|supervisor|announcer-\d)\.db"
         assert all(re.fullmatch(pattern, name) for name in names), names

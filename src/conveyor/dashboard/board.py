@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -103,10 +104,12 @@ def read(backend: StoreBackend) -> Board:
     )
 
 
-# Per backend: the intervals already read that no job can still end in, and until when.
-_read_before: dict[str, tuple[float, dict[float, Throughput]]] = {}
+# Per backend: the intervals already read that no job can still end in, until when, and when
+# the whole hour was last read.
+_read_before: dict[str, tuple[float, dict[float, Throughput], float]] = {}
 _read_lock = threading.Lock()
-SETTLED = 2 * STEP  # seconds after which an interval is read no more (outcomes come late)
+SETTLED = 2 * STEP  # seconds after which an interval is read no more (outcomes come late) ...
+REREAD = 600.0  # ... but for a whole read every ten minutes (a store that was away, say)
 
 
 def _throughput(backend: StoreBackend, since: datetime, now: datetime) -> list[Throughput]:
@@ -114,17 +117,19 @@ def _throughput(backend: StoreBackend, since: datetime, now: datetime) -> list[T
     from the store; each open page asks every few seconds."""
     first = Throughput.bucket(clock.aware(since), STEP)
     with _read_lock:
-        settled_until, kept = _read_before.get(backend.alias, (0.0, {}))
+        settled_until, kept, whole_at = _read_before.get(backend.alias, (0.0, {}, -REREAD))
+    if time.monotonic() - whole_at >= REREAD:
+        settled_until, kept, whole_at = 0.0, {}, time.monotonic()
     start = max(first, settled_until)
     fresh = backend.throughput(clock.at(start), step=STEP)
     merged = {at: t for at, t in kept.items() if first <= at < start}
     merged |= {t.start.timestamp(): t for t in fresh}
-    settled = Throughput.bucket(clock.aware(now), STEP) - SETTLED
-    with _read_lock:
-        _read_before[backend.alias] = (
-            max(settled, start),
-            {at: t for at, t in merged.items() if at < settled},
-        )
+    late = max(SETTLED, backend.conveyor_options.lease + STEP)
+    until = max(Throughput.bucket(clock.aware(now), STEP) - late, start)
+    with _read_lock:  # a look that began earlier and ends later does not move it back
+        if until >= _read_before.get(backend.alias, (0.0, {}, 0.0))[0]:
+            settled = {at: t for at, t in merged.items() if at < until}
+            _read_before[backend.alias] = (until, settled, whole_at)
     return [merged[at] for at in sorted(merged)]
 
 

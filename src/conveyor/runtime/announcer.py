@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import signal
+import time
 from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 
@@ -66,15 +67,28 @@ class Announcers:
             daemon=True,
         )
         try:
-            self.backend.before_fork()
-            with exporter.forking():
-                process.start()
+            with exporter.forking() as free:
+                if free:
+                    self.backend.before_fork()
+                    process.start()
         except Exception as e:
             leases.ended, leases.retried = ids + leases.ended, retried + leases.retried
             logger.warning("Could not start a process to announce %d job(s): %s", len(ids), e)
             return
+        if not free:  # a scrape is reading: announced at the next look
+            leases.ended, leases.retried = ids + leases.ended, retried + leases.retried
+            return
         self.running.append(process)
         self.places[process] = place
+
+    def finish(self) -> None:
+        """Announce what is left (as announcers become free), then wait for them."""
+        deadline = time.monotonic() + ANNOUNCE_WAIT
+        self.announce()
+        while (self.leases.ended or self.leases.retried) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            self.announce()
+        self.wait()
 
     def wait(self) -> None:
         """Give each running announcer up to ``ANNOUNCE_WAIT`` to finish."""

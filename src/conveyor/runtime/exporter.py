@@ -5,17 +5,17 @@ worker writes its samples to files in one directory (prometheus-client's multipr
 named after its slot rather than its pid: a process that replaces another (recycled,
 crashed) takes over its files, so counters go on from where the last one stopped and the
 directory holds a few files however often processes are replaced. The directory is the
-supervisor's own (removed when it stops; one left by a supervisor that was killed is removed
-by the next) unless ``CONVEYOR_METRICS_DIR`` names one, which must then be this worker's
-alone.
+supervisor's own, made in ``CONVEYOR_METRICS_DIR`` (else the system's temporary directory)
+and locked while it or any process it started lives: removed when it stops, or by the next
+supervisor to start if it was killed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -30,6 +30,7 @@ from conveyor import metrics
 logger = logging.getLogger(__name__)
 
 PREFIX = "conveyor-metrics-"
+LOCK = ".in-use"  # locked (flock) by the supervisor that writes to the directory
 # The name this process's sample files carry, and the process that took it: a process forked
 # later writes under its own pid until it takes a slot of its own.
 _slot: tuple[str, int] = ("", 0)
@@ -38,15 +39,26 @@ _slot: tuple[str, int] = ("", 0)
 _active: Exporter | None = None  # the endpoint this process serves, if any
 
 
+FORK_WAIT = 0.2  # longest a fork waits for a scrape's reads to end; later, it is put off
+
+
 @contextlib.contextmanager
-def forking() -> Iterator[None]:
-    """Around a fork of the supervisor: scrapes are held off meanwhile, so that the new
-    process inherits no half-used database connection of a scrape's thread."""
-    if _active is None:
-        yield
+def forking() -> Iterator[bool]:
+    """Around a fork of the supervisor: True if it may fork now, scrapes being held off
+    meanwhile, so that the new process inherits no half-used database connection of a
+    scrape's thread; False while a scrape is reading (the fork is to be tried later: the
+    supervisor never waits on a store that hangs)."""
+    lock = _active.lock if _active is not None else None
+    if lock is None:
+        yield True
         return
-    with _active.lock:
-        yield
+    if not lock.acquire(timeout=FORK_WAIT):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def identity() -> str:
@@ -74,6 +86,7 @@ class Exporter:
         self.lock = threading.Lock()  # held by a scrape's reads, and across each fork
         self.directory: str | None = None
         self.made = False
+        self.held: int | None = None  # the open lock file of the directory
         self.saved: tuple[str | None, Any] | None = None
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Processes(self))
@@ -93,14 +106,14 @@ class Exporter:
     def _use_directory(self) -> None:
         from prometheus_client import values
 
-        _remove_stale()
-        configured = getattr(settings, "CONVEYOR_METRICS_DIR", None)
-        if configured:
-            Path(configured).mkdir(parents=True, exist_ok=True)
-            self.directory = str(configured)
-        else:
-            self.directory = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")
-            self.made = True
+        parent = Path(getattr(settings, "CONVEYOR_METRICS_DIR", None) or tempfile.gettempdir())
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(parent)
+        self.directory = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent)
+        self.made = True
+        # Held while this supervisor (or a process it forked) lives: the directory is in use.
+        self.held = os.open(Path(self.directory) / LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self.held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.saved = (os.environ.get(metrics.MULTIPROCESS), values.ValueClass)
         os.environ[metrics.MULTIPROCESS] = self.directory
         values.ValueClass = values.MultiProcessValue(identity)
@@ -132,6 +145,9 @@ class Exporter:
             take_slot("")
         if self.made and self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
+        if self.held is not None:
+            os.close(self.held)
+            self.held = None
 
 
 class _Processes:
@@ -150,21 +166,22 @@ class _Processes:
             yield from MultiProcessCollector(None, path=self.exporter.directory).collect()
 
 
-def _remove_stale() -> None:
-    """Remove the sample directories of supervisors that are gone (killed, say)."""
-    for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
-        found = re.fullmatch(rf"{PREFIX}(\d+)-.*", path.name)
-        if found is None or _alive(int(found.group(1))):
+def _remove_stale(parent: Path) -> None:
+    """Remove the sample directories of supervisors that are gone (killed, say): those whose
+    lock no process holds any more."""
+    for path in parent.glob(f"{PREFIX}*"):
+        if not path.is_dir():
             continue
-        shutil.rmtree(path, ignore_errors=True)
-        logger.info("Removed the metrics directory of a supervisor that is gone: %s", path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        try:
+            held = os.open(path / LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a supervisor, or a process of one, uses it
+            continue
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("Removed the metrics samples of a supervisor that is gone: %s", path)
+        finally:
+            os.close(held)

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+FORK_LATER = 0.5  # seconds after which a fork put off (a scrape was reading) is tried again
+
 MAX_RESPAWN_DELAY = 10.0
 KILL_WAIT = 5.0  # longest wait for a SIGKILLed child (one stuck in the kernel) to go
 
@@ -77,7 +79,15 @@ class Processes:
         self.stop_killed: set[int] = set()  # children stopped at once for sigkill_on_stop
 
     def spawn(self, pool: int = 0) -> None:
-        """Start a worker process on the queues of ``pool``."""
+        """Start a worker process on the queues of ``pool`` (a little later if it cannot be
+        forked now)."""
+        with exporter.forking() as free:
+            if free:
+                self._start(pool)
+            else:
+                self.respawn_at.append((time.monotonic() + FORK_LATER, pool))
+
+    def _start(self, pool: int) -> None:
         self.spawned += 1
         worker_id = f"{self.host}:{self.spawned}"
         taken = {child.place for child in self.children}
@@ -95,8 +105,7 @@ class Processes:
         # Blocked only across the fork: the child installs its own handlers, then unblocks.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            with exporter.forking():
-                process.start()
+            process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         slots.stamp()

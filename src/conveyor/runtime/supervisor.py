@@ -164,8 +164,7 @@ class Supervisor:
 
     def _finish(self) -> None:
         self.leases.retry_releases()
-        self.announcers.announce()
-        self.announcers.wait()
+        self.announcers.finish()
         if self.progress:
             with contextlib.suppress(Exception):
                 self.progress.finish()
