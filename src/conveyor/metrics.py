@@ -131,6 +131,18 @@ def _labels(result: TaskResult) -> tuple[str, str, str]:
     return result.backend, result.task.queue_name, result.task.module_path
 
 
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # (metric, labels) -> its child
+
+
+def _child(metric: Any, labels: tuple[str, ...]) -> Any:
+    """``metric.labels(*labels)``, kept: finding a child again costs a dict lookup."""
+    key = (metric, labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
+
+
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     if start is None or end is None:
         return None
@@ -138,12 +150,12 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
 
 
 def _on_enqueued(sender: Any, task_result: TaskResult, **kwargs: Any) -> None:
-    jobs().enqueued.labels(*_labels(task_result)).inc()
+    _child(jobs().enqueued, _labels(task_result)).inc()
 
 
 def _on_started(sender: Any, task_result: TaskResult, **kwargs: Any) -> None:
     m = jobs()
-    m.started.labels(*_labels(task_result)).inc()
+    _child(m.started, _labels(task_result)).inc()
     if len(task_result.worker_ids) <= 1:  # a first run: it waited from when it could run
         run_after = task_result.task.run_after
         ready = task_result.enqueued_at
@@ -151,17 +163,18 @@ def _on_started(sender: Any, task_result: TaskResult, **kwargs: Any) -> None:
             ready = max(clock.aware(ready), clock.aware(run_after))
         wait = _seconds(ready, task_result.last_attempted_at or task_result.started_at)
         if wait is not None:
-            m.pickup_seconds.labels(task_result.backend, task_result.task.queue_name).observe(wait)
+            queue = (task_result.backend, task_result.task.queue_name)
+            _child(m.pickup_seconds, queue).observe(wait)
 
 
 def _on_finished(sender: Any, task_result: TaskResult, **kwargs: Any) -> None:
     m = jobs()
     labels = _labels(task_result)
     ended = m.succeeded if task_result.status == TaskResultStatus.SUCCESSFUL else m.failed
-    ended.labels(*labels).inc()
+    _child(ended, labels).inc()
     ran = _seconds(task_result.last_attempted_at, task_result.finished_at)
     if ran is not None:
-        m.run_seconds.labels(*labels).observe(ran)
+        _child(m.run_seconds, labels).observe(ran)
 
 
 def _on_retried(
@@ -173,10 +186,10 @@ def _on_retried(
 ) -> None:
     m = jobs()
     labels = _labels(task_result)
-    m.retried.labels(*labels).inc()
+    _child(m.retried, labels).inc()
     ran = _seconds(started_at, finished_at)
     if ran is not None:
-        m.run_seconds.labels(*labels).observe(ran)
+        _child(m.run_seconds, labels).observe(ran)
 
 
 def _guarded(count: Callable[..., None]) -> Callable[..., None]:
