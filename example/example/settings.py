@@ -66,7 +66,7 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     # The demo's summary counts failed tasks; their tracebacks are kept on each result
-    # (see them in `manage.py shell` or, later, the admin) rather than printed here.
+    # (see them in `manage.py shell`, the admin or the dashboard) rather than printed here.
     "loggers": {
         "conveyor": {"handlers": ["console"], "level": "CRITICAL", "propagate": False},
         "django.tasks": {"handlers": ["console"], "level": "CRITICAL", "propagate": False},

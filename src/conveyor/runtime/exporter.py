@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -81,7 +82,7 @@ class Exporter:
             raise RuntimeError(
                 "--metrics-port needs prometheus-client: pip install 'django-conveyor[metrics]'."
             )
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
 
         self.lock = threading.Lock()  # held by a scrape's reads, and across each fork
         self.directory: str | None = None
@@ -91,9 +92,8 @@ class Exporter:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Processes(self))
         registry.register(metrics.StoreCollector([alias], own_thread=True, lock=self.lock))
-        server, self.thread = start_http_server(port, addr=address, registry=registry)
-        self.server: Any = server
-        self.port: int = server.server_address[1]
+        self.server: Any = _serve(registry, address, port)
+        self.port: int = self.server.server_address[1]
         try:
             self._use_directory()
         except Exception:
@@ -121,8 +121,10 @@ class Exporter:
         metrics.jobs.cache_clear()  # made again, with values kept in files
 
     def _in_child(self) -> None:
-        if self.server is not None:  # the listening socket is the supervisor's alone
+        if self.server is not None:  # its sockets are the supervisor's alone
             self.server.socket.close()
+            for connection in list(self.server.open):
+                connection.close()
 
     def close(self) -> None:
         """Stop serving; put back what the supervisor's process had before."""
@@ -148,6 +150,35 @@ class Exporter:
         if self.held is not None:
             os.close(self.held)
             self.held = None
+
+
+def _serve(registry: Any, address: str, port: int) -> Any:
+    """An HTTP server of ``registry`` on a daemon thread, one thread per request, that
+    knows the connections it has open (a process forked meanwhile closes its copies)."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            """Scrapes are not logged."""
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        open: set[Any] = set()
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            self.open.add(request)
+            super().process_request(request, client_address)
+
+        def shutdown_request(self, request: Any) -> None:
+            self.open.discard(request)
+            super().shutdown_request(request)
+
+    Server.open = set()
+    server = make_server(address, port, make_wsgi_app(registry), Server, handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True, name="conveyor-metrics").start()
+    return server
 
 
 class _Processes:
