@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -161,6 +162,8 @@ def test_a_killed_supervisors_samples_are_removed_by_the_next(backend_alias):
         first.kill_group()
         first.wait()
     assert directory.exists()
+    long_ago = time.time() - 3600  # as if it had been left there a while ago
+    os.utime(directory, (long_ago, long_ago))
     port = free_port()
     with Worker(backend_alias, "--metrics-port", f"127.0.0.1:{port}") as second:
         wait_for(lambda: scrape(port) is not None, timeout=30)

@@ -46,13 +46,18 @@ def test_a_directory_no_process_holds_is_removed_and_one_in_use_is_kept(metrics_
     old_style.mkdir()
     used = metrics_dir / f"{PREFIX}12345-def"
     used.mkdir()
+    fresh = metrics_dir / f"{PREFIX}424242-new"  # made a moment ago by a supervisor starting
+    fresh.mkdir()
+    long_ago = time.time() - 3600
+    for path in (gone, old_style, used):
+        os.utime(path, (long_ago, long_ago))
     held = os.open(used / LOCK, os.O_CREAT | os.O_RDWR)
     fcntl.flock(held, fcntl.LOCK_EX)  # as the supervisor that uses it does
     try:
         started = Exporter("default", "127.0.0.1", 0)
         started.close()
         assert not gone.exists() and not old_style.exists()
-        assert used.exists()
+        assert used.exists() and fresh.exists()
     finally:
         os.close(held)
 

@@ -20,6 +20,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from conveyor import metrics
 logger = logging.getLogger(__name__)
 
 PREFIX = "conveyor-metrics-"
+FRESH = 60.0  # seconds: a directory younger than this is never taken for a stale one
 LOCK = ".in-use"  # locked (flock) by the supervisor that writes to the directory
 # The name this process's sample files carry, and the process that took it: a process forked
 # later writes under its own pid until it takes a slot of its own.
@@ -201,7 +203,10 @@ def _remove_stale(parent: Path) -> None:
     """Remove the sample directories of supervisors that are gone (killed, say): those whose
     lock no process holds any more."""
     for path in parent.glob(f"{PREFIX}*"):
-        if not path.is_dir():
+        try:
+            if not path.is_dir() or time.time() - path.stat().st_mtime < FRESH:
+                continue  # one a supervisor starting now has made, and not locked yet
+        except OSError:
             continue
         try:
             held = os.open(path / LOCK, os.O_CREAT | os.O_RDWR, 0o600)
