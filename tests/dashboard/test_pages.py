@@ -255,3 +255,20 @@ def test_settled_minutes_are_read_once_and_new_ends_still_show(operator, monkeyp
     assert sum(p["succeeded"] for p in first["throughput"]) == 1
     assert sum(p["succeeded"] for p in second["throughput"]) == 2
     assert asked[1] - asked[0] >= timedelta(minutes=55)  # the second read began near now
+
+
+def test_a_lease_of_no_whole_minutes_never_halves_a_settled_minute(operator, monkeypatch):
+    import dataclasses
+
+    alias, backend = "memory", task_backends["memory"]
+    options = dataclasses.replace(backend.conveyor_options, lease=90.0)
+    monkeypatch.setattr(backend, "conveyor_options", options)
+    # Settled after lease + a minute (2.5 min): that moment falls inside this minute.
+    minute = timezone.now().replace(second=0, microsecond=0) - timedelta(minutes=3)
+    for second in range(0, 60, 5):  # twelve jobs over the whole minute
+        on(tasks.add, alias).enqueue(second, 0)
+        [job] = backend.claim("w", QueueSelector(), 1)
+        backend.complete([(job, returned(0, finished_at=minute + timedelta(seconds=second)))])
+    for _ in range(3):  # each look after the first reads only what is not settled
+        data = board_data(operator.get(LIVE, {"backend": alias}))
+        assert sum(p["succeeded"] for p in data["throughput"]) == 12

@@ -125,6 +125,7 @@ def _throughput(backend: StoreBackend, since: datetime, now: datetime) -> list[T
     merged = {at: t for at, t in kept.items() if first <= at < start}
     merged |= {t.start.timestamp(): t for t in fresh}
     late = max(SETTLED, backend.conveyor_options.lease + STEP)
+    late = -(-late // STEP) * STEP  # whole intervals: one is never read half
     until = max(Throughput.bucket(clock.aware(now), STEP) - late, start)
     with _read_lock:  # a look that began earlier and ends later does not move it back
         if until >= _read_before.get(backend.alias, (0.0, {}, 0.0))[0]:

@@ -88,7 +88,16 @@ class Announcers:
         while (self.leases.ended or self.leases.retried) and time.monotonic() < deadline:
             time.sleep(0.1)
             self.announce()
-        self.wait()
+        left = len(self.leases.ended) + len(self.leases.retried)
+        if left:
+            logger.warning(
+                "Stopping with %d job end(s) or retries not announced (no announcer was free "
+                "in %.0fs): their signals and hooks are not sent.",
+                left,
+                ANNOUNCE_WAIT,
+            )
+        for process in self.running:
+            process.join(timeout=max(deadline - time.monotonic(), 0.1))
 
     def wait(self) -> None:
         """Give each running announcer up to ``ANNOUNCE_WAIT`` to finish."""

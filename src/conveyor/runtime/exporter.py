@@ -154,6 +154,14 @@ class Exporter:
             self.held = None
 
 
+def _family(address: str, port: int) -> socket.AddressFamily:
+    """IPv4 or IPv6, as the address (a name, maybe) resolves for listening."""
+    found = socket.getaddrinfo(
+        address or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    return found[0][0]
+
+
 def _serve(registry: Any, address: str, port: int) -> Any:
     """An HTTP server of ``registry`` on a daemon thread, one thread per request, that
     knows the connections it has open (a process forked meanwhile closes its copies)."""
@@ -166,7 +174,7 @@ def _serve(registry: Any, address: str, port: int) -> Any:
             """Scrapes are not logged."""
 
     class Server(ThreadingWSGIServer):
-        address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        address_family = _family(address, port)
         open: set[Any] = set()
 
         def process_request(self, request: Any, client_address: Any) -> None:

@@ -77,15 +77,21 @@ class Processes:
         self.respawn_at: list[tuple[float, int]] = []  # when, and into which pool
         self.crash_streak = 0
         self.stop_killed: set[int] = set()  # children stopped at once for sigkill_on_stop
+        self.put_off_until = 0.0  # forks wait for no scrape before then
 
     def spawn(self, pool: int = 0) -> None:
         """Start a worker process on the queues of ``pool`` (a little later if it cannot be
         forked now)."""
+        now = time.monotonic()
+        if now < self.put_off_until:  # a scrape was reading a moment ago: no wait again
+            self.respawn_at.append((self.put_off_until, pool))
+            return
         with exporter.forking() as free:
             if free:
                 self._start(pool)
             else:
-                self.respawn_at.append((time.monotonic() + FORK_LATER, pool))
+                self.put_off_until = now + FORK_LATER
+                self.respawn_at.append((self.put_off_until, pool))
 
     def _start(self, pool: int) -> None:
         self.spawned += 1
