@@ -25,7 +25,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.http import require_GET, require_POST
 
-from conveyor import control, queues
+from conveyor import clock, control, queues
 from conveyor import schedules as schedule_api
 from conveyor.backends.base import StoreBackend
 from conveyor.control import CancelOutcome
@@ -115,16 +115,11 @@ def live(request: HttpRequest) -> HttpResponse:
 @staff_only
 def workers(request: HttpRequest) -> HttpResponse:
     backend = _backend(request)
-    board = read(backend)
-    error = board.error
-    rows: list[dict[str, Any]] = []
-    if not error:
-        try:
-            rows = _workers(backend, board.snapshot.checked_at, board.snapshot.lease)
-        except Exception as e:  # the store went away between two reads
-            error = describe(e)
-    context = _context(request, backend, "workers", board=board, workers=rows, error=error)
-    return render(request, "conveyor/dashboard/workers.html", context)
+    now, lease = clock.now(), backend.conveyor_options.lease
+    rows, error = _look(backend, lambda: _workers(backend, now, lease))
+    online = sum(row["online"] for row in rows)
+    context = _context(request, backend, "workers", now=now, online=online, error=error)
+    return render(request, "conveyor/dashboard/workers.html", {**context, "workers": rows})
 
 
 def _workers(backend: StoreBackend, now: Any, lease: float) -> list[dict[str, Any]]:
@@ -142,16 +137,21 @@ def _workers(backend: StoreBackend, now: Any, lease: float) -> list[dict[str, An
 @staff_only
 def schedules(request: HttpRequest) -> HttpResponse:
     backend = _backend(request)
-    board = read(backend)
-    error, found = board.error, []
-    if not error:
-        try:
-            found = backend.schedules(retired=True)
-        except Exception as e:
-            error = describe(e)
+    found, error = _look(backend, lambda: backend.schedules(retired=True))
     found.sort(key=lambda i: (i.retired, i.name))
-    context = _context(request, backend, "schedules", board=board, schedules=found, error=error)
-    return render(request, "conveyor/dashboard/schedules.html", context)
+    context = _context(request, backend, "schedules", now=clock.now(), error=error)
+    return render(request, "conveyor/dashboard/schedules.html", {**context, "schedules": found})
+
+
+def _look[T](backend: StoreBackend, reads: Callable[[], list[T]]) -> tuple[list[T], str]:
+    """What ``reads`` returns, and no error; or nothing and why the store could not be read
+    (in a savepoint inside a transaction, so the request goes on)."""
+    try:
+        with backend.reading():
+            return reads(), ""
+    except Exception as e:  # any store, any driver: the page says so
+        backend.close()
+        return [], describe(e)
 
 
 # --- buttons -----------------------------------------------------------------------------------
