@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 
 from django.db import connections
-from django.tasks import task_backends
+from django.tasks import TaskResult, task_backends
 from django.tasks.signals import task_finished
 
 from conveyor import tracing
@@ -121,35 +121,30 @@ def announce_main(
     backend.after_fork()
     try:
         for job_id in job_ids:
-            try:
-                result = backend.get_result(job_id)
-            except Exception:
-                connections.close_all()
-                logger.exception("Could not read back job %s to announce its end", job_id)
-                continue
-            send(backend, task_finished, result)
-            run_hooks(result)
+            if (result := _read_back(backend, job_id, "end")) is not None:
+                send(backend, task_finished, result)
+                run_hooks(result)
         for job_id, outcome in retried:
-            _announce_retry(backend, job_id, outcome)
+            if (result := _read_back(backend, job_id, "retry")) is not None:
+                send(
+                    backend,
+                    task_retried,
+                    result,
+                    error=outcome.error,
+                    retry_at=outcome.retry_at,
+                    started_at=outcome.started_at,
+                    finished_at=outcome.finished_at,
+                )
     finally:
         connections.close_all()
         tracing.flush()
 
 
-def _announce_retry(backend: StoreBackend, job_id: str, outcome: Outcome) -> None:
-    """Send ``task_retried`` for a run whose outcome the supervisor saved."""
+def _read_back(backend: StoreBackend, job_id: str, what: str) -> TaskResult | None:
+    """The job as stored now, or None (logged) if it cannot be read."""
     try:
-        result = backend.get_result(job_id)
+        return backend.get_result(job_id)
     except Exception:
         connections.close_all()
-        logger.exception("Could not read back job %s to announce its retry", job_id)
-        return
-    send(
-        backend,
-        task_retried,
-        result,
-        error=outcome.error,
-        retry_at=outcome.retry_at,
-        started_at=outcome.started_at,
-        finished_at=outcome.finished_at,
-    )
+        logger.exception("Could not read back job %s to announce its %s", job_id, what)
+        return None
