@@ -53,3 +53,31 @@ def backend(backend_alias: str):  # type: ignore[no-untyped-def]
     from django.tasks import task_backends
 
     return task_backends[backend_alias]
+
+
+@pytest.fixture
+def unreachable(settings, django_db_blocker):  # type: ignore[no-untyped-def]
+    """The alias of a Conveyor backend whose database cannot be opened."""
+    import copy
+
+    from django.db import connections
+
+    connections.settings["nowhere"] = {
+        **copy.deepcopy(connections.settings["default"]),
+        "NAME": "/nonexistent-directory/conveyor.sqlite3",
+    }
+    settings.TASKS = {
+        **settings.TASKS,
+        "unreachable": {
+            "BACKEND": "conveyor.backends.database.DatabaseBackend",
+            "QUEUES": ["default"],
+            "OPTIONS": {"DATABASE": "nowhere"},
+        },
+    }
+    try:
+        with django_db_blocker.unblock():
+            yield "unreachable"
+    finally:
+        connections["nowhere"].close()
+        del connections["nowhere"]
+        del connections.settings["nowhere"]

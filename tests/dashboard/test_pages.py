@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import re
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -177,30 +175,6 @@ def test_the_page_lists_only_backends_a_worker_drives(operator):
     assert re.search(r'<option value="default" selected>', page)
 
 
-@pytest.fixture
-def unreachable(settings, django_db_blocker) -> Iterator[str]:
-    """A backend whose database cannot be opened."""
-    connections.settings["nowhere"] = {
-        **copy.deepcopy(connections.settings["default"]),
-        "NAME": "/nonexistent-directory/conveyor.sqlite3",
-    }
-    settings.TASKS = {
-        **settings.TASKS,
-        "unreachable": {
-            "BACKEND": "conveyor.backends.database.DatabaseBackend",
-            "QUEUES": ["default"],
-            "OPTIONS": {"DATABASE": "nowhere"},
-        },
-    }
-    try:
-        with django_db_blocker.unblock():
-            yield "unreachable"
-    finally:
-        connections["nowhere"].close()
-        del connections["nowhere"]
-        del connections.settings["nowhere"]
-
-
 def test_a_store_that_cannot_be_read_is_said_not_raised(operator, unreachable):
     for page in (OVERVIEW, LIVE, WORKERS, SCHEDULES):
         response = operator.get(page, {"backend": unreachable})
@@ -214,7 +188,7 @@ def test_a_failed_read_leaves_the_requests_transaction_usable(operator, monkeypa
     # The store shares the request's connection, inside a transaction (as with
     # ATOMIC_REQUESTS): a read that fails must not leave that transaction aborted.
     from django.conf import settings
-    from django.db import connections, transaction
+    from django.db import transaction
 
     if "postgres" not in settings.TASKS:
         pytest.skip("no postgres server on this machine")

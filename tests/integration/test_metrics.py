@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator
-
 import pytest
 from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
-from django.db import connections
 from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -115,29 +111,6 @@ def test_the_endpoint_needs_the_token_or_a_staff_user(settings):
     outsider = Client()
     outsider.force_login(User.objects.create_user("visitor", is_staff=False))
     assert outsider.get(METRICS).status_code == 401
-
-
-@pytest.fixture
-def unreachable(settings, django_db_blocker) -> Iterator[str]:
-    connections.settings["nowhere"] = {
-        **copy.deepcopy(connections.settings["default"]),
-        "NAME": "/nonexistent-directory/conveyor.sqlite3",
-    }
-    settings.TASKS = {
-        **settings.TASKS,
-        "unreachable": {
-            "BACKEND": "conveyor.backends.database.DatabaseBackend",
-            "QUEUES": ["default"],
-            "OPTIONS": {"DATABASE": "nowhere"},
-        },
-    }
-    try:
-        with django_db_blocker.unblock():
-            yield "unreachable"
-    finally:
-        connections["nowhere"].close()
-        del connections["nowhere"]
-        del connections.settings["nowhere"]
 
 
 def test_a_store_that_cannot_be_read_is_down_and_the_others_still_served(scraper, unreachable):
