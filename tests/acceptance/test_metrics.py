@@ -43,6 +43,16 @@ def scrape(port: int, query: str = "") -> dict[tuple[str, tuple], float] | None:
     }
 
 
+def counted(port: int, name: str, count: float, **labels: str) -> dict:
+    """The samples served once ``name`` (over the samples with ``labels``) reaches ``count``."""
+
+    def reached() -> dict | None:
+        samples = scrape(port)
+        return samples if samples and total(samples, name, **labels) == count else None
+
+    return wait_for(reached, timeout=30)
+
+
 def total(samples: dict, name: str, **labels: str) -> float:
     """The sum of ``name`` over the samples that carry ``labels``."""
     return sum(
@@ -79,12 +89,7 @@ def test_the_worker_serves_the_counts_of_all_its_processes(backend, backend_alia
     with Worker(backend_alias, "--processes", "2", "--metrics-port", f"127.0.0.1:{port}") as worker:
         wait_for(lambda: all(r.refresh() or r.is_finished for r in results), timeout=60)
 
-        def counted() -> dict | None:
-            samples = scrape(port)
-            done = samples and total(samples, "conveyor_jobs_succeeded_total", task=add) == 30
-            return samples if done else None
-
-        samples = wait_for(counted, timeout=30)
+        samples = counted(port, "conveyor_jobs_succeeded_total", 30, task=add)
         assert total(samples, "conveyor_jobs_failed_total", task=explode) == 3
         assert total(samples, "conveyor_jobs_started_total", backend=backend_alias) == 33
         assert total(samples, "conveyor_job_run_seconds_count", backend=backend_alias) == 33
@@ -136,12 +141,7 @@ def test_replaced_processes_carry_their_counts_on_in_a_few_files(backend_alias):
     ) as worker:
         wait_for(lambda: all(r.refresh() or r.is_finished for r in results), timeout=90)
 
-        def counted() -> dict | None:
-            samples = scrape(port)
-            done = samples and total(samples, "conveyor_jobs_succeeded_total", task=add) == 24
-            return samples if done else None
-
-        wait_for(counted, timeout=30)
+        counted(port, "conveyor_jobs_succeeded_total", 24, task=add)
         directory = samples_directory(worker.pid)
         assert directory is not None
         names = sorted(path.name for path in directory.glob("*.db"))
@@ -183,12 +183,7 @@ def test_a_run_the_supervisor_stops_at_its_time_limit_and_retries_is_counted(
     with Worker(backend_alias, "--metrics-port", f"127.0.0.1:{port}") as worker:
         wait_for(lambda: result.refresh() or result.is_finished, timeout=60)
 
-        def counted() -> dict | None:
-            samples = scrape(port)
-            ended = samples and total(samples, "conveyor_jobs_failed_total", task=overruns) == 1
-            return samples if ended else None
-
-        samples = wait_for(counted, timeout=30)
+        samples = counted(port, "conveyor_jobs_failed_total", 1, task=overruns)
         assert total(samples, "conveyor_jobs_retried_total", task=overruns) == 1
         assert total(samples, "conveyor_jobs_started_total", task=overruns) == 2
         worker.signal(signal.SIGTERM)
