@@ -48,6 +48,12 @@ def _tracer() -> Any:
     provider = trace.get_tracer_provider()
     if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
         return None
+    return _tracer_of(provider)
+
+
+@functools.lru_cache(maxsize=4)
+def _tracer_of(provider: Any) -> Any:
+    """The provider's tracer for Conveyor, made once (not for every enqueue and run)."""
     return provider.get_tracer("conveyor")
 
 
