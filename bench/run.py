@@ -109,10 +109,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--markdown", type=Path, help="Also write the results here.")
     parser.add_argument(
-        "--append",
+        "--replace",
         action="store_true",
-        help="Add this run's section to the end of --markdown instead of replacing the file.",
+        help="Rewrite --markdown with this run alone; by default a run's section is added to "
+        "the end of an existing file, which keeps the other benchmarks' records.",
     )
+    # Adding is the default now; the flag stays so that recorded command lines still run.
+    parser.add_argument("--append", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
@@ -499,9 +502,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_markdown(args: argparse.Namespace, section: str, intro_text: str) -> None:
-    """Write intro and section to ``--markdown``, or add the section with ``--append``."""
+    """Add the section to the end of ``--markdown``; write the intro first for a new file."""
     path: Path = args.markdown
-    if args.append and path.exists():
+    if path.exists() and not args.replace:
         with path.open("a") as f:
             f.write("\n" + section)
         say(f"Added this run to {path}")
