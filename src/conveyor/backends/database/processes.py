@@ -104,7 +104,10 @@ class DatabaseProcesses(StoreBackend):
         if (path := self._sqlite_file()) is not None:
             from conveyor.backends.database.waiters import FileChangeWaiter
 
-            return FileChangeWaiter(path)
+            # A worker process's claims and saves go through its private connection:
+            # reading data_version there, its own commits wake nobody.
+            own = self.worker_store.using
+            return FileChangeWaiter(path, own=own if own != self.store.using else None)
         return Waiter()
 
     # --- process life -------------------------------------------------------------------

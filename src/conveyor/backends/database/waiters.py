@@ -16,6 +16,8 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+from django.db import DatabaseError, connections
+
 from conveyor.backends.base import Waiter
 from conveyor.records import QueueSelector
 
@@ -203,8 +205,8 @@ def _listen_params(params: dict[str, Any]) -> dict[str, Any]:
     return {**extra, **listen}  # what the project set wins
 
 
-COMMIT_SETTLE = 0.02  # how long a write may take to become a visible commit
-COMMIT_LOOK = 0.0003  # between looks at data_version meanwhile
+SETTLE_LOOKS = (0.0001, 0.0002, 0.0004, 0.0008, 0.0016, 0.0032)  # waits between looks
+RECHECK = 0.05  # after a write that was no visible commit, look again this soon
 INOTIFY_SLICE = 0.25  # longest block on file events before looking for a stop request
 POLL_SLICE = 0.1  # how often data_version is read where inotify is missing
 
@@ -214,64 +216,76 @@ class FileChangeWaiter(Waiter):
 
     On Linux the kernel reports writes to the database file and its write-ahead log
     (inotify), so an idle worker costs nothing until something is written. Every report is
-    checked with ``PRAGMA data_version`` on a read-only connection of the waiter's own,
-    which changes only when a connection committed: checkpoints, a new ``-wal`` file and
-    rolled-back writes wake nobody. Where inotify is missing, data_version is read every
-    100 ms. No table is read until there may be work.
+    checked with ``PRAGMA data_version``, which changes only when another connection
+    committed: checkpoints, a new ``-wal`` file and rolled-back writes wake nobody. A
+    worker process reads it on its own bookkeeping connection (``own``, a database alias),
+    so its claims and saves do not wake it either; otherwise the waiter opens a read-only
+    connection of its own. Where inotify is missing, data_version is read every 100 ms. No
+    table is read until there may be work.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, own: str | None = None) -> None:
         super().__init__()
         self.names = {os.path.basename(path), f"{os.path.basename(path)}-wal"}
         self.inotify: Any = _watch(os.path.dirname(path) or ".")
-        self.db = _open_read_only(path)
+        self.own = own
+        self.db = None if own is not None else _open_read_only(path)
+        self.readable = own is not None or self.db is not None
         self.version = self._version()
 
     def wait(self, timeout: float) -> bool:
         """Wait for a commit; True at once if there was one since the last look.
 
         The version is carried over from the previous wait, so a commit made between the
-        worker's last claim and this wait is not missed.
+        worker's last claim and this wait is not missed. File events queued before the
+        wait (the worker's own writes among them) are dropped unread; should one of them
+        be a commit still landing, the first look comes after ``RECHECK``.
         """
         deadline = time.monotonic() + timeout
+        recheck = self._written(0.0)
         if self._committed():
             return True
         while not self.interrupted.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            if self._written(left):
-                if self.db is None or self._committed_soon():
+            if self._written(min(left, RECHECK if recheck else INOTIFY_SLICE)):
+                if not self.readable or self._committed_soon():
                     return True
+                recheck = True
             elif self._committed():  # a commit whose file event came before its index update
                 return True
+            else:
+                recheck = False
         return False
 
     def _committed_soon(self) -> bool:
         """After a write to the files: say whether it was a commit, allowing it to land.
 
         A commit appends to the ``-wal`` file first and then updates the shared index
-        (``-shm``, memory-mapped: no file event), where ``data_version`` reads it.
+        (``-shm``, memory-mapped: no file event), where ``data_version`` reads it; with
+        ``synchronous=FULL`` a flush to disk comes in between. A few looks over ~6 ms;
+        one landing later is found by the look after ``RECHECK``.
         """
-        settle = time.monotonic() + COMMIT_SETTLE
-        while True:
+        for pause in SETTLE_LOOKS:
             if self._committed():
                 return True
-            if time.monotonic() >= settle or self.interrupted.wait(COMMIT_LOOK):
+            if self.interrupted.wait(pause):
                 return False
+        return self._committed()
 
     def _written(self, left: float) -> bool:
         """Wait a slice of ``left``; say whether the database files may have changed."""
         if self.inotify is None:
-            return not self.interrupted.wait(min(left, POLL_SLICE))
+            return left > 0 and not self.interrupted.wait(min(left, POLL_SLICE))
         # Every event queued so far is read (and dropped): the worker's own commits
         # leave none behind to wake it again and again.
         events = self.inotify.read(timeout=int(min(left, INOTIFY_SLICE) * 1000))
         return any(event.name in self.names for event in events)
 
     def _committed(self) -> bool:
-        """Say whether some connection committed since the last look."""
-        if self.db is None:
+        """Say whether some other connection committed since the last look."""
+        if not self.readable:
             return False
         version = self._version()
         changed = version != self.version
@@ -279,17 +293,26 @@ class FileChangeWaiter(Waiter):
         return changed
 
     def _version(self) -> int | None:
-        if self.db is None:
-            return None
         try:
+            if self.own is not None:
+                with connections[self.own].cursor() as cursor:
+                    cursor.execute("PRAGMA data_version")
+                    return int(cursor.fetchone()[0])
+            if self.db is None:
+                return None
             return int(self.db.execute("PRAGMA data_version").fetchone()[0])
-        except sqlite3.Error as e:
+        except (sqlite3.Error, DatabaseError) as e:
+            if self.own is not None:
+                # The loop's next claim meets the same trouble and backs off; wake for it.
+                logger.debug("Cannot read PRAGMA data_version (%s); waking to look.", e)
+                return None
             logger.info("Cannot read PRAGMA data_version (%s); every file event wakes.", e)
             self._close_db()
             return None
 
     def _close_db(self) -> None:
         db, self.db = self.db, None
+        self.readable = self.own is not None
         if db is not None:
             db.close()
 
