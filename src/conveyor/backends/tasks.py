@@ -53,17 +53,28 @@ def stored_task(path: str, alias: str, queue_name: str, priority: int, run_after
     """The task a stored job names, with the job's settings as they were at enqueue.
 
     Not validated against today's settings: a job already stored on a queue that has since
-    left ``QUEUES`` still runs, and still reads back, on the queue it was sent to.
+    left ``QUEUES`` still runs, and still reads back, on the queue it was sent to. Tasks
+    are immutable, so each copy is kept and handed out again while the module still
+    holds the same task.
     """
-    task = copy.copy(resolve_task(path))
-    for name, value in (
-        ("backend", alias),
-        ("queue_name", queue_name),
-        ("priority", priority),
-        ("run_after", run_after),
+    registered = resolve_task(path)
+    key = (path, alias, queue_name, priority, run_after)
+    found = _stored.get(key)
+    if found is not None and found[0] is registered:
+        return found[1]
+    task = copy.copy(registered)
+    for name, value in zip(
+        ("backend", "queue_name", "priority", "run_after"), key[1:], strict=True
     ):
         object.__setattr__(task, name, value)
+    if len(_stored) >= STORED_TASKS:
+        _stored.clear()
+    _stored[key] = (registered, task)
     return task
+
+
+STORED_TASKS = 1024  # copies kept; most jobs share a handful (run_after makes the rest)
+_stored: dict[tuple[Any, ...], tuple[Task, Task]] = {}
 
 
 def unavailable_task(path: str, alias: str, queue_name: str, priority: int) -> Task:
