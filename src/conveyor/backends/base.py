@@ -16,6 +16,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
@@ -82,6 +83,15 @@ class Waiter:
         """Release whatever the waiter holds."""
 
 
+KNOWN_TASKS = 256  # validated tasks a backend keeps, with their stored options
+
+
+@dataclass(frozen=True, slots=True)
+class _KnownTask:
+    task: Task
+    options: dict[str, Any]
+
+
 class ConveyorBackend(BaseTaskBackend):
     """A ``django.tasks`` backend with Conveyor's options and bulk enqueue."""
 
@@ -102,9 +112,32 @@ class ConveyorBackend(BaseTaskBackend):
         )
         self.limit_defaults = TimeLimits(hard=o.timeout, soft=o.soft_timeout)
         self.retention_defaults = Retention(succeeded=o.result_ttl, failed=o.failed_ttl)
+        self._known_tasks: dict[int, _KnownTask] = {}
 
     def job_options(self, task: Task) -> dict[str, Any]:
         """The options a call of ``task`` is stored with (the policies that will apply)."""
+        options = dict(self._known(task).options)
+        if trace := tracing.carrier():
+            options["trace"] = trace  # the span that enqueues it: the parent of its runs
+        return options
+
+    def _known(self, task: Task) -> _KnownTask:
+        """``task`` validated for this backend, with its stored options; kept per task.
+
+        Tasks are immutable and a backend's settings never change, so each task object is
+        validated once (the last ``KNOWN_TASKS`` of them are kept).
+        """
+        found = self._known_tasks.get(id(task))
+        if found is not None and found.task is task:
+            return found
+        self._validate(task)
+        known = _KnownTask(task, self._stored_options(task))
+        if len(self._known_tasks) >= KNOWN_TASKS:
+            self._known_tasks.clear()
+        self._known_tasks[id(task)] = known
+        return known
+
+    def _stored_options(self, task: Task) -> dict[str, Any]:
         retry = RetryPolicy.for_task(task, self.retry_defaults).stored()
         limits = TimeLimits.for_task(task, self.limit_defaults).stored()
         options: dict[str, Any] = {"retry": retry} if retry else {}
@@ -114,8 +147,6 @@ class ConveyorBackend(BaseTaskBackend):
             options["max_attempts"] = most
         if getattr(task, "sigkill_on_stop", False):
             options["sigkill_on_stop"] = True
-        if trace := tracing.carrier():
-            options["trace"] = trace  # the span that enqueues it: the parent of its runs
         return options
 
     def uniqueness(self, task: Task, call: Call) -> Uniqueness | None:
@@ -142,6 +173,9 @@ class ConveyorBackend(BaseTaskBackend):
 
     def validate_task(self, task: Task) -> None:
         """Refuse, besides what Django refuses, what no store could keep about ``task``."""
+        self._known(task)
+
+    def _validate(self, task: Task) -> None:
         super().validate_task(task)
         problems = task_problems(task)
         if problems:
@@ -155,7 +189,7 @@ class ConveyorBackend(BaseTaskBackend):
 
     def encode_call(self, task: Task, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Call:
         """Validate ``task`` and return its arguments as plain JSON values, or raise."""
-        self.validate_task(task)
+        self._known(task)
         return encode_arguments(task, args, kwargs, self.conveyor_options)
 
     def scheduled_call(self, spec: ScheduleSpec, due: datetime, now: datetime) -> tuple[Task, Call]:

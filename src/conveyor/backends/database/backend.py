@@ -118,21 +118,23 @@ class DatabaseBackend(DatabaseControls, DatabaseHousekeeping, DatabaseProcesses,
         due = due_later(task, now)
         if unique is not None:
             options = {**options, "unique": unique.stored()}
-        return Job(
-            uuid=uuid.uuid4(),
-            backend_name=self.alias,
-            queue_name=task.queue_name,
-            task_path=task.module_path,
-            priority=task.priority,
-            state=State.SCHEDULED if due else State.READY,
-            args=call[0],
-            kwargs=call[1],
-            enqueued_at=now,
-            run_after=task.run_after,
-            available_at=due or now,
-            options=options,
-            unique_slot=unique.key if unique else None,
-            unique_states=unique.states if unique else "",
+        return new_job(
+            {
+                "uuid": uuid.uuid4(),
+                "backend_name": self.alias,
+                "queue_name": task.queue_name,
+                "task_path": task.module_path,
+                "priority": task.priority,
+                "state": State.SCHEDULED if due else State.READY,
+                "args": call[0],
+                "kwargs": call[1],
+                "enqueued_at": now,
+                "run_after": task.run_after,
+                "available_at": due or now,
+                "options": options,
+                "unique_slot": unique.key if unique else None,
+                "unique_states": unique.states if unique else "",
+            }
         )
 
     def _raise_if_not_migrated(self, error: DatabaseError) -> None:
@@ -258,3 +260,16 @@ class DatabaseBackend(DatabaseControls, DatabaseHousekeeping, DatabaseProcesses,
                 )
             )
         return errors
+
+
+def new_job(values: dict[str, Any]) -> Job:
+    """An unsaved ``Job`` with ``values``, every other column at its default.
+
+    Built from positional values, Django's quick way to make a model instance (an
+    enqueue makes one per call).
+    """
+    columns: Any = [
+        values[field.attname] if field.attname in values else field.get_default()
+        for field in Job._meta.concrete_fields
+    ]
+    return Job(*columns)

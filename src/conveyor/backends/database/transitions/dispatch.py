@@ -39,7 +39,8 @@ UNIQUE_TRIES = 5
 CLAIM_ORDER = "priority DESC, available_at, id"
 
 
-_SINGLE_INSERT: dict[str, str] = {}
+# The one-row INSERT of each database, and its columns' prepared default values.
+_SINGLE_INSERT: dict[str, tuple[str, dict[str, tuple[Any, Any]]]] = {}
 
 
 def insert(
@@ -172,20 +173,41 @@ def _insert_sql(store: Store, rows: Sequence[Job]) -> tuple[str, tuple[Any, ...]
     """The multi-row INSERT Django would send (the key left to the database).
 
     The one-row statement, the hot path of ``enqueue()``, is compiled once per database;
-    its parameters are prepared the way Django's insert compiler prepares them.
+    its parameters are prepared the way Django's insert compiler prepares them, and a
+    column left at its default reuses the value prepared for it the first time.
     """
     fields = [f for f in Job._meta.concrete_fields if not f.primary_key]
     conn = store.connection
     if len(rows) == 1 and store.using in _SINGLE_INSERT:
         [row] = rows
-        params = tuple(f.get_db_prep_save(f.pre_save(row, True), conn) for f in fields)
-        return _SINGLE_INSERT[store.using], params
+        sql, defaults = _SINGLE_INSERT[store.using]
+        params = []
+        for field in fields:
+            value = field.pre_save(row, True)
+            default = defaults.get(field.attname)
+            if default is not None and type(value) is type(default[0]) and value == default[0]:
+                params.append(default[1])
+            else:
+                params.append(field.get_db_prep_save(value, conn))
+        return sql, tuple(params)
     query = InsertQuery(Job)
     query.insert_values(fields, list(rows))
     [(sql, compiled)] = query.get_compiler(using=store.using).as_sql()
     if len(rows) == 1:
-        _SINGLE_INSERT[store.using] = sql
+        _SINGLE_INSERT[store.using] = (sql, _prepared_defaults(fields, conn))
     return sql, tuple(compiled)
+
+
+def _prepared_defaults(fields: Sequence[Any], conn: Any) -> dict[str, tuple[Any, Any]]:
+    """For each column whose default is a plain constant: that value, prepared for ``conn``."""
+    found = {}
+    for field in fields:
+        if not field.has_default() and not field.null:
+            continue
+        value = field.get_default()
+        if value is None or isinstance(value, bool | int | str) or value in ([], {}):
+            found[field.attname] = (value, field.get_db_prep_save(value, conn))
+    return found
 
 
 def stage(store: Store, limit: int) -> int:
