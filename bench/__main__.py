@@ -1,6 +1,6 @@
 """``python -m bench``: run the benchmark (``bench/run.py``); ``python -m bench scale``: the
-scale run (``bench/scale.py``); ``killstorm``, ``latency`` and ``timeouts``: the modules
-named in ``bench/sidebyside.py``."""
+scale run (``bench/scale.py``); ``roundtrips``: single statements (``bench/roundtrips.py``);
+``killstorm``, ``latency`` and ``timeouts``: the modules named in ``bench/sidebyside.py``."""
 
 import sys
 
@@ -8,6 +8,11 @@ if sys.argv[1:2] == ["scale"]:
     from bench.scale import main
 
     raise SystemExit(main(sys.argv[2:]))
+
+if sys.argv[1:2] == ["roundtrips"]:
+    from bench.roundtrips import main as roundtrips
+
+    raise SystemExit(roundtrips(sys.argv[2:]))
 
 if sys.argv[1:2] in (["killstorm"], ["latency"], ["timeouts"]):  # see COMMANDS there
     from bench.sidebyside import run_command
