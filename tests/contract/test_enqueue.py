@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -149,6 +150,17 @@ def test_run_after_is_kept_and_honoured(backend, backend_alias):
     assert [j.id for j in backend.claim("w", _everything(), 10)] == [due.id]
     stats = backend.stats()
     assert stats.scheduled == 1 and stats.running == 1 and stats.ready == 0
+
+
+def test_each_result_keeps_its_own_run_after(backend, backend_alias):
+    """Two jobs due at the same moment, written in different zones, read back apart."""
+    at = (timezone.now() + timedelta(days=1)).replace(microsecond=0)
+    paris = on(tasks.add, backend_alias, run_after=at.astimezone(ZoneInfo("Europe/Paris")))
+    in_utc = on(tasks.add, backend_alias, run_after=at.astimezone(UTC))
+    first, second = paris.enqueue(1, 2), in_utc.enqueue(1, 2)
+    backend.get_result(first.id)
+    read = backend.get_result(second.id).task.run_after
+    assert read == at and read.utcoffset() == timedelta(0)
 
 
 def test_naive_run_after_is_refused(backend_alias):

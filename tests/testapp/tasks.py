@@ -412,3 +412,13 @@ class Unprintable(Exception):
 @task()
 def raises_unprintable() -> None:
     raise Unprintable()
+
+
+@task()
+def closes_connections(seconds: float) -> str:
+    """Close this thread's idle database connections, as many task bodies do, then sleep."""
+    from django.db import close_old_connections
+
+    close_old_connections()
+    time.sleep(seconds)
+    return "slept"

@@ -58,22 +58,23 @@ def stored_task(path: str, alias: str, queue_name: str, priority: int, run_after
     holds the same task.
     """
     registered = resolve_task(path)
-    key = (path, alias, queue_name, priority, run_after)
-    found = _stored.get(key)
+    key = (path, alias, queue_name, priority)
+    found = _stored.get(key) if run_after is None else None
     if found is not None and found[0] is registered:
         return found[1]
     task = copy.copy(registered)
     for name, value in zip(
-        ("backend", "queue_name", "priority", "run_after"), key[1:], strict=True
+        ("backend", "queue_name", "priority", "run_after"), (*key[1:], run_after), strict=True
     ):
         object.__setattr__(task, name, value)
-    if len(_stored) >= STORED_TASKS:
-        _stored.clear()
-    _stored[key] = (registered, task)
+    if run_after is None:  # a time would be kept as the first job had it, zone and all
+        if len(_stored) >= STORED_TASKS:
+            _stored.clear()
+        _stored[key] = (registered, task)
     return task
 
 
-STORED_TASKS = 1024  # copies kept; most jobs share a handful (run_after makes the rest)
+STORED_TASKS = 1024  # copies kept (of jobs without a run_after); most share a handful
 _stored: dict[tuple[Any, ...], tuple[Task, Task]] = {}
 
 

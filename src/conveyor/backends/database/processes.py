@@ -17,6 +17,7 @@ from conveyor.backends.database.models import Job
 
 if TYPE_CHECKING:
     from conveyor.backends.database.store import Store
+    from conveyor.backends.database.waiters import FileChangeWaiter
     from conveyor.records import Job as JobRecord
     from conveyor.records import QueueSelector
 
@@ -34,6 +35,10 @@ class DatabaseProcesses(StoreBackend):
 
         @property
         def vendor(self) -> str: ...
+
+    # The SQLite waiter reading data_version on the worker's own connection, told of the
+    # writes by which this process makes jobs ready (its data_version does not show them).
+    own_waiter: FileChangeWaiter | None = None
 
     @property
     def supports_wakeup(self) -> bool:  # type: ignore[override]
@@ -57,6 +62,8 @@ class DatabaseProcesses(StoreBackend):
         The payload names the queue, so only workers serving it wake; without ``jobs``
         (queues unknown) it is empty, and every idle worker wakes.
         """
+        if count and self.own_waiter is not None:
+            self.own_waiter.poke()  # its data_version does not show this process's writes
         if not count or self.vendor != "postgresql":
             return count
         names = sorted({job.queue_name for job in jobs}) if jobs is not None else [""]
@@ -107,7 +114,10 @@ class DatabaseProcesses(StoreBackend):
             # A worker process's claims and saves go through its private connection:
             # reading data_version there, its own commits wake nobody.
             own = self.worker_store.using
-            return FileChangeWaiter(path, own=own if own != self.store.using else None)
+            waiter = FileChangeWaiter(path, own=own if own != self.store.using else None)
+            if waiter.own is not None:
+                self.own_waiter = waiter
+            return waiter
         return Waiter()
 
     # --- process life -------------------------------------------------------------------

@@ -205,7 +205,7 @@ def _listen_params(params: dict[str, Any]) -> dict[str, Any]:
     return {**extra, **listen}  # what the project set wins
 
 
-SETTLE_LOOKS = (0.0001, 0.0002, 0.0004, 0.0008, 0.0016, 0.0032)  # waits between looks
+SETTLE_LOOKS = (0.0001, 0.0002, 0.0004, 0.0008, 0.0016, 0.0032, 0.0064)  # between looks
 RECHECK = 0.05  # after a write that was no visible commit, look again this soon
 INOTIFY_SLICE = 0.25  # longest block on file events before looking for a stop request
 POLL_SLICE = 0.1  # how often data_version is read where inotify is missing
@@ -219,9 +219,10 @@ class FileChangeWaiter(Waiter):
     checked with ``PRAGMA data_version``, which changes only when another connection
     committed: checkpoints, a new ``-wal`` file and rolled-back writes wake nobody. A
     worker process reads it on its own bookkeeping connection (``own``, a database alias),
-    so its claims and saves do not wake it either; otherwise the waiter opens a read-only
-    connection of its own. Where inotify is missing, data_version is read every 100 ms. No
-    table is read until there may be work.
+    so its claims and saves do not wake it either; its writes that make jobs ready again
+    (a retry, a put-back) wake it through ``poke()`` instead, as they send a NOTIFY on
+    PostgreSQL. Otherwise the waiter opens a read-only connection of its own. Where inotify
+    is missing, data_version is read every 100 ms. No table is read until there may be work.
     """
 
     def __init__(self, path: str, own: str | None = None) -> None:
@@ -231,7 +232,15 @@ class FileChangeWaiter(Waiter):
         self.own = own
         self.db = None if own is not None else _open_read_only(path)
         self.readable = own is not None or self.db is not None
+        self.poked = False
+        # A data_version means something only on the connection that read it: the one
+        # read on is kept with it (a reopened connection starts its count afresh).
+        self.read_on: object = None
         self.version = self._version()
+
+    def poke(self) -> None:
+        """The worker itself made jobs ready: its next wait ends at once."""
+        self.poked = True
 
     def wait(self, timeout: float) -> bool:
         """Wait for a commit; True at once if there was one since the last look.
@@ -243,7 +252,8 @@ class FileChangeWaiter(Waiter):
         """
         deadline = time.monotonic() + timeout
         recheck = self._written(0.0)
-        if self._committed():
+        if self._committed() or self.poked:
+            self.poked = False
             return True
         while not self.interrupted.is_set():
             left = deadline - time.monotonic()
@@ -287,17 +297,16 @@ class FileChangeWaiter(Waiter):
         """Say whether some other connection committed since the last look."""
         if not self.readable:
             return False
+        read_on = self.read_on
         version = self._version()
-        changed = version != self.version
+        changed = version != self.version or self.read_on is not read_on
         self.version = version
         return changed
 
     def _version(self) -> int | None:
         try:
             if self.own is not None:
-                with connections[self.own].cursor() as cursor:
-                    cursor.execute("PRAGMA data_version")
-                    return int(cursor.fetchone()[0])
+                return self._own_version()
             if self.db is None:
                 return None
             return int(self.db.execute("PRAGMA data_version").fetchone()[0])
@@ -309,6 +318,17 @@ class FileChangeWaiter(Waiter):
             logger.info("Cannot read PRAGMA data_version (%s); every file event wakes.", e)
             self._close_db()
             return None
+
+    def _own_version(self) -> int:
+        """data_version on the worker's own connection, read on the driver's connection
+        (nothing for debug logs or query instrumentation to record at every look)."""
+        conn = connections[self.own or ""]
+        conn.ensure_connection()
+        with conn.wrap_database_errors:
+            raw = conn.connection
+            value = int(raw.execute("PRAGMA data_version").fetchone()[0])
+        self.read_on = raw
+        return value
 
     def _close_db(self) -> None:
         db, self.db = self.db, None

@@ -1,0 +1,62 @@
+"""A woken worker is never left asleep by its own doings.
+
+On SQLite a worker process reads whether another connection committed on its own
+bookkeeping connection, so that its claims and saves do not wake it. These are the cases
+that must wake it all the same: jobs its own writes make ready again (a snooze or retry
+with no delay), and commits while a task closed and reopened that connection.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from django.tasks import TaskResultStatus
+
+from tests.helpers import Worker, job, on, wait_for
+from tests.testapp import tasks
+
+pytestmark = pytest.mark.acceptance
+
+QUIET = {"LEASE": 30.0}  # no heartbeat (a commit) to wake an idle worker by chance
+SOON = 1.0  # seconds: a worker left asleep would take IDLE_WAKEUP_WAIT (5 s)
+
+
+def succeeded(result) -> bool:  # type: ignore[no-untyped-def]
+    return job(result).status == TaskResultStatus.SUCCESSFUL
+
+
+@pytest.mark.parametrize("threads", ["1", "4"])
+def test_jobs_a_worker_makes_ready_again_are_taken_at_once(backend_alias, tmp_path: Path, threads):
+    took = []
+    again = on(tasks.asks_to_retry, backend_alias, retries=2)
+    with Worker(backend_alias, "--processes", "1", "--threads", threads, options=QUIET) as w:
+        warm = on(tasks.noop, backend_alias).enqueue()
+        wait_for(lambda: succeeded(warm))
+        # A snooze of no time, then two retries of no delay (which the task asks for).
+        for i, task in enumerate([on(tasks.snoozes, backend_alias), again]):
+            time.sleep(0.3)  # the worker is idle again
+            began = time.monotonic()
+            result = task.enqueue(str(tmp_path / f"tries-{i}"), 0)
+            wait_for(lambda: succeeded(result), timeout=20, every=0.005)  # noqa: B023
+            took.append(time.monotonic() - began)
+        w.signal()
+        assert w.wait() == 0, w.output
+    assert max(took) < SOON, took
+
+
+def test_a_task_that_closes_the_connections_leaves_the_worker_awake(backend_alias):
+    for _ in range(3):  # the worker's connection has committed before the task closes it
+        on(tasks.noop, backend_alias).enqueue()
+    closing = on(tasks.closes_connections, backend_alias).enqueue(1.0)
+    with Worker(backend_alias, "--processes", "1", options=QUIET) as w:
+        wait_for(lambda: job(closing).status == TaskResultStatus.RUNNING, every=0.005)
+        time.sleep(0.3)
+        began = time.monotonic()
+        later = on(tasks.noop, backend_alias).enqueue()  # while the connection is closed
+        wait_for(lambda: succeeded(later), timeout=20, every=0.005)
+        took = time.monotonic() - began
+        w.signal()
+        assert w.wait() == 0, w.output
+    assert took < 0.7 + SOON, took  # the task ends 0.7 s after the enqueue
