@@ -209,7 +209,10 @@ class Loop:
 
     def _claim(self) -> list[Job] | None:
         """Claim what there is room for; None if the store could not be reached."""
-        serving = self.pauses.serving(idle=self.came_up_empty)
+        # An idle process (its last claim found nothing, or it waited since) looks at the
+        # pauses afresh while some are on: what woke it may be a queue's resume.
+        serving = self.pauses.serving(idle=self.came_up_empty or self.idle.waited)
+        self.idle.waited = False
         try:
             self.idle.claiming()
             room = self._room()

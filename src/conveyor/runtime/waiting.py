@@ -77,6 +77,7 @@ class Idle:
         self.waiter: Waiter = Waiter()
         self.wakeups = False
         self.emptied = False  # the last claim left nothing behind, and nothing woke us since
+        self.waited = False  # it waited for work since its last claim
         self.next_stage = 0.0
         self.poll = MIN_POLL
 
@@ -113,6 +114,7 @@ class Idle:
 
     def wait(self) -> None:
         """Wait for work; where nothing wakes workers, each wait is longer than the last."""
+        self.waited = True
         if not self.wakeups:
             self._wait_for_work(self.poll)
             self.poll = min(self.poll * 2, self.backend.conveyor_options.poll_interval)
