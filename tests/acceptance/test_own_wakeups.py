@@ -2,18 +2,22 @@
 
 On SQLite a worker process reads whether another connection committed on its own
 bookkeeping connection, so that its claims and saves do not wake it. These are the cases
-that must wake it all the same: jobs its own writes make ready again (a snooze or retry
-with no delay), and commits while a task closed and reopened that connection.
+that must wake it all the same: jobs its own writes make ready (a snooze or retry with no
+delay, a schedule's run started from a task), and commits while a task closed and reopened
+that connection.
 """
 
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from django.tasks import TaskResultStatus
+from django.tasks import TaskResultStatus, task_backends
+from django.utils import timezone
 
+from conveyor import schedules
 from tests.helpers import Worker, job, on, wait_for
 from tests.testapp import tasks
 
@@ -60,3 +64,23 @@ def test_a_task_that_closes_the_connections_leaves_the_worker_awake(backend_alia
         w.signal()
         assert w.wait() == 0, w.output
     assert took < 0.7 + SOON, took  # the task ends 0.7 s after the enqueue
+
+
+@pytest.mark.parametrize("threads", ["1", "4"])
+def test_a_schedule_run_started_by_a_task_is_taken_at_once(backend_alias, threads):
+    later = timezone.now() + timedelta(days=1)
+    schedules.create("hourly-noop", tasks.noop, every=3600, start=later, backend=backend_alias)
+    with Worker(backend_alias, "--processes", "1", "--threads", threads, options=QUIET) as w:
+        warm = on(tasks.noop, backend_alias).enqueue()
+        wait_for(lambda: succeeded(warm))
+        time.sleep(0.3)  # the worker is idle again
+        began = time.monotonic()
+        starter = on(tasks.runs_schedule, backend_alias).enqueue("hourly-noop", backend_alias)
+        wait_for(lambda: succeeded(starter), every=0.005)
+        made = schedules.get("hourly-noop", backend=backend_alias).last_result_id
+        run = task_backends[backend_alias].get_result(made)
+        wait_for(lambda: succeeded(run), timeout=20, every=0.005)
+        took = time.monotonic() - began
+        w.signal()
+        assert w.wait() == 0, w.output
+    assert took < SOON, took

@@ -422,3 +422,12 @@ def closes_connections(seconds: float) -> str:
     close_old_connections()
     time.sleep(seconds)
     return "slept"
+
+
+@task()
+def runs_schedule(name: str, backend: str) -> str:
+    """Start a run of the schedule ``name`` now, from inside a task."""
+    from conveyor import schedules
+
+    schedules.run(name, backend=backend)
+    return "ran"

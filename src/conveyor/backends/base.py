@@ -79,6 +79,9 @@ class Waiter:
         """End the current and every later wait at once (the worker is stopping)."""
         self.interrupted.set()
 
+    def claiming(self) -> None:
+        """The worker claims now: it will see all it was woken for until this moment."""
+
     def close(self) -> None:
         """Release whatever the waiter holds."""
 

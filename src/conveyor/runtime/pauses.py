@@ -58,7 +58,7 @@ class Pauses:
     def _look(self) -> None:
         try:
             found = self.backend.paused_queues()
-            self.paused = frozenset(found)
+            self.paused = frozenset(name for name in found if self.queues.allows(name))
             self.ends = [
                 clock.aware(end)
                 for name, end in found.items()

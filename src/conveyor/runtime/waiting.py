@@ -9,6 +9,7 @@ seconds. A store that cannot be reached is tried again after waits of ``STORE_BA
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -98,6 +99,7 @@ class Idle:
         """A claim begins: make due scheduled jobs ready first, if it is their turn."""
         self.emptied = False
         self.stage()
+        self.waiter.claiming()
 
     def claimed(self, found: int, room: int) -> None:
         """A claim found ``found`` jobs where there was ``room``."""
@@ -171,6 +173,8 @@ class Idle:
                 e,
                 self.backend.conveyor_options.poll_interval,
             )
+            with contextlib.suppress(Exception):  # what it holds (a file watch, a socket)
+                self.waiter.close()
             self.waiter = Waiter()
             self.wakeups = False
             self.waiter.wait(min(timeout, self.backend.conveyor_options.poll_interval))

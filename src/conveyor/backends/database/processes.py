@@ -62,8 +62,8 @@ class DatabaseProcesses(StoreBackend):
         The payload names the queue, so only workers serving it wake; without ``jobs``
         (queues unknown) it is empty, and every idle worker wakes.
         """
-        if count and self.own_waiter is not None:
-            self.own_waiter.poke()  # its data_version does not show this process's writes
+        if count:
+            self._poke_own()
         if not count or self.vendor != "postgresql":
             return count
         names = sorted({job.queue_name for job in jobs}) if jobs is not None else [""]
@@ -119,6 +119,12 @@ class DatabaseProcesses(StoreBackend):
                 self.own_waiter = waiter
             return waiter
         return Waiter()
+
+    def _poke_own(self) -> None:
+        """This process wrote jobs ready on its own connection, whose data_version does not
+        show its own writes: its next idle wait ends at once (SQLite)."""
+        if self.own_waiter is not None:
+            self.own_waiter.poke()
 
     # --- process life -------------------------------------------------------------------
 

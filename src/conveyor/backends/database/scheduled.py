@@ -50,6 +50,8 @@ class DatabaseSchedules(StoreBackend):
 
         def _raise_if_not_migrated(self, error: DatabaseError) -> None: ...
 
+        def _poke_own(self) -> None: ...
+
         def _new_row(
             self,
             task: Task,
@@ -171,7 +173,9 @@ class DatabaseSchedules(StoreBackend):
     def _insert_runs(self, rows: list[Job], period: float | None) -> list[Job]:
         """Store the jobs of one schedule's runs in one statement (per 500)."""
         notify = (self.channel, rows[0].queue_name) if self.vendor == "postgresql" else None
-        return transitions.insert(self.worker_store, rows, notify, period)
+        stored = transitions.insert(self.worker_store, rows, notify, period)
+        self._poke_own()  # a run started from a task, on the worker's own connection
+        return stored
 
 
 def unrunnable(spec: ScheduleSpec, due: datetime, error: Exception) -> None:

@@ -242,6 +242,10 @@ class FileChangeWaiter(Waiter):
         """The worker itself made jobs ready: its next wait ends at once."""
         self.poked = True
 
+    def claiming(self) -> None:
+        """A claim begins: it sees what the worker made ready, so no wait ends for that."""
+        self.poked = False
+
     def wait(self, timeout: float) -> bool:
         """Wait for a commit; True at once if there was one since the last look.
 
@@ -260,7 +264,7 @@ class FileChangeWaiter(Waiter):
             if left <= 0:
                 return False
             if self._written(min(left, RECHECK if recheck else INOTIFY_SLICE)):
-                if not self.readable or self._committed_soon():
+                if not self.readable or self.version is None or self._committed_soon():
                     return True
                 recheck = True
             elif self._committed():  # a commit whose file event came before its index update
@@ -312,7 +316,8 @@ class FileChangeWaiter(Waiter):
             return int(self.db.execute("PRAGMA data_version").fetchone()[0])
         except (sqlite3.Error, DatabaseError) as e:
             if self.own is not None:
-                # The loop's next claim meets the same trouble and backs off; wake for it.
+                # Woken once for it (the loop's claim meets the same trouble and backs off);
+                # until a read works again, every file event wakes.
                 logger.debug("Cannot read PRAGMA data_version (%s); waking to look.", e)
                 return None
             logger.info("Cannot read PRAGMA data_version (%s); every file event wakes.", e)
