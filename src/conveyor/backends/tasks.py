@@ -58,16 +58,21 @@ def stored_task(path: str, alias: str, queue_name: str, priority: int, run_after
     holds the same task.
     """
     registered = resolve_task(path)
-    key = (path, alias, queue_name, priority)
-    found = _stored.get(key) if run_after is None else None
+    # Only tasks without a run_after are kept: a time would come back as the first job
+    # that had it wrote it, zone and all.
+    key = (path, alias, queue_name, priority) if run_after is None else None
+    found = _stored.get(key) if key is not None else None
     if found is not None and found[0] is registered:
         return found[1]
     task = copy.copy(registered)
-    for name, value in zip(
-        ("backend", "queue_name", "priority", "run_after"), (*key[1:], run_after), strict=True
+    for name, value in (
+        ("backend", alias),
+        ("queue_name", queue_name),
+        ("priority", priority),
+        ("run_after", run_after),
     ):
         object.__setattr__(task, name, value)
-    if run_after is None:  # a time would be kept as the first job had it, zone and all
+    if key is not None:
         if len(_stored) >= STORED_TASKS:
             _stored.clear()
         _stored[key] = (registered, task)

@@ -278,7 +278,7 @@ class FileChangeWaiter(Waiter):
 
         A commit appends to the ``-wal`` file first and then updates the shared index
         (``-shm``, memory-mapped: no file event), where ``data_version`` reads it; with
-        ``synchronous=FULL`` a flush to disk comes in between. A few looks over ~6 ms;
+        ``synchronous=FULL`` a flush to disk comes in between. A few looks over ~13 ms;
         one landing later is found by the look after ``RECHECK``.
         """
         for pause in SETTLE_LOOKS:
