@@ -8,6 +8,7 @@ write about that delivery names the token.
 
 from __future__ import annotations
 
+import functools
 import random
 import secrets
 import time
@@ -27,7 +28,7 @@ from conveyor.backends.database.store import (
     TABLE,
     Store,
     keep_slot,
-    to_record,
+    record_of,
 )
 from conveyor.records import Job as JobRecord
 from conveyor.records import QueueSelector, State
@@ -256,7 +257,8 @@ def run_now(store: Store, keys: Sequence[Any]) -> int:
     return moved
 
 
-def _arms(store: Store, queues: QueueSelector, limit: int) -> tuple[str, list[Any]]:
+@functools.lru_cache(maxsize=256)
+def _arms(store: Store, queues: QueueSelector, limit: int) -> tuple[str, tuple[Any, ...]]:
     """The SELECT that picks the best ``limit`` ready jobs for ``queues``.
 
     A worker serving named queues reads each queue's rows through the per-queue index and
@@ -272,17 +274,17 @@ def _arms(store: Store, queues: QueueSelector, limit: int) -> tuple[str, list[An
             marks = ", ".join(["%s"] * len(queues.exclude))
             sql += f" AND queue_name NOT IN ({marks})"
             params += sorted(queues.exclude)
-        return sql + tail, [*params, limit]
+        return sql + tail, (*params, limit)
     names = sorted(queues.include - queues.exclude)
     if len(names) == 1:
-        return f"{base} AND queue_name = %s{tail}", [store.backend, names[0], limit]
+        return f"{base} AND queue_name = %s{tail}", (store.backend, names[0], limit)
     arms = " UNION ALL ".join(
         f"{columns} FROM ({base} AND queue_name = %s{tail}) AS q{i}" for i in range(len(names))
     )
     per_queue = [p for name in names for p in (store.backend, name, limit)]
     return (
         f"{columns} FROM ({arms}) AS picked ORDER BY {CLAIM_ORDER} LIMIT %s",
-        [*per_queue, limit],
+        (*per_queue, limit),
     )
 
 
@@ -293,25 +295,38 @@ def claim(store: Store, worker_id: str, queues: QueueSelector, limit: int) -> li
     d = store.dialect
     pick, pick_params = _arms(store, queues, limit)
     token = secrets.token_hex(8)
-    # started_at and last_attempted_at are written when the task really starts.
-    assign = (
-        f"state = 'running', lease_owner = %s, delivery = %s, lease_expires_at = {d.later()}, "
-        f"attempts = attempts + 1, worker_ids = {d.append_text('worker_ids')}"
-        f"{keep_slot(State.RUNNING)}"
-    )
     assign_params = [worker_id, token, store.lease, worker_id]
     if d.update_returning:
         if d.probe_before_claim and not store.fetch(*_arms(store, queues, 1)):
             return []  # nothing to take: a read, so no write lock is taken
-        returning = ", ".join(f"{TABLE}.{column}" for column in COLUMNS.split(", "))
         sql, params = d.claim_statement(
-            TABLE, (pick, pick_params), (assign, assign_params), returning
+            TABLE, (pick, list(pick_params)), (_assign(store), assign_params), RETURNING
         )
-        rows = store.rows(sql, params, returning)
+        rows = store.values(sql, params, RETURNING)
     else:
-        rows = _claim_locked(store, pick, pick_params, assign, assign_params, token)
-    rows.sort(key=lambda row: (-row.priority, row.available_at or row.enqueued_at, row.pk))
-    return [to_record(row) for row in rows]
+        locked = _claim_locked(store, pick, list(pick_params), _assign(store), assign_params, token)
+        rows = [vars(row) for row in locked]
+    rows.sort(
+        key=lambda row: (-row["priority"], row["available_at"] or row["enqueued_at"], row["id"])
+    )
+    return [record_of(row) for row in rows]
+
+
+RETURNING = ", ".join(f"{TABLE}.{column}" for column in COLUMNS.split(", "))
+
+
+@functools.lru_cache(maxsize=16)
+def _assign(store: Store) -> str:
+    """What a claim sets; its parameters: the worker id, the token, the lease, the worker id.
+
+    ``started_at`` and ``last_attempted_at`` are written when the task really starts.
+    """
+    d = store.dialect
+    return (
+        f"state = 'running', lease_owner = %s, delivery = %s, lease_expires_at = {d.later()}, "
+        f"attempts = attempts + 1, worker_ids = {d.append_text('worker_ids')}"
+        f"{keep_slot(State.RUNNING)}"
+    )
 
 
 def _claim_locked(
