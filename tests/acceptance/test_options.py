@@ -62,6 +62,25 @@ def test_a_task_past_its_time_limit_is_stopped_and_nothing_else_is_lost(
     assert "Traceback" not in worker.output
 
 
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"], indirect=True)
+def test_time_limits_are_kept_while_many_processes_start(backend_alias, tmp_path: Path):
+    # Starting 32 processes takes the supervisor a second or more here; the first ones
+    # take the overrunning jobs at once. Each limit is kept between two starts, not once
+    # every process is up.
+    log = tmp_path / "log"
+    slow = conveyor.bulk_enqueue(on(tasks.overruns_soon, backend_alias), [(str(log), 30)] * 4)
+    with Worker(backend_alias, "--processes", "32") as worker:
+        for result in slow:
+            wait_for(lambda r=result: job(r).status == TaskResultStatus.FAILED, timeout=20)
+        worker.signal()
+        assert worker.wait() == 0, worker.output
+    for result in slow:
+        failed = job(result)
+        assert failed.errors[-1].exception_class_path == "conveyor.exceptions.TimeLimitExceeded"
+        ran = (failed.finished_at - failed.last_attempted_at).total_seconds()
+        assert 0.2 <= ran < 0.55, (ran, worker.output)  # stopped soon after its 0.2 s limit
+
+
 def test_a_time_limit_is_retried_when_the_policy_allows(backend_alias, tmp_path: Path):
     slow = on(tasks.overruns, backend_alias).using(retries=1, retry_backoff=0.1)
     result = slow.enqueue(str(tmp_path / "log"), 30)

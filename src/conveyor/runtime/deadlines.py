@@ -51,15 +51,26 @@ class Deadlines:
         """Stop each child running a task past its time limit, or cancelled and not stopping.
 
         The child is replaced at once; its other jobs are saved or put back uncounted.
+        Every such child is killed before any is recorded: when many tasks reach their
+        limits together, none waits for the others' bookkeeping to be stopped.
         """
         now, grace = time.monotonic(), self.backend.conveyor_options.cancel_grace
+        overdue = []
         for child in list(self.processes.children):
             pid = child.process.pid
             if pid is None:
                 continue
             stopped = self._overdue(child, pid, now, grace)
             if stopped:
-                self._stop(child, pid, stopped)
+                self.processes.signal_kill(pid)
+                overdue.append((child, pid, stopped))
+        for child, pid, stopped in overdue:
+            self._stop(child, pid, stopped)
+
+    def due(self) -> bool:
+        """Say whether some running task is past its deadline now."""
+        now = time.monotonic()
+        return any(0.0 < child.slots.next_deadline() <= now for child in self.processes.children)
 
     def _overdue(
         self, child: Child, pid: int, now: float, grace: float

@@ -150,14 +150,22 @@ class Processes:
                 continue
             delay = self._respawn_delay(child, crashed, how)
             self.respawn_at.append((time.monotonic() + delay, child.pool))
-        self.respawn_due()
+
+    def signal_kill(self, pid: int) -> None:
+        """Send SIGKILL to process ``pid`` (gone already: nothing to do)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
     def kill(self, child: Child, pid: int) -> None:
         """Kill ``child`` (its process ``pid``) at once and wait for it to go."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        self.signal_kill(pid)
         child.process.join(timeout=KILL_WAIT)
         self.children.remove(child)
+
+    def start_soon(self, pool: int, count: int) -> None:
+        """Have ``count`` processes started in ``pool`` by the next turns of the loop, each
+        start leaving room to stop a task past its limit first."""
+        self.respawn_at.extend([(time.monotonic(), pool)] * count)
 
     def replace(self, child: Child) -> None:
         """Start another process in the pool of ``child`` at once, unless stopping."""
@@ -182,8 +190,12 @@ class Processes:
         )
         return delay
 
-    def respawn_due(self) -> None:
-        """Start the processes whose time has come (none once stopping)."""
+    def respawn_due(self, until: Callable[[], bool] | None = None) -> None:
+        """Start the processes whose time has come (none once stopping).
+
+        ``until``: asked after each start; True leaves the rest for the next turn (a fork
+        takes milliseconds, and a time limit falling due meanwhile comes first).
+        """
         if self.stopping():
             self.respawn_at.clear()
             return
@@ -191,6 +203,8 @@ class Processes:
         for due in [due for due in self.respawn_at if due[0] <= now]:
             self.respawn_at.remove(due)
             self.spawn(due[1])
+            if until is not None and until():
+                return
 
     # --- stopping --------------------------------------------------------------------------
 

@@ -141,8 +141,7 @@ class Supervisor:
         if self.scheduler is not None:
             self.scheduler.sync()
         for index, pool in enumerate(self.settings.all_pools):
-            for _ in range(pool.processes):
-                self.processes.spawn(index)
+            self.processes.start_soon(index, pool.processes)
         while self.processes.children or (self.processes.respawn_at and not self.stop.signals):
             self._cycle()
         self._finish()
@@ -152,7 +151,7 @@ class Supervisor:
         self._sleep()
         self.processes.reap()
         self.deadlines.enforce()
-        self.processes.respawn_due()
+        self.processes.respawn_due(until=self.deadlines.due)
         self.stop.handle(self.processes)
         self.leases.tick(self.processes.children)
         self.announcers.announce()
