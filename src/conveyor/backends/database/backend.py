@@ -155,12 +155,17 @@ class DatabaseBackend(DatabaseControls, DatabaseHousekeeping, DatabaseProcesses,
             raise
         if row is None:
             raise TaskResultDoesNotExist(result_id)
-        return self.row_to_result(row)
+        return self.values_to_result(row)
 
     def row_to_result(self, row: Job) -> TaskResult:
         """The ``TaskResult`` a stored job stands for, even if its task is gone."""
-        status = State(row.state).django_status
-        return self.stored_result(store.to_record(row), status, row.finished_at, row.return_value)
+        return self.values_to_result(vars(row))
+
+    def values_to_result(self, values: Mapping[str, Any]) -> TaskResult:
+        """``row_to_result`` for a row read as its values by column name."""
+        status = State(values["state"]).django_status
+        record = store.record_of(values)
+        return self.stored_result(record, status, values["finished_at"], values["return_value"])
 
     # --- the worker store ---------------------------------------------------------------
 

@@ -37,10 +37,11 @@ QUARTER_HOUR = 900  # seconds: every time zone is a whole number of them from UT
 FIND = f"SELECT {RESULT_COLUMNS} FROM {TABLE} WHERE backend_name = %s AND uuid = %s"
 
 
-def find(store: Store, result_id: uuid.UUID) -> Job | None:
-    """The job stored under ``result_id``, or None; what every result poll reads."""
+def find(store: Store, result_id: uuid.UUID) -> dict[str, Any] | None:
+    """The job stored under ``result_id`` (its ``RESULT_COLUMNS`` by name), or None; what
+    every result poll reads."""
     key = Job._meta.get_field("uuid").get_db_prep_value(result_id, store.connection)
-    rows = store.rows(FIND, [store.backend, key], RESULT_COLUMNS)
+    rows = store.values(FIND, [store.backend, key], RESULT_COLUMNS)
     return rows[0] if rows else None
 
 
