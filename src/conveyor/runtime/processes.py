@@ -79,21 +79,32 @@ class Processes:
         self.stop_killed: set[int] = set()  # children stopped at once for sigkill_on_stop
         self.put_off_until = 0.0  # forks wait for no scrape before then
 
-    def spawn(self, pool: int = 0) -> None:
+    def spawn(self, pool: int = 0) -> Child | None:
         """Start a worker process on the queues of ``pool`` (a little later if it cannot be
-        forked now)."""
+        forked now); the process, unregistered yet (``register``)."""
         now = time.monotonic()
         if now < self.put_off_until:  # a scrape was reading a moment ago: no wait again
             self.respawn_at.append((self.put_off_until, pool))
-            return
+            return None
         with exporter.forking() as free:
             if free:
-                self._start(pool)
-            else:
-                self.put_off_until = now + FORK_LATER
-                self.respawn_at.append((self.put_off_until, pool))
+                return self._start(pool)
+            self.put_off_until = now + FORK_LATER
+            self.respawn_at.append((self.put_off_until, pool))
+            return None
 
-    def _start(self, pool: int) -> None:
+    def register(self, started: list[Child]) -> None:
+        """Note processes just started in the workers table (shown by ``conveyor status``).
+
+        Done after a turn's forks, not between them: each fork closes the supervisor's
+        connections, and a write between two forks would open them again.
+        """
+        for child in started:
+            with contextlib.suppress(Exception):
+                queues = self.settings.all_pools[child.pool].queues
+                self.registry.register(child.worker_id, "process", child.process.pid or 0, queues)
+
+    def _start(self, pool: int) -> Child:
         self.spawned += 1
         worker_id = f"{self.host}:{self.spawned}"
         taken = {child.place for child in self.children}
@@ -118,9 +129,7 @@ class Processes:
         child = Child(process=process, worker_id=worker_id, slots=slots, pool=pool, place=place)
         self.children.append(child)
         logger.info("Started worker process %s (%s)", process.pid, worker_id)
-        with contextlib.suppress(Exception):
-            queues = self.settings.all_pools[pool].queues
-            self.registry.register(worker_id, "process", process.pid or 0, queues)
+        return child
 
     def _config(self, worker_id: str, pool: int, place: int) -> WorkerConfig:
         return WorkerConfig(
@@ -199,12 +208,15 @@ class Processes:
         if self.stopping():
             self.respawn_at.clear()
             return
-        now = time.monotonic()
+        now, started = time.monotonic(), []
         for due in [due for due in self.respawn_at if due[0] <= now]:
             self.respawn_at.remove(due)
-            self.spawn(due[1])
+            child = self.spawn(due[1])
+            if child is not None:
+                started.append(child)
             if until is not None and until():
-                return
+                break
+        self.register(started)
 
     # --- stopping --------------------------------------------------------------------------
 

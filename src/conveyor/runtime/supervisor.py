@@ -151,7 +151,7 @@ class Supervisor:
         self._sleep()
         self.processes.reap()
         self.deadlines.enforce()
-        self.processes.respawn_due(until=self.deadlines.due)
+        self.processes.respawn_due(until=self._other_work_due)
         self.stop.handle(self.processes)
         self.leases.tick(self.processes.children)
         self.announcers.announce()
@@ -160,6 +160,10 @@ class Supervisor:
             if self.scheduler is not None:
                 self.scheduler.tick()
         self._update_progress()
+
+    def _other_work_due(self) -> bool:
+        """Say whether a time limit or a heartbeat is due: starting processes waits for it."""
+        return time.monotonic() >= self.leases.next_beat or self.deadlines.due()
 
     def _finish(self) -> None:
         self.leases.retry_releases()
