@@ -501,3 +501,36 @@ def _info(alias: str, worker_id: str, kind: str = "process", supervisor: str | N
         supervisor=supervisor,
         started_at=timezone.now(),
     )
+
+
+def test_a_claim_leases_by_the_store_clock_of_the_moment(backend, backend_alias):
+    # What an earlier claim saw of the store's clock never carries over to a later one.
+    task = on(tasks.add, backend_alias)
+    task.enqueue(1, 1)
+    backend.claim("real", ALL, 1)
+    with store_clock() as clock:
+        clock.advance(3600)
+        ahead = task.enqueue(2, 2)
+        assert [job.id for job in backend.claim("ahead", ALL, 1)] == [ahead.id]
+        assert backend.reclaim(["ahead"]) == []  # leased from this clock's now
+    later = task.enqueue(3, 3)
+    assert [job.id for job in backend.claim("later", ALL, 1)] == [later.id]
+    with store_clock() as clock:
+        clock.advance(backend.conveyor_options.lease * 1.5)
+        assert backend.recover() == 2  # "real" and "later"; "ahead" holds its lease an hour
+    assert backend.get_result(later.id).status == TaskResultStatus.READY
+    assert backend.get_result(ahead.id).status == TaskResultStatus.RUNNING
+
+
+def test_a_result_read_from_a_row_with_deferred_fields(backend, backend_alias):
+    if backend_alias == "memory":
+        pytest.skip("the memory store keeps no model rows")
+    from conveyor.backends.database.models import Job
+
+    result = on(tasks.add, backend_alias).enqueue(2, 3)
+    [claimed] = backend.claim("w", ALL, 1)
+    outcome = Outcome(started_at=timezone.now(), finished_at=timezone.now(), return_value=5)
+    backend.complete([(claimed, outcome)])
+    row = Job.objects.using(backend.store.using).defer("return_value", "args").get(uuid=result.id)
+    read = backend.row_to_result(row)
+    assert read.return_value == 5 and read.args == [2, 3]

@@ -68,9 +68,12 @@ class Deadlines:
             self._stop(child, pid, stopped)
 
     def due(self) -> bool:
-        """Say whether some running task is past its deadline now."""
-        now = time.monotonic()
-        return any(0.0 < child.slots.next_deadline() <= now for child in self.processes.children)
+        """Say whether some running task is past its deadline, or its cancel's grace, now."""
+        now, grace = time.monotonic(), self.backend.conveyor_options.cancel_grace
+        return any(
+            0.0 < child.slots.next_deadline() <= now or self.leases.overdue_cancels(child, grace)
+            for child in self.processes.children
+        )
 
     def _overdue(
         self, child: Child, pid: int, now: float, grace: float

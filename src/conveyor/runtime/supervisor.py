@@ -162,8 +162,11 @@ class Supervisor:
         self._update_progress()
 
     def _other_work_due(self) -> bool:
-        """Say whether a time limit or a heartbeat is due: starting processes waits for it."""
-        return time.monotonic() >= self.leases.next_beat or self.deadlines.due()
+        """Say whether a stop, a time limit, an overdue cancel or a heartbeat is due:
+        starting processes waits for it."""
+        if self.stop.signals or time.monotonic() >= self.leases.next_beat:
+            return True
+        return self.deadlines.due()
 
     def _finish(self) -> None:
         self.leases.retry_releases()

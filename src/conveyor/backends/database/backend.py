@@ -159,7 +159,7 @@ class DatabaseBackend(DatabaseControls, DatabaseHousekeeping, DatabaseProcesses,
 
     def row_to_result(self, row: Job) -> TaskResult:
         """The ``TaskResult`` a stored job stands for, even if its task is gone."""
-        return self.values_to_result(vars(row))
+        return self.values_to_result(store.fields_of(row))
 
     def values_to_result(self, values: Mapping[str, Any]) -> TaskResult:
         """``row_to_result`` for a row read as its values by column name."""

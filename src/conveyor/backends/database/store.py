@@ -154,13 +154,25 @@ def _driver(conn: BaseDatabaseWrapper) -> Any | None:
     return conn.connection
 
 
-@functools.lru_cache(maxsize=512)
 def _qmark(sql: str) -> str:
     """``sql`` with the ``%s`` placeholders SQLite's driver takes as ``?``, as Django's
-    SQLite cursor converts them."""
+    SQLite cursor converts them. The statements of every job are short and few, and kept;
+    long ones (a bulk insert, a long ``IN`` list) differ at each size and are not."""
+    if len(sql) > QMARK_KEPT:
+        return _convert_marks(sql)
+    return _kept_qmark(sql)
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_qmark(sql: str) -> str:
+    return _convert_marks(sql)
+
+
+def _convert_marks(sql: str) -> str:
     return _FORMAT_MARK.sub("?", sql).replace("%%", "%")
 
 
+QMARK_KEPT = 2000  # characters: longer statements are converted each time
 _FORMAT_MARK = re.compile(r"(?<!%)%s")
 
 Converter = Callable[[tuple[Any, ...], BaseDatabaseWrapper], list[Any]]
@@ -207,7 +219,15 @@ def _make_reading(conn: BaseDatabaseWrapper, columns: str) -> _Reading:
 
 def to_record(row: Job) -> JobRecord:
     """The frozen value the runtime works with, for one delivered row."""
-    return record_of(vars(row))
+    return record_of(fields_of(row))
+
+
+def fields_of(row: Job) -> dict[str, Any]:
+    """``row``'s values by column name, deferred ones read now (as attribute access would)."""
+    deferred = row.get_deferred_fields()
+    if deferred:
+        row.refresh_from_db(fields=list(deferred))
+    return vars(row)
 
 
 def record_of(values: Mapping[str, Any]) -> JobRecord:

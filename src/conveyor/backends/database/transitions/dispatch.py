@@ -27,6 +27,7 @@ from conveyor.backends.database.store import (
     IS_SCHEDULED,
     TABLE,
     Store,
+    fields_of,
     keep_slot,
     record_of,
 )
@@ -305,7 +306,7 @@ def claim(store: Store, worker_id: str, queues: QueueSelector, limit: int) -> li
         rows = store.values(sql, params, RETURNING)
     else:
         locked = _claim_locked(store, pick, list(pick_params), _assign(store), assign_params, token)
-        rows = [vars(row) for row in locked]
+        rows = [fields_of(row) for row in locked]
     rows.sort(
         key=lambda row: (-row["priority"], row["available_at"] or row["enqueued_at"], row["id"])
     )
@@ -315,11 +316,12 @@ def claim(store: Store, worker_id: str, queues: QueueSelector, limit: int) -> li
 RETURNING = ", ".join(f"{TABLE}.{column}" for column in COLUMNS.split(", "))
 
 
-@functools.lru_cache(maxsize=16)
 def _assign(store: Store) -> str:
     """What a claim sets; its parameters: the worker id, the token, the lease, the worker id.
 
-    ``started_at`` and ``last_attempted_at`` are written when the task really starts.
+    ``started_at`` and ``last_attempted_at`` are written when the task really starts. Made
+    at each claim: the store's clock in it depends on settings (``USE_TZ``) and on a test's
+    moved clock (``conveyor.testing.store_clock``).
     """
     d = store.dialect
     return (
