@@ -227,8 +227,9 @@ class Slots:
 
     def next_deadline(self) -> float:
         """The earliest deadline of a running task (monotonic clock), or 0.0 for none."""
-        deadlines = [d.deadline for d in self.read() if d.executing and d.deadline > 0.0]
-        return min(deadlines, default=0.0)
+        # Read off the raw columns: the supervisor asks for every child between two starts.
+        held = zip(self.keys[:], self.started[:], self.deadlines[:], strict=True)
+        return min((d for key, began, d in held if key and began > 0.0 and d > 0.0), default=0.0)
 
     @property
     def is_ready(self) -> bool:

@@ -70,10 +70,11 @@ class Deadlines:
     def due(self) -> bool:
         """Say whether some running task is past its deadline, or its cancel's grace, now."""
         now, grace = time.monotonic(), self.backend.conveyor_options.cancel_grace
-        return any(
-            0.0 < child.slots.next_deadline() <= now or self.leases.overdue_cancels(child, grace)
-            for child in self.processes.children
-        )
+        children = self.processes.children
+        if any(0.0 < child.slots.next_deadline() <= now for child in children):
+            return True
+        asked = self.leases.cancel_asked  # mostly empty: no slot is read then
+        return bool(asked) and any(self.leases.overdue_cancels(child, grace) for child in children)
 
     def _overdue(
         self, child: Child, pid: int, now: float, grace: float
