@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -79,6 +80,22 @@ def test_time_limits_are_kept_while_many_processes_start(backend_alias, tmp_path
         assert failed.errors[-1].exception_class_path == "conveyor.exceptions.TimeLimitExceeded"
         ran = (failed.finished_at - failed.last_attempted_at).total_seconds()
         assert 0.2 <= ran < 0.55, (ran, worker.output)  # stopped soon after its 0.2 s limit
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"], indirect=True)
+def test_a_stop_while_many_processes_start_ends_the_starts(backend_alias, tmp_path: Path):
+    # SIGTERM while the supervisor is still starting 32 processes: it starts no more, the
+    # running task is waited for, and every process it started is gone when it exits.
+    log = tmp_path / "log"
+    result = on(tasks.log_line, backend_alias).enqueue(str(log), "slow", sleep=1.0)
+    with Worker(backend_alias, "--processes", "32") as worker:
+        wait_for(lambda: lines(log), timeout=20)
+        worker.signal()
+        assert worker.wait() == 0, worker.output
+        with pytest.raises(ProcessLookupError):
+            os.killpg(worker.pid, 0)  # nothing of the worker is left
+    assert job(result).status == TaskResultStatus.SUCCESSFUL
+    assert 0 < worker.output.count("Started worker process") < 32, worker.output
 
 
 def test_a_time_limit_is_retried_when_the_policy_allows(backend_alias, tmp_path: Path):
