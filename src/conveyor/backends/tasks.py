@@ -183,6 +183,9 @@ def encode_arguments(
 
     Raises ``InvalidTaskArguments`` (also a ``TypeError``) before anything is stored.
     """
+    plain = _plain_arguments(args, kwargs, options.max_payload)
+    if plain is not None:
+        return plain
     named = [(f"positional argument {i}", value) for i, value in enumerate(args)]
     named += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
     for where, value in named:
@@ -202,6 +205,29 @@ def encode_arguments(
             f"JSON, more than MAX_PAYLOAD ({options.max_payload}); the largest is {where} "
             f"({largest} bytes). Nothing was stored."
         )
+    decoded: list[Any] = json.loads(text)
+    return decoded[0], decoded[1]
+
+
+def _plain_arguments(
+    args: Sequence[Any], kwargs: Mapping[str, Any], max_bytes: int
+) -> tuple[list[Any], dict[str, Any]] | None:
+    """The arguments as they read back from JSON, if a look at their JSON text as a whole
+    shows that ``json_problem`` could find nothing wrong with any of them; None: look at
+    each one (most calls pass small plain values, and take this way)."""
+    try:
+        text = encode_json([list(args), dict(kwargs)])
+        size = len(text.encode("utf-8"))
+    except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return None
+    if (
+        size > max_bytes
+        or text.count("[") + text.count("{") > MAX_DEPTH  # none can be nested too deep
+        or text.count("{") > 1  # the only dict is the keyword arguments: no key can collide
+        or _ESCAPED_NUL.search(text)
+        or _LONG_NUMBER.search(text)
+    ):
+        return None
     decoded: list[Any] = json.loads(text)
     return decoded[0], decoded[1]
 

@@ -54,7 +54,9 @@ class TaskThreads:
         self.slots = slots
         self.runner = runner
         self.recorder = recorder
-        self.cond = threading.Condition()
+        lock = threading.RLock()
+        self.cond = threading.Condition(lock)  # task threads wait on it for jobs to run
+        self.watching = threading.Condition(lock)  # the watcher waits on it
         self.waiting: deque[tuple[int, Job]] = deque()  # held, not started
         self.running: dict[int, float] = {}  # slot -> when its task started (monotonic)
         self.slot_of: dict[tuple[int, str], int] = {}
@@ -79,6 +81,7 @@ class TaskThreads:
                 self.slot_of[(job.key, job.delivery)] = index
                 self.waiting.append((index, job))
             self.cond.notify_all()
+            self._rouse_watcher()
 
     def release(self, job: Job) -> None:
         """Free the slot of ``job``'s delivery, once its outcome is settled."""
@@ -90,6 +93,7 @@ class TaskThreads:
         """Have every thread look again at what it waits for."""
         with self.cond:
             self.cond.notify_all()
+            self.watching.notify_all()
 
     # --- running -----------------------------------------------------------------------------
 
@@ -119,7 +123,7 @@ class TaskThreads:
             return False
         self.started += 1
         self.running[index] = time.monotonic()
-        self.cond.notify_all()
+        self._rouse_watcher()
         return True
 
     def _run(self, index: int, job: Job, deliver: Callable[[tuple[int, Finished]], None]) -> None:
@@ -130,7 +134,6 @@ class TaskThreads:
             began = self.running.pop(index, time.monotonic())
             self.recent.append(time.monotonic() - began)
             deliver((index, finished))
-            self.cond.notify_all()
 
     def _add_result(self, item: tuple[int, Finished]) -> None:
         self.recorder.add(item[1])
@@ -165,6 +168,7 @@ class TaskThreads:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+            self.watching.notify_all()
         for thread in self._threads:
             thread.join(timeout=5)
 
@@ -194,7 +198,7 @@ class TaskThreads:
             while True:
                 with self.cond:
                     while not self._overrun() and not self.closed:
-                        self.cond.wait(self._next_look())
+                        self.watching.wait(self._next_look())
                     if self.closed:
                         return
                     stray = list(self.waiting)
@@ -204,6 +208,15 @@ class TaskThreads:
                     self.recorder.flush()
         finally:
             connections.close_all()
+
+    def _rouse_watcher(self) -> None:
+        """Under ``cond``: wake the watcher if work is now held back behind busy threads.
+
+        Only then can its answer change; waking it at every start and end of a task would
+        cost each job a switch between threads.
+        """
+        if self._held_back():
+            self.watching.notify()
 
     def _held_back(self) -> bool:
         """Under ``cond``: say whether jobs or outcomes wait while every thread is busy."""

@@ -85,6 +85,8 @@ class DatabaseBackend(DatabaseControls, DatabaseHousekeeping, DatabaseProcesses,
         encoded = [self.encode_call(task, args, kwargs) for args, kwargs in calls]
         unique = [self.uniqueness(task, call) for call in encoded]
         now, options = clock.now(), self.job_options(task)
+        if len(encoded) == 1 and unique[0] is None:
+            return [self._enqueue_one(task, encoded[0], now, options)]
         rows = [
             self._new_row(task, call, now, options, how)
             for call, how in zip(encoded, unique, strict=True)
@@ -107,6 +109,22 @@ class DatabaseBackend(DatabaseControls, DatabaseHousekeeping, DatabaseProcesses,
                 task_enqueued.send(type(self), task_result=result)
         return results
 
+    def _enqueue_one(
+        self, task: Task, call: Call, now: datetime, options: dict[str, Any]
+    ) -> TaskResult:
+        """Store one call that is not unique: ``enqueue()``'s path, with no model instance."""
+        values = self._new_values(task, call, now, options, None)
+        notify = (self.channel, task.queue_name) if self.vendor == "postgresql" else None
+        try:
+            transitions.insert_one(self.store, values, notify)
+        except DatabaseError as e:
+            self._raise_if_not_migrated(e)
+            raise
+        record = store.record_of(store.new_row_values(values))
+        result = self.to_task_result(record, task, State.READY.django_status)
+        task_enqueued.send(type(self), task_result=result)
+        return result
+
     def _new_row(
         self,
         task: Task,
@@ -115,27 +133,36 @@ class DatabaseBackend(DatabaseControls, DatabaseHousekeeping, DatabaseProcesses,
         options: dict[str, Any],
         unique: Uniqueness | None,
     ) -> Job:
+        return new_job(self._new_values(task, call, now, options, unique))
+
+    def _new_values(
+        self,
+        task: Task,
+        call: Call,
+        now: datetime,
+        options: dict[str, Any],
+        unique: Uniqueness | None,
+    ) -> dict[str, Any]:
+        """The columns of a new job that are not left at their defaults."""
         due = due_later(task, now)
         if unique is not None:
             options = {**options, "unique": unique.stored()}
-        return new_job(
-            {
-                "uuid": uuid.uuid4(),
-                "backend_name": self.alias,
-                "queue_name": task.queue_name,
-                "task_path": task.module_path,
-                "priority": task.priority,
-                "state": State.SCHEDULED if due else State.READY,
-                "args": call[0],
-                "kwargs": call[1],
-                "enqueued_at": now,
-                "run_after": task.run_after,
-                "available_at": due or now,
-                "options": options,
-                "unique_slot": unique.key if unique else None,
-                "unique_states": unique.states if unique else "",
-            }
-        )
+        return {
+            "uuid": uuid.uuid4(),
+            "backend_name": self.alias,
+            "queue_name": task.queue_name,
+            "task_path": task.module_path,
+            "priority": task.priority,
+            "state": State.SCHEDULED if due else State.READY,
+            "args": call[0],
+            "kwargs": call[1],
+            "enqueued_at": now,
+            "run_after": task.run_after,
+            "available_at": due or now,
+            "options": options,
+            "unique_slot": unique.key if unique else None,
+            "unique_states": unique.states if unique else "",
+        }
 
     def _raise_if_not_migrated(self, error: DatabaseError) -> None:
         if dialect_for(connections[self.database]).missing_table(error):

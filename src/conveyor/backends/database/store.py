@@ -230,6 +230,17 @@ def fields_of(row: Job) -> dict[str, Any]:
     return vars(row)
 
 
+def new_row_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A new job's column values: ``values``, and every other column's default (no key)."""
+    return {**_defaults(), "id": None, **values}
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    # Lists and dicts among them are shared: a record copies what it keeps of them.
+    return {field.attname: field.get_default() for field in Job._meta.concrete_fields}
+
+
 def record_of(values: Mapping[str, Any]) -> JobRecord:
     """The record of a row read as ``values`` by column name (``COLUMNS`` at least)."""
     return JobRecord(

@@ -5,16 +5,18 @@ engine's dialect supplies. Writes about a delivery name its token and are refuse
 job has been delivered again. Lease times use the store's clock (``dialect.now()``), never
 the caller's.
 
-``dispatch`` gets jobs to workers (insert, stage, claim, next_due, run_now); ``outcomes`` ends them
-(complete, fail, retry, cancel) and notes what a running one is told or tells (its cancel
-request, its progress); ``leases`` renews, gives back and recovers deliveries (heartbeat,
-unclaim, requeue, release, give_back, reclaim, recover). ``retention`` sets when a finished
-job may be deleted, and lets go of a ``keep_last`` task's older successes.
+``dispatch`` gets jobs to workers (insert, insert_one, stage, claim, next_due, run_now);
+``outcomes`` ends them (complete, fail, retry, cancel) and notes what a running one is told
+or tells (its cancel request, its progress); ``leases`` renews, gives back and recovers
+deliveries (heartbeat, unclaim, requeue, release, give_back, reclaim, recover).
+``retention`` sets when a finished job may be deleted, and lets go of a ``keep_last``
+task's older successes.
 """
 
 from conveyor.backends.database.transitions.dispatch import (
     claim,
     insert,
+    insert_one,
     next_due,
     run_now,
     stage,
@@ -49,6 +51,7 @@ __all__ = [
     "give_back",
     "heartbeat",
     "insert",
+    "insert_one",
     "next_due",
     "reclaim",
     "recover",

@@ -12,7 +12,8 @@ import functools
 import random
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -41,8 +42,22 @@ UNIQUE_TRIES = 5
 CLAIM_ORDER = "priority DESC, available_at, id"
 
 
-# The one-row INSERT of each database, and its columns' prepared default values.
-_SINGLE_INSERT: dict[str, tuple[str, dict[str, tuple[Any, Any]]]] = {}
+# The one-row INSERT of each database, and how its parameters are made.
+_SINGLE_INSERT: dict[str, _OneRow] = {}
+
+
+def insert_one(store: Store, values: Mapping[str, Any], notify: tuple[str, str] | None) -> None:
+    """Store one new job, given as its column values (every other column at its default).
+
+    The hot path of ``enqueue()``: no model instance is built, and each parameter is
+    prepared as Django's insert compiler prepares it (see ``_one_row``).
+    """
+    conn = store.connection
+    params = [
+        prepare(values[name], conn) if name in values else default(conn)
+        for name, prepare, default in _one_row(store).steps
+    ]
+    _send_insert(store, _one_row(store).sql, params, notify)
 
 
 def insert(
@@ -165,6 +180,12 @@ def _insert_chunk(
     sql, params = _insert_sql(store, rows)
     if unless_taken:
         sql = store.dialect.insert_unless_taken(sql, "unique_slot")
+    _send_insert(store, sql, params, notify)
+
+
+def _send_insert(
+    store: Store, sql: str, params: Sequence[Any], notify: tuple[str, str] | None
+) -> None:
     if notify is not None:
         sql = store.dialect.notify_after(sql)  # type: ignore[attr-defined]
         params = (*params, *notify)
@@ -172,44 +193,59 @@ def _insert_chunk(
 
 
 def _insert_sql(store: Store, rows: Sequence[Job]) -> tuple[str, tuple[Any, ...]]:
-    """The multi-row INSERT Django would send (the key left to the database).
-
-    The one-row statement, the hot path of ``enqueue()``, is compiled once per database;
-    its parameters are prepared the way Django's insert compiler prepares them, and a
-    column left at its default reuses the value prepared for it the first time.
-    """
-    fields = [f for f in Job._meta.concrete_fields if not f.primary_key]
-    conn = store.connection
-    if len(rows) == 1 and store.using in _SINGLE_INSERT:
-        [row] = rows
-        sql, defaults = _SINGLE_INSERT[store.using]
-        params = []
-        for field in fields:
-            value = field.pre_save(row, True)
-            default = defaults.get(field.attname)
-            if default is not None and type(value) is type(default[0]) and value == default[0]:
-                params.append(default[1])
-            else:
-                params.append(field.get_db_prep_save(value, conn))
-        return sql, tuple(params)
+    """The multi-row INSERT Django would send (the key left to the database)."""
     query = InsertQuery(Job)
-    query.insert_values(fields, list(rows))
+    query.insert_values(_INSERTED, list(rows))
     [(sql, compiled)] = query.get_compiler(using=store.using).as_sql()
-    if len(rows) == 1:
-        _SINGLE_INSERT[store.using] = (sql, _prepared_defaults(fields, conn))
     return sql, tuple(compiled)
 
 
-def _prepared_defaults(fields: Sequence[Any], conn: Any) -> dict[str, tuple[Any, Any]]:
-    """For each column whose default is a plain constant: that value, prepared for ``conn``."""
-    found = {}
-    for field in fields:
-        if not field.has_default() and not field.null:
-            continue
-        value = field.get_default()
-        if value is None or isinstance(value, bool | int | str) or value in ([], {}):
-            found[field.attname] = (value, field.get_db_prep_save(value, conn))
+_INSERTED = [f for f in Job._meta.concrete_fields if not f.primary_key]
+# Column types whose values Django stores as they are, when they already have their type.
+_PLAIN = {"CharField": str, "IntegerField": int, "SmallIntegerField": int, "BooleanField": bool}
+
+Prepare = Callable[[Any, Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _OneRow:
+    """The one-row INSERT of a database, and for each column in its order: the column's
+    name, how a value given for it is prepared, and its default value, prepared."""
+
+    sql: str
+    steps: tuple[tuple[str, Prepare, Callable[[Any], Any]], ...]
+
+
+def _one_row(store: Store) -> _OneRow:
+    found = _SINGLE_INSERT.get(store.using)
+    if found is None:
+        sql, _ = _insert_sql(store, [Job()])
+        steps = [(f.attname, _preparer(f), _default(f, store.connection)) for f in _INSERTED]
+        found = _SINGLE_INSERT[store.using] = _OneRow(sql, tuple(steps))
     return found
+
+
+def _default(field: Any, conn: Any) -> Callable[[Any], Any]:
+    """A column's default, prepared once if it is a constant (a new one each time if not,
+    such as a fresh UUID)."""
+    if field.has_default() and callable(field.default) and field.default not in (list, dict):
+        return lambda connection: field.get_db_prep_save(field.get_default(), connection)
+    prepared = field.get_db_prep_save(field.get_default(), conn)
+    return lambda connection: prepared
+
+
+def _preparer(field: Any) -> Prepare:
+    """How a value for ``field`` is prepared: as Django prepares it, skipping the steps
+    that return a plain string, number or flag as it is."""
+    plain = _PLAIN.get(field.get_internal_type())
+    prepare = field.get_db_prep_save
+    if plain is None:
+        return prepare
+
+    def prepare_plain(value: Any, conn: Any) -> Any:
+        return value if type(value) is plain else prepare(value, conn)
+
+    return prepare_plain
 
 
 def stage(store: Store, limit: int) -> int:

@@ -6,6 +6,7 @@ nothing, and a success already recorded is never overwritten.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -47,19 +48,12 @@ def complete(store: Store, successes: Sequence[Success]) -> set[str]:
     expires = [expiry(job, outcome.finished_at, succeeded=True) for job, outcome in successes]
     if any(at is not None for at in expires):  # an open job has none yet: unset, it stays so
         values["expires_at"] = [store.time(at) for at in expires]
-    kinds = {"return_value": d.json_value(), "delivery": "%s"}
-    assign, params = [], []
-    for column, column_values in values.items():
-        assign.append(f"{column} = {per_row(len(keys), kinds.get(column, d.time_value()))}")
-        params += [p for pair in zip(keys, column_values, strict=True) for p in pair]
-    marks = ", ".join(["%s"] * len(keys))
-    sql = (
-        f"UPDATE {TABLE} SET state = 'succeeded', {', '.join(assign)}, "
-        f"started_at = COALESCE(started_at, {per_row(len(keys), d.time_value())}), "
-        f"lease_owner = NULL{keep_slot(State.SUCCEEDED)}, "
-        f"lease_expires_at = NULL WHERE id IN ({marks}) AND state IN {OPEN}"
-    )
-    params = [*params, *pairs(keys, values["last_attempted_at"]), *keys]
+    if len(keys) == 1:  # a lone success (an idle worker's): one plain statement, made once
+        sql = _one_success(store, tuple(values))
+        params = [*(column[0] for column in values.values()), values["last_attempted_at"][0]]
+        params.append(keys[0])
+    else:
+        sql, params = _successes(store, keys, values)
     # Each row updated now took its own delivery's token: saved by it. Only the others
     # are looked up (already saved by the same delivery, or ended otherwise).
     updated: set[Any] = set()
@@ -74,6 +68,42 @@ def complete(store: Store, successes: Sequence[Success]) -> set[str]:
     done = {job.id for job, _ in successes if saved.get(job.key) == job.delivery}
     let_go(store, successes, done)
     return done
+
+
+def _successes(
+    store: Store, keys: Sequence[Any], values: dict[str, list[Any]]
+) -> tuple[str, list[Any]]:
+    """The UPDATE saving the successes of the jobs ``keys``, each column's ``values`` in
+    their order, and its parameters."""
+    d = store.dialect
+    kinds = {"return_value": d.json_value(), "delivery": "%s"}
+    assign, params = [], []
+    for column, column_values in values.items():
+        assign.append(f"{column} = {per_row(len(keys), kinds.get(column, d.time_value()))}")
+        params += pairs(keys, column_values)
+    marks = ", ".join(["%s"] * len(keys))
+    sql = (
+        f"UPDATE {TABLE} SET state = 'succeeded', {', '.join(assign)}, "
+        f"started_at = COALESCE(started_at, {per_row(len(keys), d.time_value())}), "
+        f"lease_owner = NULL{keep_slot(State.SUCCEEDED)}, "
+        f"lease_expires_at = NULL WHERE id IN ({marks}) AND state IN {OPEN}"
+    )
+    return sql, [*params, *pairs(keys, values["last_attempted_at"]), *keys]
+
+
+@functools.cache
+def _one_success(store: Store, columns: tuple[str, ...]) -> str:
+    """``_successes`` for one job: its parameters are ``columns``' values, its start time
+    and its key. Kept per store and columns (the statement depends on nothing else)."""
+    d = store.dialect
+    kinds = {"return_value": d.json_value(), "delivery": "%s"}
+    assign = ", ".join(f"{column} = {kinds.get(column, d.time_value())}" for column in columns)
+    return (
+        f"UPDATE {TABLE} SET state = 'succeeded', {assign}, "
+        f"started_at = COALESCE(started_at, {d.time_value()}), "
+        f"lease_owner = NULL{keep_slot(State.SUCCEEDED)}, "
+        f"lease_expires_at = NULL WHERE id = %s AND state IN {OPEN}"
+    )
 
 
 def _saved_by(store: Store, keys: Sequence[Any], *states: State) -> dict[Any, str]:
