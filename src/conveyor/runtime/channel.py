@@ -15,6 +15,9 @@ The supervisor notes in each table when it will next look; a task whose deadline
 before that wakes it (one byte on its wake-up pipe), so that a limit shorter than the
 supervisor's tick is still kept to within milliseconds.
 
+Sibling processes share one ``Claiming`` mark: an idle process that finds a sibling in the
+middle of a claim waits for that claim to end, rather than racing it for the same jobs.
+
 A held delivery may be *revoked* by the supervisor (when every thread of the child is stuck
 in a task, and the child's own watchdog cannot run): under a lock the two processes share,
 a delivery is either started by the child or revoked by the supervisor, never both.
@@ -55,12 +58,57 @@ class Delivery:
         return self.started > 0.0
 
 
-class Slots:
-    """The shared table of one child; ``size`` is the most deliveries it may hold."""
+class Claiming:
+    """Which sibling process is claiming, and since when: one mark all of them share.
 
-    def __init__(self, context: BaseContext, size: int, wake: int | None = None) -> None:
+    Woken by the same new job, every idle process would look for it and try to take it;
+    on SQLite the losers then queue for the write lock behind the winner, and one that
+    slept on the lock takes it again just as the winner saves the job's outcome, which
+    then waits a millisecond or more. An idle process that sees a sibling's claim under way
+    waits for it to end (its commit wakes it) and looks after it.
+
+    The mark is only a hint: two processes may still claim at once, and a mark older than
+    ``FRESH`` (its process died mid-claim, or waits on a lock) holds nobody back.
+    """
+
+    FRESH = 0.05  # seconds a claim is waited for at most
+
+    def __init__(self, context: BaseContext) -> None:
+        self.since = context.RawValue(ctypes.c_double, 0.0)  # monotonic clock; 0.0: none
+        self.pid = context.RawValue(ctypes.c_int, 0)
+
+    def begin(self, pid: int) -> None:
+        """Process ``pid`` begins a claim."""
+        self.pid.value = pid
+        self.since.value = time.monotonic()
+
+    def end(self, pid: int) -> None:
+        """Process ``pid`` ended its claim."""
+        if self.pid.value == pid:
+            self.since.value = 0.0
+
+    def by_sibling(self, pid: int) -> bool:
+        """Say whether a process other than ``pid`` began a claim that may be under way."""
+        since = self.since.value
+        return since > 0.0 and time.monotonic() - since < self.FRESH and self.pid.value != pid
+
+
+class Slots:
+    """The shared table of one child; ``size`` is the most deliveries it may hold.
+
+    ``claiming``: the mark the child shares with its siblings, if it has any.
+    """
+
+    def __init__(
+        self,
+        context: BaseContext,
+        size: int,
+        wake: int | None = None,
+        claiming: Claiming | None = None,
+    ) -> None:
         self.size = size
         self.wake = wake  # the supervisor's wake-up pipe (write end, non-blocking)
+        self.claiming = claiming
         self.keys = context.RawArray(ctypes.c_int64, size)
         self.tokens = context.RawArray(ctypes.c_uint64, size)
         self.started = context.RawArray(ctypes.c_double, size)

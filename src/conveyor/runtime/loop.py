@@ -35,6 +35,7 @@ EXIT_RECYCLE = 4  # --max-tasks-per-child reached: start a fresh process
 EXIT_ORPHANED = 5  # the supervisor went away
 
 SUPERVISOR_WAIT = 0.1  # while the supervisor's heartbeat is late, look again this often
+SIBLING_WAIT = 0.002  # an idle process waits this long at most for a sibling's claim to end
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +78,7 @@ class Loop:
         self.pauses = Pauses(backend, config.queues)
         self.trouble = StoreTrouble(config.worker_id)
         self.idle = Idle(backend, config.worker_id, config.queues, self.pauses, self.trouble)
+        self.pid = os.getpid()
 
     @property
     def worker_id(self) -> str:
@@ -127,7 +129,11 @@ class Loop:
             # Nobody would renew what this process claims now: wait for the supervisor.
             self._pause(SUPERVISOR_WAIT, on_change=self._busy())
             return None
-        jobs = self._claim() if self._wants_work() else []
+        wants = self._wants_work()
+        if wants and self._behind_sibling():
+            self.idle.wait_briefly(SIBLING_WAIT)
+            return None
+        jobs = self._claim() if wants else []
         if jobs is None:
             self._pause(self.trouble.backoff())
             return None
@@ -175,6 +181,12 @@ class Loop:
             room = min(room, self.config.max_tasks - held)
         return max(room, 0)
 
+    def _behind_sibling(self) -> bool:
+        """Say whether this idle process should let a sibling's claim end before its own
+        (see ``channel.Claiming``); one with work in hand claims as it needs."""
+        claiming = self.slots.claiming
+        return claiming is not None and not self._in_hand() and claiming.by_sibling(self.pid)
+
     def _budget_spent(self) -> bool:
         if self.config.max_tasks is not None and self.threads.started >= self.config.max_tasks:
             return True
@@ -216,7 +228,7 @@ class Loop:
         try:
             self.idle.claiming()
             room = self._room()
-            jobs = self.backend.claim(self.worker_id, serving, room)
+            jobs = self._claim_marked(serving, room)
         except Exception as e:
             self.trouble.failed("claim jobs", e)
             return None
@@ -224,6 +236,16 @@ class Loop:
         self.idle.claimed(len(jobs), room)
         self.came_up_empty = not jobs
         return jobs
+
+    def _claim_marked(self, serving: QueueSelector, room: int) -> list[Job]:
+        claiming = self.slots.claiming
+        if claiming is None:
+            return self.backend.claim(self.worker_id, serving, room)
+        claiming.begin(self.pid)
+        try:
+            return self.backend.claim(self.worker_id, serving, room)
+        finally:
+            claiming.end(self.pid)
 
     def _hold(self, jobs: list[Job]) -> None:
         self.threads.hold(jobs)

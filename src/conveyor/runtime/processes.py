@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from conveyor.backends.base import StoreBackend
 from conveyor.runtime import exporter
-from conveyor.runtime.channel import Slots
+from conveyor.runtime.channel import Claiming, Slots
 from conveyor.runtime.child import STOP_SIGNALS, child_main
 from conveyor.runtime.leases import Leases
 from conveyor.runtime.loop import EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED, WorkerConfig
@@ -72,6 +72,7 @@ class Processes:
         self.wake = wake  # the pipe a child's slots write to when the supervisor should look
         self.stopping = stopping  # whether a stop was asked for: nothing is replaced then
         self.context = multiprocessing.get_context("fork")
+        self.claiming = Claiming(self.context)  # shared by every process started
         self.children: list[Child] = []
         self.spawned = 0
         self.respawn_at: list[tuple[float, int]] = []  # when, and into which pool
@@ -111,7 +112,7 @@ class Processes:
         place = next(n for n in range(1, len(taken) + 2) if n not in taken)
         config = self._config(worker_id, pool, place)
         size = self.settings.threads + self.backend.conveyor_options.batch_size
-        slots = Slots(self.context, size, wake=self.wake)
+        slots = Slots(self.context, size, wake=self.wake, claiming=self.claiming)
         self.backend.before_fork()
         process = self.context.Process(
             target=child_main,

@@ -131,6 +131,12 @@ class Idle:
         else:
             self.next_stage = 0.0  # a due time may have come
 
+    def wait_briefly(self, timeout: float) -> None:
+        """Wait up to ``timeout``, or until a commit where the store wakes workers (a
+        sibling's claim that was under way ends with one)."""
+        self.waited = True
+        self._wait_for_work(timeout)
+
     def _until_due(self) -> float:
         """How long an idle worker may wait: until a job falls due or a timed pause ends."""
         return min(self._until_job_due(), self._until_pause_ends())
