@@ -12,7 +12,7 @@ from typing import Any
 
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import DEFERRED
+from django.db.models import DEFERRED, JSONField
 from django.tasks.base import TaskError
 
 from conveyor import clock
@@ -201,20 +201,55 @@ def _make_reading(conn: BaseDatabaseWrapper, columns: str) -> _Reading:
     names = tuple(name.strip().rpartition(".")[2] for name in columns.split(","))
     fields = Job._meta.concrete_fields
     where = {field.column: i for i, field in enumerate(fields)}
-    steps = []
-    for name in names:
-        col = fields[where[name]].get_col(TABLE)
-        steps.append((col, (*conn.ops.get_db_converters(col), *col.get_db_converters(conn))))
+    steps = []  # (position, how its value is converted), for the columns that need it
+    for position, name in enumerate(names):
+        field = fields[where[name]]
+        col = field.get_col(TABLE)
+        converters = (*conn.ops.get_db_converters(col), *col.get_db_converters(conn))
+        if converters:
+            steps.append((position, _column_converter(field, col, converters)))
 
     def convert(row: tuple[Any, ...], connection: BaseDatabaseWrapper) -> list[Any]:
-        values = []
-        for value, (col, converters) in zip(row, steps, strict=True):
-            for converter in converters:
-                value = converter(value, col, connection)
-            values.append(value)
+        values = list(row)
+        for position, converter in steps:
+            value = values[position]
+            if value is not None:  # every converter of these columns keeps NULL as None
+                values[position] = converter(value, connection)
         return values
 
     return _Reading(names, tuple(where[name] for name in names), convert)
+
+
+def _column_converter(
+    field: Any, col: Any, converters: Sequence[Callable[..., Any]]
+) -> Callable[[Any, BaseDatabaseWrapper], Any]:
+    """One column's converters as one call: a JSON column whose only converter is the
+    field's own (no decoder of its own) is read with ``json.loads``, as it would."""
+    plain_json = isinstance(field, JSONField) and field.decoder is None
+    if plain_json and list(converters) == [field.from_db_value]:
+        return _json_column
+    if len(converters) == 1:
+        [only] = converters
+        return lambda value, connection: only(value, col, connection)
+
+    def chained(value: Any, connection: BaseDatabaseWrapper) -> Any:
+        for converter in converters:
+            value = converter(value, col, connection)
+        return value
+
+    return chained
+
+
+def _json_column(value: Any, connection: BaseDatabaseWrapper) -> Any:
+    """``JSONField.from_db_value`` for a plain column (not a key of one)."""
+    if value == "[]":  # most jobs' errors, and their arguments often: no parser needed
+        return []
+    if value == "{}":
+        return {}
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def to_record(row: Job) -> JobRecord:
