@@ -11,7 +11,7 @@ import pytest
 from django.tasks.base import TaskError
 
 from conveyor.records import Job, Outcome
-from conveyor.runtime.channel import OUTCOME_BYTES, Slots
+from conveyor.runtime.channel import OUTCOME_BYTES, Claiming, Slots
 
 STARTED = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 FINISHED = datetime(2026, 1, 2, 3, 4, 6, 1, tzinfo=UTC)
@@ -106,3 +106,20 @@ def test_times_read_back_as_the_project_keeps_them():
         slots.finish(index, Outcome(started_at=naive, finished_at=naive, return_value=1))
         [outcome] = slots.finished().values()
         assert outcome.started_at == naive and outcome.started_at.tzinfo is None
+
+
+def test_a_claim_under_way_is_seen_by_siblings_only_while_fresh(monkeypatch):
+    claiming = Claiming(multiprocessing.get_context())
+    me, sibling = os.getpid(), os.getpid() + 1
+    assert not claiming.by_sibling(me)
+    claiming.begin(sibling)
+    assert claiming.by_sibling(me)
+    assert not claiming.by_sibling(sibling)  # its own claim holds nobody back
+    claiming.end(me)  # another process's end leaves the mark as it is
+    assert claiming.by_sibling(me)
+    claiming.end(sibling)
+    assert not claiming.by_sibling(me)
+    claiming.begin(sibling)  # and never ends: its process died mid-claim
+    later = time.monotonic() + Claiming.FRESH
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert not claiming.by_sibling(me)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,6 +17,7 @@ from django.tasks.signals import task_finished, task_started
 import conveyor
 from conveyor.backends.database import DatabaseBackend
 from conveyor.records import QueueSelector
+from conveyor.runtime.channel import Claiming, Slots
 from conveyor.runtime.loop import EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED, Loop, WorkerConfig
 from tests.helpers import job, on
 from tests.testapp import tasks
@@ -116,3 +120,26 @@ def test_failing_signal_receivers_change_no_outcome(backend, backend_alias):
     for i, result in enumerate(results):
         result.refresh()
         assert result.status == TaskResultStatus.SUCCESSFUL and result.return_value == 2 * i
+
+
+def test_an_idle_process_lets_a_siblings_claim_end_first(backend, backend_alias):
+    # Woken by the same job as a sibling that is claiming it, an idle process waits for
+    # that claim to end instead of racing it; then it looks, and takes what is there.
+    claiming = Claiming(multiprocessing.get_context())
+    slots = Slots(multiprocessing.get_context(), 4, claiming=claiming)
+    loop = Loop(backend, WorkerConfig(worker_id="test-worker", queues=QueueSelector()), slots)
+    loop.idle.open()
+    try:
+        result = on(tasks.noop, backend_alias).enqueue()
+        claiming.begin(os.getpid() + 1)
+        began = time.monotonic()
+        loop._step()
+        assert time.monotonic() - began < 1.0  # a brief wait, not an idle one
+        assert loop.threads.started == 0
+        result.refresh()
+        assert result.status == TaskResultStatus.READY
+        claiming.end(os.getpid() + 1)
+        loop._step()
+        assert loop.threads.started == 1
+    finally:
+        loop._close()
