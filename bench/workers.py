@@ -85,8 +85,9 @@ class WorkerGroup:
     ) -> None:
         self.stop()
 
-    def start(self, commands: list[list[str]]) -> None:
-        """Start every command; the clock of ``started_at`` begins before the first."""
+    def start(self, commands: list[list[str]], env: dict[str, str] | None = None) -> None:
+        """Start every command (in ``env``, or this process's environment); the clock of
+        ``started_at`` begins before the first."""
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.started_at = time.monotonic()
         for argv in commands:
@@ -95,6 +96,7 @@ class WorkerGroup:
                 popen = subprocess.Popen(
                     argv,
                     cwd=ROOT,
+                    env=env,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
