@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from django.dispatch import Signal
 from django.tasks import TaskResultStatus
 from django.tasks.signals import task_finished, task_started
@@ -122,24 +123,75 @@ def test_failing_signal_receivers_change_no_outcome(backend, backend_alias):
         assert result.status == TaskResultStatus.SUCCESSFUL and result.return_value == 2 * i
 
 
-def test_an_idle_process_lets_a_siblings_claim_end_first(backend, backend_alias):
-    # Woken by the same job as a sibling that is claiming it, an idle process waits for
-    # that claim to end instead of racing it; then it looks, and takes what is there.
-    claiming = Claiming(multiprocessing.get_context())
+def sibling_loop(backend, claiming):  # type: ignore[no-untyped-def]
     slots = Slots(multiprocessing.get_context(), 4, claiming=claiming)
     loop = Loop(backend, WorkerConfig(worker_id="test-worker", queues=QueueSelector()), slots)
     loop.idle.open()
+    return loop
+
+
+def woken_by(loop: Loop, enqueue: Callable[[], Any]) -> Any:
+    """Let ``loop`` find nothing and wait idle until ``enqueue()``, run meanwhile, wakes it."""
+    found: list[Any] = []
+    timer = threading.Timer(0.2, lambda: found.append(enqueue()))
+    timer.start()
+    loop._step()  # nothing to claim: it waits, until the enqueue's commit wakes it
+    timer.join()
+    assert loop.idle.woke and loop.threads.started == 0
+    return found[0]
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_a_woken_process_lets_a_siblings_claim_end_first(backend, backend_alias):
+    # Woken by the same job as a sibling that is claiming it, an idle process waits for
+    # that claim to end instead of queueing behind it for SQLite's write lock; then it
+    # looks, and takes what is there.
+    claiming = Claiming(multiprocessing.get_context())
+    loop = sibling_loop(backend, claiming)
     try:
-        result = on(tasks.noop, backend_alias).enqueue()
+        result = woken_by(loop, on(tasks.noop, backend_alias).enqueue)
         claiming.begin(os.getpid() + 1)
-        began = time.monotonic()
         loop._step()
-        assert time.monotonic() - began < 1.0  # a brief wait, not an idle one
         assert loop.threads.started == 0
         result.refresh()
         assert result.status == TaskResultStatus.READY
         claiming.end(os.getpid() + 1)
         loop._step()
         assert loop.threads.started == 1
+    finally:
+        loop._close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_a_woken_process_waits_for_siblings_once_however_long_they_claim(backend, backend_alias):
+    # Siblings whose claims overlap keep the mark fresh: the woken process waits once,
+    # briefly, and then claims anyway.
+    claiming = Claiming(multiprocessing.get_context())
+    loop = sibling_loop(backend, claiming)
+    try:
+        woken_by(loop, on(tasks.noop, backend_alias).enqueue)
+        claiming.begin(os.getpid() + 1)
+        began = time.monotonic()
+        loop._step()  # waits briefly
+        loop._step()  # claims, the mark fresh as ever
+        assert loop.threads.started == 1
+        assert time.monotonic() - began < 0.5
+    finally:
+        loop._close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_a_process_between_two_jobs_claims_without_waiting_for_siblings(backend, backend_alias):
+    # Only a process just woken from an idle wait holds back: one that has run a job and
+    # looks for the next (in a drain) claims at once, a sibling's claim under way or not.
+    claiming = Claiming(multiprocessing.get_context())
+    loop = sibling_loop(backend, claiming)
+    try:
+        conveyor.bulk_enqueue(on(tasks.noop, backend_alias), [(), ()])
+        loop._step()  # claims the first (it was not woken: it had not waited) and runs it
+        assert loop.threads.started == 1
+        claiming.begin(os.getpid() + 1)
+        loop._step()  # saves the first, claims and runs the second
+        assert loop.threads.started == 2
     finally:
         loop._close()

@@ -197,6 +197,23 @@ def test_sqlite_ignores_writes_that_commit_nothing(backend, backend_alias):
         waiter.close()
 
 
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_sqlite_sleeps_through_a_wait_shorter_than_a_millisecond(backend):
+    # The kernel is asked for whole milliseconds: a wait with less than one left is
+    # rounded up, not down to a look-and-return that spins until the deadline.
+    connections[backend.database].ensure_connection()
+    waiter = backend.waiter(QueueSelector())
+    try:
+        waiter.wait(0.01)
+        cpu, wall = time.process_time(), time.monotonic()
+        for _ in range(100):
+            assert waiter.wait(0.0009) is False
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+        assert cpu < wall / 2, f"{cpu * 1000:.0f} ms of CPU in {wall * 1000:.0f} ms of waits"
+    finally:
+        waiter.close()
+
+
 @pytest.mark.parametrize("engine", ["mysql"], indirect=True)
 def test_mysql_polls(backend):
     assert not backend.supports_wakeup

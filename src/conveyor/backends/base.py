@@ -269,6 +269,9 @@ class WorkerStore(ABC):
 
     # The backend can wake idle workers as soon as a job is enqueued.
     supports_wakeup: bool = False
+    # Claims queue for one lock of the whole store (SQLite's write lock): an idle process
+    # woken with its siblings lets a claim under way end before its own (``Claiming``).
+    claims_queue_up: bool = False
     # Lease times are compared with the store's own clock, not the caller's.
     supports_store_clock: ClassVar[bool] = True
 

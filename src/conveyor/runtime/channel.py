@@ -15,8 +15,9 @@ The supervisor notes in each table when it will next look; a task whose deadline
 before that wakes it (one byte on its wake-up pipe), so that a limit shorter than the
 supervisor's tick is still kept to within milliseconds.
 
-Sibling processes share one ``Claiming`` mark: an idle process that finds a sibling in the
-middle of a claim waits for that claim to end, rather than racing it for the same jobs.
+Where claims queue up for one lock of the whole store (SQLite), the processes of a pool
+share a ``Claiming`` mark: a process just woken from an idle wait that finds a sibling in the
+middle of a claim lets that claim end, rather than racing it for the same jobs.
 
 A held delivery may be *revoked* by the supervisor (when every thread of the child is stuck
 in a task, and the child's own watchdog cannot run): under a lock the two processes share,
@@ -59,13 +60,13 @@ class Delivery:
 
 
 class Claiming:
-    """Which sibling process is claiming, and since when: one mark all of them share.
+    """Which process of a pool is claiming, and since when: one mark they all share.
 
     Woken by the same new job, every idle process would look for it and try to take it;
     on SQLite the losers then queue for the write lock behind the winner, and one that
     slept on the lock takes it again just as the winner saves the job's outcome, which
-    then waits a millisecond or more. An idle process that sees a sibling's claim under way
-    waits for it to end (its commit wakes it) and looks after it.
+    then waits a millisecond or more. A process just woken that sees a sibling's claim under
+    way waits once, briefly, for it to end (its commit wakes it), then looks.
 
     The mark is only a hint: two processes may still claim at once, and a mark older than
     ``FRESH`` (its process died mid-claim, or waits on a lock) holds nobody back.

@@ -182,10 +182,13 @@ class Loop:
         return max(room, 0)
 
     def _behind_sibling(self) -> bool:
-        """Say whether this idle process should let a sibling's claim end before its own
-        (see ``channel.Claiming``); one with work in hand claims as it needs."""
+        """Say whether this process, just woken from an idle wait, should let a sibling's
+        claim end before its own (see ``channel.Claiming``). Once per wake-up: a process
+        with work in hand, or between two jobs, or that waited once already, claims."""
         claiming = self.slots.claiming
-        return claiming is not None and not self._in_hand() and claiming.by_sibling(self.pid)
+        if claiming is None or not self.idle.woke or self._in_hand():
+            return False
+        return claiming.by_sibling(self.pid)
 
     def _budget_spent(self) -> bool:
         if self.config.max_tasks is not None and self.threads.started >= self.config.max_tasks:

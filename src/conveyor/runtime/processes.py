@@ -72,7 +72,7 @@ class Processes:
         self.wake = wake  # the pipe a child's slots write to when the supervisor should look
         self.stopping = stopping  # whether a stop was asked for: nothing is replaced then
         self.context = multiprocessing.get_context("fork")
-        self.claiming = Claiming(self.context)  # shared by every process started
+        self.claiming: dict[int, Claiming] = {}  # per pool, shared by its processes
         self.children: list[Child] = []
         self.spawned = 0
         self.respawn_at: list[tuple[float, int]] = []  # when, and into which pool
@@ -112,7 +112,7 @@ class Processes:
         place = next(n for n in range(1, len(taken) + 2) if n not in taken)
         config = self._config(worker_id, pool, place)
         size = self.settings.threads + self.backend.conveyor_options.batch_size
-        slots = Slots(self.context, size, wake=self.wake, claiming=self.claiming)
+        slots = Slots(self.context, size, wake=self.wake, claiming=self._claiming(pool))
         self.backend.before_fork()
         process = self.context.Process(
             target=child_main,
@@ -131,6 +131,14 @@ class Processes:
         self.children.append(child)
         logger.info("Started worker process %s (%s)", process.pid, worker_id)
         return child
+
+    def _claiming(self, pool: int) -> Claiming | None:
+        """The claim mark of ``pool``'s processes, where claims queue up for one lock."""
+        if not self.backend.claims_queue_up:
+            return None
+        if pool not in self.claiming:
+            self.claiming[pool] = Claiming(self.context)
+        return self.claiming[pool]
 
     def _config(self, worker_id: str, pool: int, place: int) -> WorkerConfig:
         return WorkerConfig(

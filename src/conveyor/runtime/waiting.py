@@ -79,6 +79,7 @@ class Idle:
         self.wakeups = False
         self.emptied = False  # the last claim left nothing behind, and nothing woke us since
         self.waited = False  # it waited for work since its last claim
+        self.woke = False  # its last idle wait was ended by new work, and it has not claimed
         self.next_stage = 0.0
         self.poll = MIN_POLL
 
@@ -98,6 +99,7 @@ class Idle:
     def claiming(self) -> None:
         """A claim begins: make due scheduled jobs ready first, if it is their turn."""
         self.emptied = False
+        self.woke = False
         self.stage()
         self.waiter.claiming()
 
@@ -124,6 +126,7 @@ class Idle:
         # Woken workers need no ladder: a wake that finds nothing waits long again.
         woke = self._wait_for_work(self._until_due())
         self.emptied = False
+        self.woke = woke
         if woke:
             # New ready work: claim it first. Nothing was due when the wait began (it
             # would have been staged), so staging can wait its usual turn.
@@ -133,8 +136,8 @@ class Idle:
 
     def wait_briefly(self, timeout: float) -> None:
         """Wait up to ``timeout``, or until a commit where the store wakes workers (a
-        sibling's claim that was under way ends with one)."""
-        self.waited = True
+        sibling's claim that was under way ends with one); then the process claims."""
+        self.woke = False
         self._wait_for_work(timeout)
 
     def _until_due(self) -> float:

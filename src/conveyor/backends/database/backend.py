@@ -112,16 +112,20 @@ class DatabaseBackend(DatabaseControls, DatabaseHousekeeping, DatabaseProcesses,
     def _enqueue_one(
         self, task: Task, call: Call, now: datetime, options: dict[str, Any]
     ) -> TaskResult:
-        """Store one call that is not unique: ``enqueue()``'s path, with no model instance."""
+        """Store one call that is not unique: ``enqueue()``'s path, with no model instance.
+
+        Its result is made before the row is stored, not after: the commit wakes idle
+        workers, which take the CPUs from the caller, who would then wait to finish.
+        """
         values = self._new_values(task, call, now, options, None)
+        record = store.record_of(store.new_row_values(values))
+        result = self.to_task_result(record, task, State.READY.django_status)
         notify = (self.channel, task.queue_name) if self.vendor == "postgresql" else None
         try:
             transitions.insert_one(self.store, values, notify)
         except DatabaseError as e:
             self._raise_if_not_migrated(e)
             raise
-        record = store.record_of(store.new_row_values(values))
-        result = self.to_task_result(record, task, State.READY.django_status)
         task_enqueued.send(type(self), task_result=result)
         return result
 

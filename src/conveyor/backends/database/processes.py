@@ -48,6 +48,10 @@ class DatabaseProcesses(StoreBackend):
             return psycopg_installed()
         return self._sqlite_file() is not None
 
+    @property
+    def claims_queue_up(self) -> bool:  # type: ignore[override]
+        return self.vendor == "sqlite"
+
     def _sqlite_file(self) -> str | None:
         conn = connections[self.database]
         if conn.vendor != "sqlite" or conn.is_in_memory_db():  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import select
 import sqlite3
@@ -294,7 +295,9 @@ class FileChangeWaiter(Waiter):
             return left > 0 and not self.interrupted.wait(min(left, POLL_SLICE))
         # Every event queued so far is read (and dropped): the worker's own commits
         # leave none behind to wake it again and again.
-        events = self.inotify.read(timeout=int(min(left, INOTIFY_SLICE) * 1000))
+        # Whole milliseconds, rounded up: a wait of less than one would return at once, and
+        # the last millisecond before a deadline would be spent reading data_version.
+        events = self.inotify.read(timeout=math.ceil(min(left, INOTIFY_SLICE) * 1000))
         return any(event.name in self.names for event in events)
 
     def _committed(self) -> bool:
