@@ -162,14 +162,13 @@ def render(pair: list[Side], args: argparse.Namespace, run: sbs.Invocation) -> s
     for side, name in ((a, "A"), (b, "B")):
         seen = sum(1 for s in side.samples if s["polls"] <= 2) / len(side.samples)
         rows.append([f"{name}: samples seen by the second poll or sooner", f"{seen:.0%}", "", ""])
-    facts = sbs.machine_facts(
-        run,
-        [
-            ("A", a.label),
-            ("B", b.label),
-            ("Workers", f"{args.processes} processes each; Conveyor on SQLite (a database each)"),
-        ],
-    )
+    extra = [
+        ("A", a.label),
+        ("B", b.label),
+        ("Workers", f"{args.processes} processes each; Conveyor on SQLite (a database each)"),
+    ]
+    # The driver's own source says nothing: each side names the Conveyor it ran.
+    facts = [fact for fact in sbs.machine_facts(run, extra) if fact[0] != "Conveyor source"]
     command = " ".join(["python -m bench interleaved", *sys.argv[2:]])
     out = [
         f"## Enqueue to result, interleaved, {run.dir.name}",
