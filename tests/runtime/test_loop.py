@@ -20,6 +20,7 @@ from conveyor.backends.database import DatabaseBackend
 from conveyor.records import QueueSelector
 from conveyor.runtime.channel import Claiming, Slots
 from conveyor.runtime.loop import EXIT_DONE, EXIT_RECYCLE, EXIT_STOPPED, Loop, WorkerConfig
+from conveyor.runtime.processes import Processes
 from tests.helpers import job, on
 from tests.testapp import tasks
 
@@ -195,3 +196,12 @@ def test_a_process_between_two_jobs_claims_without_waiting_for_siblings(backend,
         assert loop.threads.started == 2
     finally:
         loop._close()
+
+
+def test_each_pool_shares_one_claim_mark_where_claims_queue_up(backend, engine):
+    processes = Processes(backend, None, "host", None, None, wake=-1, stopping=lambda: False)  # type: ignore[arg-type]
+    first, again, other = processes._claiming(0), processes._claiming(0), processes._claiming(1)
+    if engine == "sqlite":  # one write lock for the whole database
+        assert first is not None and again is first and other is not None and other is not first
+    else:  # row locks: claims of siblings do not queue up behind each other
+        assert first is None and other is None

@@ -79,7 +79,9 @@ class Idle:
         self.wakeups = False
         self.emptied = False  # the last claim left nothing behind, and nothing woke us since
         self.waited = False  # it waited for work since its last claim
-        self.woke = False  # its last idle wait was ended by new work, and it has not claimed
+        # Its last idle wait was ended by a wake-up (another connection's commit on SQLite,
+        # a notification on PostgreSQL), and it has not claimed since.
+        self.woke = False
         self.next_stage = 0.0
         self.poll = MIN_POLL
 
