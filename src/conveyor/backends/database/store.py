@@ -78,24 +78,22 @@ class Store:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Run one statement; return the rows it changed."""
-        conn = self.connection
-        driver = _driver(conn)
-        if driver is not None:
-            with conn.wrap_database_errors:
-                return int(driver.execute(_qmark(sql), params).rowcount)
-        with conn.cursor() as cursor:
-            cursor.execute(sql, params)
-            return int(cursor.rowcount)
+        return self._run(sql, params, lambda cursor: int(cursor.rowcount))
 
     def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._run(sql, params, lambda cursor: list(cursor.fetchall()))
+
+    def _run[T](self, sql: str, params: Sequence[Any], read: Callable[[Any], T]) -> T:
+        """Run one statement and ``read`` its cursor: the driver's own where it may be
+        used (``_driver``), else Django's."""
         conn = self.connection
         driver = _driver(conn)
         if driver is not None:
             with conn.wrap_database_errors:
-                return list(driver.execute(_qmark(sql), params).fetchall())
+                return read(driver.execute(_qmark(sql), params))
         with conn.cursor() as cursor:
             cursor.execute(sql, params)
-            return list(cursor.fetchall())
+            return read(cursor)
 
     def rows(self, sql: str, params: Sequence[Any], columns: str) -> list[Job]:
         """Run a statement that returns ``columns`` (in that order); its rows as ``Job``s.
@@ -272,8 +270,16 @@ def new_row_values(values: Mapping[str, Any]) -> dict[str, Any]:
 
 @functools.cache
 def _defaults() -> dict[str, Any]:
-    # Lists and dicts among them are shared: a record copies what it keeps of them.
-    return {field.attname: field.get_default() for field in Job._meta.concrete_fields}
+    # Lists and dicts among them are shared: a record copies what it keeps of them. A
+    # default made anew for each row (the uuid) is left out: the caller gives it.
+    fields = Job._meta.concrete_fields
+    return {field.attname: field.get_default() for field in fields if not fresh_default(field)}
+
+
+def fresh_default(field: Any) -> bool:
+    """Say whether ``field``'s default is made anew for each row (such as a uuid), rather
+    than a constant (a list or dict default is an empty one each time, always equal)."""
+    return field.has_default() and callable(field.default) and field.default not in (list, dict)
 
 
 def record_of(values: Mapping[str, Any]) -> JobRecord:

@@ -29,6 +29,7 @@ from conveyor.backends.database.store import (
     TABLE,
     Store,
     fields_of,
+    fresh_default,
     keep_slot,
     record_of,
 )
@@ -52,12 +53,12 @@ def insert_one(store: Store, values: Mapping[str, Any], notify: tuple[str, str] 
     The hot path of ``enqueue()``: no model instance is built, and each parameter is
     prepared as Django's insert compiler prepares it (see ``_one_row``).
     """
-    conn = store.connection
+    conn, one = store.connection, _one_row(store)
     params = [
         prepare(values[name], conn) if name in values else default(conn)
-        for name, prepare, default in _one_row(store).steps
+        for name, prepare, default in one.steps
     ]
-    _send_insert(store, _one_row(store).sql, params, notify)
+    _send_insert(store, one.sql, params, notify)
 
 
 def insert(
@@ -228,7 +229,7 @@ def _one_row(store: Store) -> _OneRow:
 def _default(field: Any, conn: Any) -> Callable[[Any], Any]:
     """A column's default, prepared once if it is a constant (a new one each time if not,
     such as a fresh UUID)."""
-    if field.has_default() and callable(field.default) and field.default not in (list, dict):
+    if fresh_default(field):
         return lambda connection: field.get_db_prep_save(field.get_default(), connection)
     prepared = field.get_db_prep_save(field.get_default(), conn)
     return lambda connection: prepared

@@ -48,12 +48,13 @@ def complete(store: Store, successes: Sequence[Success]) -> set[str]:
     expires = [expiry(job, outcome.finished_at, succeeded=True) for job, outcome in successes]
     if any(at is not None for at in expires):  # an open job has none yet: unset, it stays so
         values["expires_at"] = [store.time(at) for at in expires]
-    if len(keys) == 1:  # a lone success (an idle worker's): one plain statement, made once
-        sql = _one_success(store, tuple(values))
+    sql = _successes(store, tuple(values), len(keys))
+    if len(keys) == 1:  # a lone success (an idle worker's): no per-row CASE
         params = [*(column[0] for column in values.values()), values["last_attempted_at"][0]]
         params.append(keys[0])
     else:
-        sql, params = _successes(store, keys, values)
+        params = [p for column in values.values() for p in pairs(keys, column)]
+        params += [*pairs(keys, values["last_attempted_at"]), *keys]
     # Each row updated now took its own delivery's token: saved by it. Only the others
     # are looked up (already saved by the same delivery, or ended otherwise).
     updated: set[Any] = set()
@@ -70,39 +71,25 @@ def complete(store: Store, successes: Sequence[Success]) -> set[str]:
     return done
 
 
-def _successes(
-    store: Store, keys: Sequence[Any], values: dict[str, list[Any]]
-) -> tuple[str, list[Any]]:
-    """The UPDATE saving the successes of the jobs ``keys``, each column's ``values`` in
-    their order, and its parameters."""
+@functools.lru_cache(maxsize=64)
+def _successes(store: Store, columns: tuple[str, ...], count: int) -> str:
+    """The UPDATE saving the successes of ``count`` jobs: each of ``columns`` set per row
+    (key, value pairs), then ``started_at`` if unset (pairs), then the keys. One job's
+    takes its values plainly: each column's value, its start time, its key. Kept per
+    store, columns and count (the statement depends on nothing else)."""
     d = store.dialect
     kinds = {"return_value": d.json_value(), "delivery": "%s"}
-    assign, params = [], []
-    for column, column_values in values.items():
-        assign.append(f"{column} = {per_row(len(keys), kinds.get(column, d.time_value()))}")
-        params += pairs(keys, column_values)
-    marks = ", ".join(["%s"] * len(keys))
-    sql = (
-        f"UPDATE {TABLE} SET state = 'succeeded', {', '.join(assign)}, "
-        f"started_at = COALESCE(started_at, {per_row(len(keys), d.time_value())}), "
-        f"lease_owner = NULL{keep_slot(State.SUCCEEDED)}, "
-        f"lease_expires_at = NULL WHERE id IN ({marks}) AND state IN {OPEN}"
-    )
-    return sql, [*params, *pairs(keys, values["last_attempted_at"]), *keys]
 
+    def value(kind: str) -> str:
+        return kind if count == 1 else per_row(count, kind)
 
-@functools.cache
-def _one_success(store: Store, columns: tuple[str, ...]) -> str:
-    """``_successes`` for one job: its parameters are ``columns``' values, its start time
-    and its key. Kept per store and columns (the statement depends on nothing else)."""
-    d = store.dialect
-    kinds = {"return_value": d.json_value(), "delivery": "%s"}
-    assign = ", ".join(f"{column} = {kinds.get(column, d.time_value())}" for column in columns)
+    assign = ", ".join(f"{c} = {value(kinds.get(c, d.time_value()))}" for c in columns)
+    where = "id = %s" if count == 1 else f"id IN ({', '.join(['%s'] * count)})"
     return (
         f"UPDATE {TABLE} SET state = 'succeeded', {assign}, "
-        f"started_at = COALESCE(started_at, {d.time_value()}), "
+        f"started_at = COALESCE(started_at, {value(d.time_value())}), "
         f"lease_owner = NULL{keep_slot(State.SUCCEEDED)}, "
-        f"lease_expires_at = NULL WHERE id = %s AND state IN {OPEN}"
+        f"lease_expires_at = NULL WHERE {where} AND state IN {OPEN}"
     )
 
 
