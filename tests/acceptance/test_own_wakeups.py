@@ -17,6 +17,7 @@ import pytest
 from django.tasks import TaskResultStatus, task_backends
 from django.utils import timezone
 
+import conveyor
 from conveyor import schedules
 from tests.helpers import Worker, job, on, wait_for
 from tests.testapp import tasks
@@ -84,3 +85,30 @@ def test_a_schedule_run_started_by_a_task_is_taken_at_once(backend_alias, thread
         w.signal()
         assert w.wait() == 0, w.output
     assert took < SOON, took
+
+
+def test_idle_sibling_processes_take_each_job_once_and_at_once(backend_alias, tmp_path: Path):
+    # Four idle processes are woken together by each new job (on SQLite they then let a
+    # sibling's claim end before their own): every job is still taken at once, by one of
+    # them, and run once; and so is each of a burst that wakes them all with work for all.
+    log = tmp_path / "runs.log"
+    task = on(tasks.log_line, backend_alias)
+    with Worker(backend_alias, "--processes", "4", options=QUIET) as w:
+        warm = task.enqueue(str(log), "warm")
+        wait_for(lambda: succeeded(warm))
+        took = []
+        for i in range(10):
+            time.sleep(0.1)  # every process is idle again
+            began = time.monotonic()
+            result = task.enqueue(str(log), f"one-{i}")
+            wait_for(lambda: succeeded(result), timeout=20, every=0.005)  # noqa: B023
+            took.append(time.monotonic() - began)
+        time.sleep(0.1)
+        burst = conveyor.bulk_enqueue(task, [(str(log), f"burst-{i}") for i in range(40)])
+        wait_for(lambda: all(succeeded(r) for r in burst), timeout=20)
+        w.signal()
+        assert w.wait() == 0, w.output
+    assert max(took) < SOON, took
+    started = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("start")]
+    expected = ["warm", *(f"one-{i}" for i in range(10)), *(f"burst-{i}" for i in range(40))]
+    assert sorted(started) == sorted(expected)  # each job ran, and ran once
